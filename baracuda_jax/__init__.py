@@ -1,0 +1,14 @@
+"""Per-token (per-row) int8/uint8 quantization for JAX, as XLA FFI custom calls on CPU and CUDA."""
+
+from baracuda_jax import reference
+from baracuda_jax._ffi import HAS_CUDA_KERNELS
+from baracuda_jax.ops import dequantize_per_token, fake_quantize_per_token, quantize_per_token
+
+__all__ = [
+    "HAS_CUDA_KERNELS",
+    "dequantize_per_token",
+    "fake_quantize_per_token",
+    "quantize_per_token",
+    "reference",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,117 @@
+"""The public ops: argument normalisation, then a primitive bind, with their derivative rules."""
+
+from functools import partial
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+
+from baracuda_jax import _checks
+from baracuda_jax.primitives import dequantize_p, fake_quantize_grad_p, fake_quantize_p, quantize_p
+
+
+def _row_operands(op, data_name, data, scale, zero_point, math_dtype):
+    """Accepts scale/zero_point of shape data.shape[:-1] or data.shape[:-1] + (1,), checks them,
+    and converts scale to the math type. Returns (scale, zero_point operands as a tuple)."""
+    scale = jnp.asarray(scale)
+    zero_point = None if zero_point is None else jnp.asarray(zero_point)
+    rows = tuple(data.shape[:-1])
+    if data.ndim >= 1 and scale.shape == rows + (1,):
+        scale = scale[..., 0]
+    if zero_point is not None and data.ndim >= 1 and zero_point.shape == rows + (1,):
+        zero_point = zero_point[..., 0]
+    _checks.row_operands(op, data_name, data, scale, zero_point)
+    return scale.astype(math_dtype), (() if zero_point is None else (zero_point,))
+
+
+def quantize_per_token(x, scale, zero_point=None, *, qmin=None, qmax=None, dtype=jnp.int8):
+    """q = clamp(round_half_even(x * (1/scale)) + zero_point, qmin, qmax), one scale per row.
+
+    x: [..., D] float16/bfloat16/float32/float64. scale: x.shape[:-1] (or with a
+    trailing 1), any float dtype. zero_point: int32 of the same shape, or None.
+    dtype: int8 or uint8; qmin/qmax default to its full range. The result is
+    integer, so its gradient is zero: use fake_quantize_per_token to train.
+    """
+    op = "quantize_per_token"
+    x = jnp.asarray(x)
+    _checks.float_dtype(op, "x", x.dtype)
+    dtype, qmin, qmax = _checks.int_grid(op, dtype, qmin, qmax)
+    scale, zp = _row_operands(op, "x", x, scale, zero_point, _checks.math_dtype(x.dtype))
+    return _quantize(x, scale, zp, qmin, qmax, dtype)
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5))
+def _quantize(x, scale, zp, qmin, qmax, dtype):
+    return quantize_p.bind(x, scale, *zp, qmin=qmin, qmax=qmax, dtype=dtype)
+
+
+@_quantize.defjvp
+def _quantize_jvp(qmin, qmax, dtype, primals, tangents):
+    q = _quantize(*primals, qmin, qmax, dtype)
+    return q, np.zeros(q.shape, jax.dtypes.float0)  # integer output: JAX's zero tangent
+
+
+def dequantize_per_token(q, scale, zero_point=None, *, dtype=None):
+    """y = (q - zero_point) * scale, computed in the math type of `dtype`, then rounded to it.
+
+    q: [..., D] int8/uint8. dtype defaults to scale's dtype. Differentiable in scale.
+    """
+    op = "dequantize_per_token"
+    q = jnp.asarray(q)
+    if q.dtype not in _checks.INT_DTYPES:
+        raise TypeError(f"{op}: q has dtype {q.dtype}; expected int8 or uint8")
+    scale = jnp.asarray(scale)
+    dtype = _checks.float_dtype(op, "dtype", scale.dtype if dtype is None else dtype)
+    scale, zp = _row_operands(op, "q", q, scale, zero_point, _checks.math_dtype(dtype))
+    return _dequantize(q, scale, zp, dtype)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _dequantize(q, scale, zp, dtype):
+    return dequantize_p.bind(q, scale, *zp, dtype=dtype)
+
+
+def _dequantize_fwd(q, scale, zp, dtype):
+    return _dequantize(q, scale, zp, dtype), (q, zp)
+
+
+def _dequantize_bwd(dtype, res, g):
+    q, zp = res
+    m = _checks.math_dtype(dtype)
+    centered = q.astype(m) - (zp[0].astype(m)[..., None] if zp else 0)
+    return None, jnp.sum(centered * g.astype(m), axis=-1), None
+
+
+_dequantize.defvjp(_dequantize_fwd, _dequantize_bwd)
+
+
+def fake_quantize_per_token(x, scale, zero_point=None, *, qmin=None, qmax=None, dtype=jnp.int8):
+    """dequantize(quantize(x)) in x's dtype, in one fused kernel, with a straight-through gradient.
+
+    The gradient passes g where qmin <= round_half_even(x/scale) + zero_point <= qmax
+    and is 0 elsewhere (NaN x included); scale and zero_point get none.
+    """
+    op = "fake_quantize_per_token"
+    x = jnp.asarray(x)
+    _checks.float_dtype(op, "x", x.dtype)
+    dtype, qmin, qmax = _checks.int_grid(op, dtype, qmin, qmax)
+    scale, zp = _row_operands(op, "x", x, scale, zero_point, _checks.math_dtype(x.dtype))
+    return _fake_quantize(x, scale, zp, qmin, qmax, dtype)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _fake_quantize(x, scale, zp, qmin, qmax, dtype):
+    return fake_quantize_p.bind(x, scale, *zp, qmin=qmin, qmax=qmax, dtype=dtype)
+
+
+def _fake_quantize_fwd(x, scale, zp, qmin, qmax, dtype):
+    return _fake_quantize(x, scale, zp, qmin, qmax, dtype), (x, scale, zp)
+
+
+def _fake_quantize_bwd(qmin, qmax, dtype, res, g):
+    x, scale, zp = res
+    dx = fake_quantize_grad_p.bind(g, x, scale, *zp, qmin=qmin, qmax=qmax, dtype=dtype)
+    return dx, None, None  # scale is held constant (straight-through); zero_point is integer
+
+
+_fake_quantize.defvjp(_fake_quantize_fwd, _fake_quantize_bwd)

@@ -1,0 +1,141 @@
+// CUDA backend: one row-map kernel template serves every op. Each block takes
+// a tile of one row, computes the row's constants once, and moves the row in
+// 16-byte vectors; the few elements before the first aligned vector and after
+// the last are done one by one.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <initializer_list>
+#include <string>
+
+#include "cuda_ops.h"
+#include "handlers.h"
+
+namespace baracuda {
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kUnroll = 4;  // independent vectors in flight per thread
+
+template <class T, int W>
+struct alignas(sizeof(T) * W) Vec {
+  T v[W];
+};
+
+template <class... Ts> constexpr int max_size() { return std::max({int(sizeof(Ts))...}); }
+
+// Elements per vector: the widest operand moves 16 bytes at a time.
+template <class Out, class... In> constexpr int vec_width() { return 16 / max_size<Out, In...>(); }
+
+template <int W, class Op, class P, class Out, class... In>
+__device__ __forceinline__ void apply_vec(const Op& op, const P& p, Out* out, const Vec<In, W>&... v) {
+  Vec<Out, W> r;
+#pragma unroll
+  for (int k = 0; k < W; ++k) r.v[k] = op(p, v.v[k]...);
+  *reinterpret_cast<Vec<Out, W>*>(out) = r;
+}
+
+// grid-stride over tiles; a tile is (row, chunk of kThreads*kUnroll vectors).
+template <int W, class Op, class Out, class... In>
+__global__ void __launch_bounds__(kThreads)
+row_map_kernel(Op op, int64_t cols, int64_t chunks, int64_t tiles, Out* __restrict__ out,
+               const In* __restrict__... in) {
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int64_t row = tile / chunks, chunk = tile - row * chunks;
+    const auto p = op.row(row);
+    const int64_t base = row * cols;
+    // The aligned body of the row: [head, head + nvec * W).
+    const int64_t head = std::min<int64_t>(cols, (W - base % W) % W);
+    const int64_t nvec = (cols - head) / W;
+    const int64_t body = base + head;
+    if (chunk == 0 && threadIdx.x < W) {  // the unaligned ends, at most W-1 each
+      const int64_t c = threadIdx.x, tail = head + nvec * W + c;
+      if (c < head) out[base + c] = op(p, in[base + c]...);
+      if (tail < cols) out[base + tail] = op(p, in[base + tail]...);
+    }
+    const int64_t v0 = chunk * (kThreads * kUnroll) + threadIdx.x;
+    if constexpr (W == 1) {
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t v = v0 + u * kThreads;
+        if (v < nvec) out[body + v] = op(p, in[body + v]...);
+      }
+    } else {
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t v = v0 + u * kThreads;
+        if (v < nvec)
+          apply_vec<W>(op, p, out + body + v * W,
+                       *reinterpret_cast<const Vec<In, W>*>(in + body + v * W)...);
+      }
+    }
+  }
+}
+
+// True when every pointer can be read or written in W-element vectors.
+template <int W, class... Ts>
+bool vector_aligned(const Ts*... ptrs) {
+  return ((reinterpret_cast<uintptr_t>(ptrs) % (W * sizeof(Ts)) == 0) && ...);
+}
+
+struct CudaExec {
+  cudaStream_t stream;
+
+  template <int W, class Op, class Out, class... In>
+  ffi::Error launch(const Op& op, int64_t rows, int64_t cols, Out* out, const In*... in) const {
+    const int64_t nvec = cols / W + 1;
+    const int64_t chunks = (nvec + kThreads * kUnroll - 1) / (kThreads * kUnroll);
+    const int64_t tiles = rows * chunks;
+    const int grid = static_cast<int>(std::min<int64_t>(tiles, int64_t{1} << 20));
+    row_map_kernel<W><<<grid, kThreads, 0, stream>>>(op, cols, chunks, tiles, out, in...);
+    if (cudaError_t err = cudaGetLastError(); err != cudaSuccess)
+      return ffi::Error::Internal(std::string("baracuda: kernel launch failed: ") +
+                                  cudaGetErrorString(err));
+    return ffi::Error::Success();
+  }
+
+  template <class Op, class Out, class... In>
+  ffi::Error map_rows(const Op& op, int64_t rows, int64_t cols, Out* out, const In*... in) const {
+    if (rows == 0 || cols == 0) return ffi::Error::Success();
+    constexpr int W = vec_width<Out, In...>();
+    // XLA's buffers are aligned; the scalar kernel covers any that are not.
+    if (vector_aligned<W>(out, in...))
+      return launch<W>(op, rows, cols, out, in...);
+    return launch<1>(op, rows, cols, out, in...);
+  }
+};
+
+ffi::Error QuantizeCuda(cudaStream_t s, ffi::AnyBuffer x, ffi::AnyBuffer scale, ffi::RemainingArgs zp,
+                        ffi::Result<ffi::AnyBuffer> q, int32_t qmin, int32_t qmax) {
+  return quantize(CudaExec{s}, x, scale, zp, q, qmin, qmax);
+}
+ffi::Error DequantizeCuda(cudaStream_t s, ffi::AnyBuffer q, ffi::AnyBuffer scale, ffi::RemainingArgs zp,
+                          ffi::Result<ffi::AnyBuffer> y) {
+  return dequantize(CudaExec{s}, q, scale, zp, y);
+}
+ffi::Error FakeQuantizeCuda(cudaStream_t s, ffi::AnyBuffer x, ffi::AnyBuffer scale, ffi::RemainingArgs zp,
+                            ffi::Result<ffi::AnyBuffer> y, int32_t qmin, int32_t qmax) {
+  return fake_quantize(CudaExec{s}, x, scale, zp, y, qmin, qmax);
+}
+ffi::Error FakeQuantizeGradCuda(cudaStream_t s, ffi::AnyBuffer g, ffi::AnyBuffer x, ffi::AnyBuffer scale,
+                                ffi::RemainingArgs zp, ffi::Result<ffi::AnyBuffer> dx, int32_t qmin,
+                                int32_t qmax) {
+  return fake_quantize_grad(CudaExec{s}, g, x, scale, zp, dx, qmin, qmax);
+}
+
+auto stream() { return ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>(); }
+
+}  // namespace
+}  // namespace baracuda
+
+using namespace baracuda;
+// No allocation and no host sync inside: safe to capture in a CUDA graph.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kQuantizeCuda, QuantizeCuda, bind_quantize(stream()),
+                              {ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kDequantizeCuda, DequantizeCuda, bind_dequantize(stream()),
+                              {ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kFakeQuantizeCuda, FakeQuantizeCuda, bind_quantize(stream()),
+                              {ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kFakeQuantizeGradCuda, FakeQuantizeGradCuda,
+                              bind_fake_quantize_grad(stream()), {ffi::Traits::kCmdBufferCompatible});

@@ -1,0 +1,157 @@
+// The numerics contract, written once. The CPU handlers and the CUDA kernels
+// both evaluate these functors, and baracuda_jax/reference.py computes the same
+// bits in jnp; the tests hold the three together.
+//
+//   M     = float64 for float64 data, else float32 (the math type)
+//   inv   = 1 / M(scale)                       one IEEE division per row
+//   t     = round_half_even(M(x) * inv) + M(zp)
+//   t     = isnan(t) ? M(zp) : t               NaN never reaches a float->int cast
+//   q     = clamp(t, qmin, qmax)               +inf -> qmax, -inf -> qmin
+//   deq   = (M(q) - M(zp)) * M(scale)          then rounded once to the output type
+//   ste   = qmin <= t <= qmax ? g : 0          inclusive, after rounding (NaN -> 0)
+//
+// The scale arrives already converted to M (the Python layer does it with an
+// XLA convert, which rounds exactly as a C++ cast would).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#define BJ_HD __host__ __device__ __forceinline__
+#else
+#define BJ_HD inline
+#endif
+
+namespace baracuda {
+
+// Storage-only 16-bit floats: the same layout on host and device. Under nvcc
+// the conversions use cuda_fp16/cuda_bf16 (IEEE round to nearest even on host
+// and device); g++ uses _Float16 and an integer bf16 rounding. Only NaN payload
+// bits may differ between the two.
+struct bf16 { uint16_t bits; };
+struct f16 { uint16_t bits; };
+
+template <class T> struct MathOf { using type = float; };
+template <> struct MathOf<double> { using type = double; };
+template <class T> using math_t = typename MathOf<T>::type;
+
+template <class To, class From>
+BJ_HD To bit_cast(const From& from) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast size mismatch");
+  To to;
+  memcpy(&to, &from, sizeof(To));
+  return to;
+}
+
+// ---- conversions to the math type (all exact) ------------------------------
+BJ_HD float to_math(float v) { return v; }
+BJ_HD double to_math(double v) { return v; }
+BJ_HD float to_math(bf16 v) { return bit_cast<float>(uint32_t(v.bits) << 16); }
+BJ_HD float to_math(f16 v) {
+#if defined(__CUDACC__)
+  return __half2float(__ushort_as_half(v.bits));
+#else
+  return float(bit_cast<_Float16>(v.bits));
+#endif
+}
+BJ_HD float to_math(int8_t v) { return float(v); }
+BJ_HD float to_math(uint8_t v) { return float(v); }
+
+// ---- rounding from the math type (round to nearest even, like XLA's convert)
+template <class T> struct From;
+template <> struct From<float> { BJ_HD static float math(float v) { return v; } };
+template <> struct From<double> { BJ_HD static double math(double v) { return v; } };
+template <> struct From<bf16> {
+  BJ_HD static bf16 math(float v) {
+#if defined(__CUDACC__)
+    return {__bfloat16_as_ushort(__float2bfloat16_rn(v))};
+#else
+    const uint32_t u = bit_cast<uint32_t>(v);
+    if (std::isnan(v)) return {uint16_t((u >> 16) | 0x0040u)};  // stay quiet
+    return {uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16)};
+#endif
+  }
+};
+template <> struct From<f16> {
+  BJ_HD static f16 math(float v) {
+#if defined(__CUDACC__)
+    return {__half_as_ushort(__float2half_rn(v))};
+#else
+    return {bit_cast<uint16_t>(static_cast<_Float16>(v))};
+#endif
+  }
+};
+// q is integral and already clamped into the integer type's range: exact.
+template <> struct From<int8_t> { BJ_HD static int8_t math(float v) { return int8_t(v); } BJ_HD static int8_t math(double v) { return int8_t(v); } };
+template <> struct From<uint8_t> { BJ_HD static uint8_t math(float v) { return uint8_t(v); } BJ_HD static uint8_t math(double v) { return uint8_t(v); } };
+
+BJ_HD float round_half_even(float v) { return rintf(v); }
+BJ_HD double round_half_even(double v) { return rint(v); }
+
+// Per-row constants, computed once per row (and once per CUDA tile).
+template <class M>
+struct RowParams {
+  M scale, inv, zp;
+};
+
+// The parameters every op shares: per-row scale/zero point and the grid.
+template <class M>
+struct QParams {
+  const M* scale;
+  const int32_t* zero_point;  // nullptr: symmetric (zero point 0)
+  M qmin, qmax;
+
+  BJ_HD RowParams<M> row(int64_t r) const {
+    const M s = scale[r];
+    return {s, M(1) / s, zero_point ? M(zero_point[r]) : M(0)};
+  }
+  // round_half_even(x * inv) + zp: the value that is clamped and masked.
+  BJ_HD M shifted(const RowParams<M>& p, M x) const {
+    return round_half_even(x * p.inv) + p.zp;
+  }
+  BJ_HD M quantize(const RowParams<M>& p, M x) const {
+    M t = shifted(p, x);
+    if (t != t) t = p.zp;
+    return t < qmin ? qmin : (t > qmax ? qmax : t);
+  }
+};
+
+// x -> q
+template <class T, class Q>
+struct QuantizeOp : QParams<math_t<T>> {
+  BJ_HD Q operator()(const RowParams<math_t<T>>& p, T x) const {
+    return From<Q>::math(this->quantize(p, to_math(x)));
+  }
+};
+
+// q -> y. Here M follows the output type.
+template <class Q, class T>
+struct DequantizeOp : QParams<math_t<T>> {
+  BJ_HD T operator()(const RowParams<math_t<T>>& p, Q q) const {
+    using M = math_t<T>;
+    return From<T>::math((M(to_math(q)) - p.zp) * p.scale);
+  }
+};
+
+// x -> dequantize(quantize(x)), with no integer round trip through memory.
+template <class T>
+struct FakeQuantizeOp : QParams<math_t<T>> {
+  BJ_HD T operator()(const RowParams<math_t<T>>& p, T x) const {
+    return From<T>::math((this->quantize(p, to_math(x)) - p.zp) * p.scale);
+  }
+};
+
+// (g, x) -> dx: the straight-through estimator, mask recomputed from x.
+template <class T>
+struct FakeQuantizeGradOp : QParams<math_t<T>> {
+  BJ_HD T operator()(const RowParams<math_t<T>>& p, T g, T x) const {
+    const auto t = this->shifted(p, to_math(x));
+    return (t >= this->qmin && t <= this->qmax) ? g : From<T>::math(0);
+  }
+};
+
+}  // namespace baracuda
