@@ -24,8 +24,8 @@ def _split(operands, n_data):
 
 def _batch(prim, args, dims, **params):
     """vmap: move every batch axis to the front (broadcasting unbatched operands); it is more rows."""
-    size = next(a.shape[d] for a, d in zip(args, dims) if d is not batching.not_mapped)
-    moved = [jax.numpy.broadcast_to(a, (size, *a.shape)) if d is batching.not_mapped
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    moved = [jax.numpy.broadcast_to(a, (size, *a.shape)) if d is None
              else jax.numpy.moveaxis(a, d, 0) for a, d in zip(args, dims)]
     return prim.bind(*moved, **params), 0
 

@@ -10,6 +10,7 @@
 #include <limits>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 #include "numerics.h"
 #include "xla/ffi/api/ffi.h"
@@ -216,15 +217,15 @@ ffi::Error fake_quantize_grad(const Exec& exec, ffi::AnyBuffer g, ffi::AnyBuffer
 // The FFI signatures, shared by both backends. `B` is ffi::Ffi::Bind() with any
 // backend context (the CUDA stream) already bound.
 template <class B> auto bind_quantize(B b) {
-  return b.template Arg<ffi::AnyBuffer>().template Arg<ffi::AnyBuffer>().RemainingArgs()
+  return std::move(b).template Arg<ffi::AnyBuffer>().template Arg<ffi::AnyBuffer>().RemainingArgs()
       .template Ret<ffi::AnyBuffer>().template Attr<int32_t>("qmin").template Attr<int32_t>("qmax");
 }
 template <class B> auto bind_dequantize(B b) {
-  return b.template Arg<ffi::AnyBuffer>().template Arg<ffi::AnyBuffer>().RemainingArgs()
+  return std::move(b).template Arg<ffi::AnyBuffer>().template Arg<ffi::AnyBuffer>().RemainingArgs()
       .template Ret<ffi::AnyBuffer>();
 }
 template <class B> auto bind_fake_quantize_grad(B b) {
-  return bind_quantize(b.template Arg<ffi::AnyBuffer>());
+  return bind_quantize(std::move(b).template Arg<ffi::AnyBuffer>());
 }
 
 }  // namespace baracuda
