@@ -8,36 +8,40 @@ approximate `div.full` unless XLA_FLAGS has
 kernels bit for bit.
 """
 
-import jax
 import jax.numpy as jnp
 
 from baracuda_jax import _checks
 from baracuda_jax.ops import _row_operands
 
 
-def _shifted(x, inv, zp):
-    """round_half_even(x * inv) + zp, in the math type of inv."""
-    return jnp.round(x.astype(inv.dtype) * inv[..., None]) + zp[..., None]
+def _col(v):
+    return v[..., None]  # a per-row value against [..., D]
 
 
-def _zero_point(zp, m):
-    return zp[0].astype(m) if zp else jnp.zeros((), m)
+def _shifted(x, scale, zp):
+    """round_half_even(x * (1/scale)) + zp, in scale's (the math) type; no add when symmetric."""
+    r = jnp.round(x.astype(scale.dtype) * _col(1 / scale))
+    return r + _col(zp[0].astype(r.dtype)) if zp else r
+
+
+def _centered(q, zp):
+    return q - _col(zp[0].astype(q.dtype)) if zp else q
 
 
 def _quantize_math(x, scale, zp, qmin, qmax):
     """The clamped integer value, still in the math type."""
-    t = _shifted(x, 1 / scale, zp)
-    t = jnp.where(jnp.isnan(t), jnp.broadcast_to(zp[..., None], t.shape), t)
-    return jnp.clip(t, qmin, qmax)
+    t = _shifted(x, scale, zp)
+    nan_to = jnp.broadcast_to(_col(zp[0].astype(t.dtype)), t.shape) if zp else jnp.zeros((), t.dtype)
+    t = jnp.where(jnp.isnan(t), nan_to, t)
+    return jnp.where(t < qmin, qmin, jnp.where(t > qmax, qmax, t)).astype(t.dtype)
 
 
 def _prepare(op, x, scale, zero_point, qmin, qmax, dtype):
     x = jnp.asarray(x)
     _checks.float_dtype(op, "x", x.dtype)
     dtype, qmin, qmax = _checks.int_grid(op, dtype, qmin, qmax)
-    m = _checks.math_dtype(x.dtype)
-    scale, zp = _row_operands(op, "x", x, scale, zero_point, m)
-    return x, scale, _zero_point(zp, m), qmin, qmax, dtype
+    scale, zp = _row_operands(op, "x", x, scale, zero_point, _checks.math_dtype(x.dtype))
+    return x, scale, zp, qmin, qmax, dtype
 
 
 def quantize_per_token(x, scale, zero_point=None, *, qmin=None, qmax=None, dtype=jnp.int8):
@@ -51,17 +55,17 @@ def dequantize_per_token(q, scale, zero_point=None, *, dtype=None):
     dtype = _checks.float_dtype("dequantize_per_token", "dtype", scale.dtype if dtype is None else dtype)
     m = _checks.math_dtype(dtype)
     scale, zp = _row_operands("dequantize_per_token", "q", q, scale, zero_point, m)
-    return ((q.astype(m) - _zero_point(zp, m)[..., None]) * scale[..., None]).astype(dtype)
+    return (_centered(q.astype(m), zp) * _col(scale)).astype(dtype)
 
 
 def fake_quantize_per_token(x, scale, zero_point=None, *, qmin=None, qmax=None, dtype=jnp.int8):
     x, scale, zp, qmin, qmax, _ = _prepare("fake_quantize_per_token", x, scale, zero_point, qmin, qmax, dtype)
     q = _quantize_math(x, scale, zp, qmin, qmax)
-    return ((q - zp[..., None]) * scale[..., None]).astype(x.dtype)
+    return (_centered(q, zp) * _col(scale)).astype(x.dtype)
 
 
 def fake_quantize_per_token_grad(g, x, scale, zero_point=None, *, qmin=None, qmax=None, dtype=jnp.int8):
     """The straight-through estimator: g where qmin <= round_half_even(x/scale) + zp <= qmax, else 0."""
     x, scale, zp, qmin, qmax, _ = _prepare("fake_quantize_per_token", x, scale, zero_point, qmin, qmax, dtype)
-    t = _shifted(x, 1 / scale, zp)
+    t = _shifted(x, scale, zp)
     return jnp.where((t >= qmin) & (t <= qmax), g, jnp.zeros((), x.dtype))

@@ -6,12 +6,15 @@
 //   inv   = 1 / M(scale)                       one IEEE division per row
 //   t     = round_half_even(M(x) * inv) + M(zp)
 //   t     = isnan(t) ? M(zp) : t               NaN never reaches a float->int cast
-//   q     = clamp(t, qmin, qmax)               +inf -> qmax, -inf -> qmin
+//   q     = t < qmin ? qmin : t > qmax ? qmax : t     (+inf -> qmax, -inf -> qmin)
 //   deq   = (M(q) - M(zp)) * M(scale)          then rounded once to the output type
 //   ste   = qmin <= t <= qmax ? g : 0          inclusive, after rounding (NaN -> 0)
 //
-// The scale arrives already converted to M (the Python layer does it with an
-// XLA convert, which rounds exactly as a C++ cast would).
+// Symmetric ops (no zero point) skip the `+ zp` and `- zp` rather than adding
+// zero, so the sign of a zero survives (fake_quantize(-0.25) = -0.0): that is
+// also what XLA computes, since it folds x + 0 away. The scale arrives already
+// converted to M (the Python layer does it with an XLA convert, which rounds
+// exactly as a C++ cast would).
 #pragma once
 
 #include <cmath>
@@ -111,8 +114,11 @@ struct QParams {
   }
   // round_half_even(x * inv) + zp: the value that is clamped and masked.
   BJ_HD M shifted(const RowParams<M>& p, M x) const {
-    return round_half_even(x * p.inv) + p.zp;
+    const M r = round_half_even(x * p.inv);
+    return zero_point ? r + p.zp : r;
   }
+  // q - zp: the integer value measured from the zero point.
+  BJ_HD M centered(const RowParams<M>& p, M q) const { return zero_point ? q - p.zp : q; }
   BJ_HD M quantize(const RowParams<M>& p, M x) const {
     M t = shifted(p, x);
     if (t != t) t = p.zp;
@@ -133,7 +139,7 @@ template <class Q, class T>
 struct DequantizeOp : QParams<math_t<T>> {
   BJ_HD T operator()(const RowParams<math_t<T>>& p, Q q) const {
     using M = math_t<T>;
-    return From<T>::math((M(to_math(q)) - p.zp) * p.scale);
+    return From<T>::math(this->centered(p, M(to_math(q))) * p.scale);
   }
 };
 
@@ -141,7 +147,7 @@ struct DequantizeOp : QParams<math_t<T>> {
 template <class T>
 struct FakeQuantizeOp : QParams<math_t<T>> {
   BJ_HD T operator()(const RowParams<math_t<T>>& p, T x) const {
-    return From<T>::math((this->quantize(p, to_math(x)) - p.zp) * p.scale);
+    return From<T>::math(this->centered(p, this->quantize(p, to_math(x))) * p.scale);
   }
 };
 

@@ -1,0 +1,34 @@
+import importlib.util
+import os
+
+# On GPU, XLA lowers f32 division to an approximate div.full; the reference
+# needs IEEE division to match the kernels. Only NVPTX knows this option, so
+# it is set only where a CUDA plugin is installed.
+if any(importlib.util.find_spec(m) for m in ("jax_cuda13_plugin", "jax_cuda12_plugin")):
+    flag = "--xla_backend_extra_options=-nvptx-prec-divf32=2"
+    if flag not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_enable_x64", True)  # float64 is part of the dtype matrix
+
+
+def _gpus():
+    try:
+        return jax.devices("gpu")
+    except RuntimeError:
+        return []
+
+
+GPUS = _gpus()
+DEVICES = [jax.devices("cpu")[0]] + GPUS[:1]
+
+
+@pytest.fixture(params=DEVICES, ids=lambda d: d.platform)
+def device(request):
+    return request.param
+
+
+requires_gpu = pytest.mark.skipif(not GPUS, reason="needs a CUDA GPU")

@@ -1,0 +1,121 @@
+"""Kernels against the jnp reference, bit for bit, over the whole dtype matrix."""
+
+import itertools
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import pytest
+
+import baracuda_jax as bj
+from baracuda_jax import reference as ref
+import cases
+
+
+def assert_same_bits(got, want):
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape and got.dtype == want.dtype, (got.shape, got.dtype, want.shape, want.dtype)
+    if np.issubdtype(got.dtype, np.integer):
+        np.testing.assert_array_equal(got, want)
+        return
+    nan = np.isnan(got.astype(np.float64))
+    np.testing.assert_array_equal(nan, np.isnan(want.astype(np.float64)), err_msg="NaN positions differ")
+    bits = f"uint{8 * got.dtype.itemsize}"
+    bad = (got.view(bits) != want.view(bits)) & ~nan
+    assert not bad.any(), f"{bad.sum()} of {bad.size} differ; first: got {got[bad][:5]}, want {want[bad][:5]}"
+
+
+def run(device, fn, *args, **kw):
+    args = jax.device_put(args, device)
+    return jax.jit(lambda *a: fn(*a, **kw))(*args)
+
+
+def _case(r, shape, x_dtype, q_dtype, with_zp):
+    rows = shape[:-1]
+    qmin, qmax = cases.grid(r, q_dtype)
+    scale = cases.scales(r, rows, r.choice(cases.FLOATS))
+    x = cases.activations(r, shape, x_dtype, scale)
+    zp = cases.zero_points(r, rows, qmin, qmax) if with_zp else None
+    return x, scale, zp, dict(qmin=qmin, qmax=qmax, dtype=q_dtype)
+
+
+MATRIX = list(itertools.product(cases.FLOATS, cases.INTS, (False, True)))
+ids = lambda p: f"{jnp.dtype(p[0]).name}-{jnp.dtype(p[1]).name}-{'zp' if p[2] else 'sym'}"
+
+
+@pytest.mark.parametrize("x_dtype,q_dtype,with_zp", MATRIX, ids=[ids(p) for p in MATRIX])
+@pytest.mark.parametrize("shape", cases.SHAPES, ids=str)
+def test_quantize_and_fake_quantize(device, shape, x_dtype, q_dtype, with_zp):
+    r = cases.rng()
+    x, scale, zp, kw = _case(r, shape, x_dtype, q_dtype, with_zp)
+    assert_same_bits(run(device, bj.quantize_per_token, x, scale, zp, **kw),
+                     run(device, ref.quantize_per_token, x, scale, zp, **kw))
+    assert_same_bits(run(device, bj.fake_quantize_per_token, x, scale, zp, **kw),
+                     run(device, ref.fake_quantize_per_token, x, scale, zp, **kw))
+    g = jnp.asarray(r.standard_normal(shape), x_dtype)
+    dx = run(device, jax.grad(lambda x: jnp.vdot(bj.fake_quantize_per_token(x, scale, zp, **kw), g)), x)
+    assert_same_bits(dx, run(device, ref.fake_quantize_per_token_grad, g, x, scale, zp, **kw))
+
+
+@pytest.mark.parametrize("out_dtype,q_dtype,with_zp", MATRIX, ids=[ids(p) for p in MATRIX])
+@pytest.mark.parametrize("shape", cases.SHAPES, ids=str)
+def test_dequantize(device, shape, out_dtype, q_dtype, with_zp):
+    r = cases.rng()
+    info = np.iinfo(q_dtype)
+    q = jnp.asarray(r.integers(info.min, info.max + 1, shape), q_dtype)
+    scale = cases.scales(r, shape[:-1], r.choice(cases.FLOATS))
+    zp = cases.zero_points(r, shape[:-1], info.min, info.max) if with_zp else None
+    assert_same_bits(run(device, bj.dequantize_per_token, q, scale, zp, dtype=out_dtype),
+                     run(device, ref.dequantize_per_token, q, scale, zp, dtype=out_dtype))
+
+
+def test_default_dequantize_dtype_is_scale_dtype(device):
+    q = jnp.arange(12, dtype=jnp.int8).reshape(3, 4)
+    scale = jnp.full((3,), 0.5, jnp.bfloat16)
+    y = run(device, bj.dequantize_per_token, q, scale)
+    assert y.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.arange(12).reshape(3, 4) * 0.5)
+
+
+def test_edge_rules(device):
+    """NaN -> clamp(zp), +inf -> qmax, -inf -> qmin, ties to even, a zero scale through the division."""
+    x = jnp.array([[np.nan, np.inf, -np.inf, 0.5, 1.5, 2.5, -0.5, 1000.0],
+                   [1.0, -1.0, 0.0, np.nan, 2.0, -2.0, 0.0, 5.0]], jnp.float32)
+    scale = jnp.array([1.0, 0.0], jnp.float32)
+    zp = jnp.array([3, 200], jnp.int32)
+    q = run(device, bj.quantize_per_token, x, scale, zp, qmin=-10, qmax=100)
+    np.testing.assert_array_equal(np.asarray(q), [[3, 100, -10, 3, 5, 5, 3, 100],
+                                                  [100, -10, 100, 100, 100, -10, 100, 100]])
+    # The row with scale 0: x * inf is +-inf, and 0 * inf is NaN -> clamp(200) = 100.
+
+
+def test_scale_with_trailing_one(device):
+    r = cases.rng()
+    x = jnp.asarray(r.standard_normal((4, 6, 10)), jnp.bfloat16)
+    s = jnp.asarray(r.uniform(0.01, 0.1, (4, 6)), jnp.float32)
+    zp = jnp.asarray(r.integers(-3, 3, (4, 6)), jnp.int32)
+    assert_same_bits(run(device, bj.quantize_per_token, x, s[..., None], zp[..., None]),
+                     run(device, bj.quantize_per_token, x, s, zp))
+
+
+def test_vmap_matches_unbatched(device):
+    r = cases.rng()
+    x = jnp.asarray(r.standard_normal((3, 5, 8)) * 50, jnp.float32)
+    s = cases.scales(r, (3, 5), edges=False)
+    zp = jnp.asarray(r.integers(-5, 5, (3, 5)), jnp.int32)
+    # batch axis in the middle of x, unbatched zero point, and a nested vmap
+    f = jax.vmap(lambda xb, sb: bj.quantize_per_token(xb, sb, zp[:, 0]), in_axes=(1, 1))
+    got = run(device, f, x, s)
+    want = jnp.stack([run(device, bj.quantize_per_token, x[:, i], s[:, i], zp[:, 0]) for i in range(5)])
+    assert_same_bits(got, want)
+    g = jax.vmap(jax.vmap(bj.fake_quantize_per_token))
+    assert_same_bits(run(device, g, x, s, zp), run(device, ref.fake_quantize_per_token, x, s, zp))
+
+
+def test_jaxpr_has_one_custom_call_per_op():
+    x = jnp.zeros((4, 8), jnp.bfloat16)
+    s = jnp.ones((4,), jnp.float32)
+    hlo = jax.jit(lambda x: bj.fake_quantize_per_token(x, s)).lower(x).as_text()
+    assert hlo.count("custom_call @baracuda_fake_quantize_per_token") == 1
+    batched = jax.jit(jax.vmap(lambda x: bj.quantize_per_token(x, s))).lower(jnp.zeros((3, 4, 8))).as_text()
+    assert batched.count("custom_call @baracuda_quantize_per_token") == 1  # a batching rule, not a loop
