@@ -46,7 +46,8 @@ row_map_kernel(Op op, int64_t cols, int64_t chunks, int64_t tiles, Out* __restri
     const auto p = op.row(row);
     const int64_t base = row * cols;
     // The aligned body of the row: [head, head + nvec * W).
-    const int64_t head = std::min<int64_t>(cols, (W - base % W) % W);
+    const int64_t skew = (W - base % W) % W;
+    const int64_t head = skew < cols ? skew : cols;
     const int64_t nvec = (cols - head) / W;
     const int64_t body = base + head;
     if (chunk == 0 && threadIdx.x < W) {  // the unaligned ends, at most W-1 each

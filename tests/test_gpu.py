@@ -1,0 +1,59 @@
+"""GPU-only: the CUDA kernels against the CPU kernels, and 64-bit indexing. Skipped without a GPU."""
+
+import itertools
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import pytest
+
+import baracuda_jax as bj
+from baracuda_jax import reference as ref
+import cases
+from conftest import GPUS, requires_gpu
+from test_bitexact import assert_same_bits
+
+pytestmark = requires_gpu
+
+
+def on(device_kind, fn, *args, **kw):
+    device = GPUS[0] if device_kind == "gpu" else jax.devices("cpu")[0]
+    return jax.jit(lambda *a: fn(*a, **kw))(*jax.device_put(args, device))
+
+
+@pytest.mark.parametrize("x_dtype,q_dtype", list(itertools.product(cases.FLOATS, cases.INTS)))
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (5, 4097), (2, 3, 1000), (64, 4096)], ids=str)
+def test_cpu_and_gpu_kernels_agree(shape, x_dtype, q_dtype):
+    r = cases.rng()
+    qmin, qmax = cases.grid(r, q_dtype)
+    scale = cases.scales(r, shape[:-1], r.choice(cases.FLOATS))
+    zp = cases.zero_points(r, shape[:-1], qmin, qmax)
+    x = cases.activations(r, shape, x_dtype, scale)
+    g = jnp.asarray(r.standard_normal(shape), x_dtype)
+    kw = dict(qmin=qmin, qmax=qmax, dtype=q_dtype)
+    grad = lambda x, s, zp, g: jax.vjp(lambda x: bj.fake_quantize_per_token(x, s, zp, **kw), x)[1](g)[0]
+    for fn, args, kwargs in [(bj.quantize_per_token, (x, scale, zp), kw),
+                             (bj.quantize_per_token, (x, scale), kw),
+                             (bj.fake_quantize_per_token, (x, scale, zp), kw),
+                             (bj.fake_quantize_per_token, (x, scale), kw),
+                             (grad, (x, scale, zp, g), {}),
+                             (bj.dequantize_per_token, (on("cpu", bj.quantize_per_token, x, scale, zp, **kw), scale, zp),
+                              {"dtype": x_dtype})]:
+        assert_same_bits(on("gpu", fn, *args, **kwargs), on("cpu", fn, *args, **kwargs))
+
+
+@pytest.mark.large
+def test_more_than_2_pow_31_elements():
+    """N * D > 2**31: every index is 64-bit. Compared on the device against the reference."""
+    rows, cols = (1 << 31) // 8192 + 3, 8192
+    key = jax.random.key(0)
+    x = jax.random.normal(key, (rows, cols), jnp.bfloat16) * 40
+    s = jnp.full((rows,), 0.25, jnp.float32).at[-1].set(0.5)
+    zp = jnp.arange(rows, dtype=jnp.int32) % 7 - 3
+    x, s, zp = jax.device_put((x, s, zp), GPUS[0])
+    q = jax.jit(bj.quantize_per_token)(x, s, zp)
+    want = jax.jit(ref.quantize_per_token)(x, s, zp)
+    assert bool(jnp.array_equal(q, want))
+    # the last row sits past 2**31 elements: check it against the CPU too
+    tail = on("cpu", ref.quantize_per_token, np.asarray(x[-2:]), np.asarray(s[-2:]), np.asarray(zp[-2:]))
+    np.testing.assert_array_equal(np.asarray(q[-2:]), np.asarray(tail))
