@@ -3,12 +3,39 @@
 #include "handlers.h"
 #include "registrations.h"
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <xmmintrin.h>
+#endif
+
 namespace baracuda {
 namespace {
+
+// XLA:CPU runs computations with subnormals flushed to zero (FTZ/DAZ), the GPU
+// does not. The kernels compute IEEE everywhere, so that CPU and GPU give the
+// same bits: this guard restores IEEE subnormals for the handler's duration.
+class IeeeSubnormals {
+ public:
+#if defined(__x86_64__) || defined(_M_X64)
+  IeeeSubnormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ & ~kFlushBits); }
+  ~IeeeSubnormals() { _mm_setcsr(saved_); }
+
+ private:
+  static constexpr unsigned kFlushBits = 0x8040;  // FTZ | DAZ
+  unsigned saved_;
+#elif defined(__aarch64__)
+  IeeeSubnormals() : saved_(__builtin_aarch64_get_fpcr64()) { __builtin_aarch64_set_fpcr64(saved_ & ~kFZ); }
+  ~IeeeSubnormals() { __builtin_aarch64_set_fpcr64(saved_); }
+
+ private:
+  static constexpr uint64_t kFZ = uint64_t{1} << 24;
+  uint64_t saved_;
+#endif
+};
 
 struct CpuExec {
   template <class Op, class Out, class... In>
   ffi::Error map_rows(const Op& op, int64_t rows, int64_t cols, Out* out, const In*... in) const {
+    IeeeSubnormals ieee;
     for (int64_t r = 0; r < rows; ++r) {
       const auto p = op.row(r);
       const int64_t base = r * cols;

@@ -30,11 +30,11 @@ def run(device, fn, *args, **kw):
     return jax.jit(lambda *a: fn(*a, **kw))(*args)
 
 
-def _case(r, shape, x_dtype, q_dtype, with_zp):
+def _case(r, shape, x_dtype, q_dtype, with_zp, device):
     rows = shape[:-1]
     qmin, qmax = cases.grid(r, q_dtype)
     scale = cases.scales(r, rows, r.choice(cases.FLOATS))
-    x = cases.activations(r, shape, x_dtype, scale)
+    x = cases.activations(r, shape, x_dtype, scale, subnormals=device.platform != "cpu")
     zp = cases.zero_points(r, rows, qmin, qmax) if with_zp else None
     return x, scale, zp, dict(qmin=qmin, qmax=qmax, dtype=q_dtype)
 
@@ -47,7 +47,7 @@ ids = lambda p: f"{jnp.dtype(p[0]).name}-{jnp.dtype(p[1]).name}-{'zp' if p[2] el
 @pytest.mark.parametrize("shape", cases.SHAPES, ids=str)
 def test_quantize_and_fake_quantize(device, shape, x_dtype, q_dtype, with_zp):
     r = cases.rng()
-    x, scale, zp, kw = _case(r, shape, x_dtype, q_dtype, with_zp)
+    x, scale, zp, kw = _case(r, shape, x_dtype, q_dtype, with_zp, device)
     assert_same_bits(run(device, bj.quantize_per_token, x, scale, zp, **kw),
                      run(device, ref.quantize_per_token, x, scale, zp, **kw))
     assert_same_bits(run(device, bj.fake_quantize_per_token, x, scale, zp, **kw),
@@ -87,6 +87,15 @@ def test_edge_rules(device):
     np.testing.assert_array_equal(np.asarray(q), [[3, 100, -10, 3, 5, 5, 3, 100],
                                                   [100, -10, 100, 100, 100, -10, 100, 100]])
     # The row with scale 0: x * inf is +-inf, and 0 * inf is NaN -> clamp(200) = 100.
+
+
+def test_kernels_keep_subnormals_on_cpu():
+    """XLA:CPU flushes subnormals to zero; the CPU kernel does not, so it agrees with the GPU."""
+    x = jnp.array([[-3e-39, 1e-40, 0.0]], jnp.float32)
+    q = bj.quantize_per_token(x, jnp.zeros(1), jnp.array([86], jnp.int32), dtype=jnp.uint8)
+    np.testing.assert_array_equal(np.asarray(q), [[0, 255, 86]])  # -tiny*inf=-inf, tiny*inf=inf, 0*inf=NaN
+    y = bj.dequantize_per_token(jnp.array([[3]], jnp.int8), jnp.array([1e-39], jnp.float32))
+    assert np.asarray(y)[0, 0] == np.float32(3e-39)
 
 
 def test_scale_with_trailing_one(device):
