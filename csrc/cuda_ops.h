@@ -2,7 +2,12 @@
 // cuda_module.cc (the host compiler, which builds nanobind).
 #pragma once
 
+#include <cstdint>
+
 #include "xla/ffi/api/api.h"
+
+// How many times a CUDA handler body has run (since the module was loaded).
+int64_t baracuda_cuda_handler_calls();
 
 XLA_FFI_DECLARE_HANDLER_SYMBOL(kQuantizeCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(kDequantizeCuda);

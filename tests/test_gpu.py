@@ -57,3 +57,26 @@ def test_more_than_2_pow_31_elements():
     # the last row sits past 2**31 elements: check it against the CPU too
     tail = on("cpu", ref.quantize_per_token, np.asarray(x[-2:]), np.asarray(s[-2:]), np.asarray(zp[-2:]))
     np.testing.assert_array_equal(np.asarray(q[-2:]), np.asarray(tail))
+
+
+def test_cuda_handlers_are_captured_in_command_buffers():
+    """XLA replays the kernels from a CUDA graph: the handler body runs fewer times than the executable."""
+    from baracuda_jax import _cuda
+
+    x = jax.device_put(jax.random.normal(jax.random.key(1), (64, 4096), jnp.bfloat16), GPUS[0])
+    s = jax.device_put(jnp.full((64,), 0.02, jnp.float32), GPUS[0])
+
+    @jax.jit
+    def layers(x, s):  # a sequence long enough for XLA to form a command buffer
+        for i in range(8):
+            x = bj.fake_quantize_per_token(x * 1.01, s)
+        return bj.quantize_per_token(x, s)
+
+    jax.block_until_ready(layers(x, s))  # compile, then record the graph
+    jax.block_until_ready(layers(x, s))
+    before, runs = _cuda.handler_calls(), 20
+    for _ in range(runs):
+        jax.block_until_ready(layers(x, s))
+    calls = _cuda.handler_calls() - before
+    print(f"handler calls over {runs} runs of 9 custom calls: {calls}")
+    assert calls < 9 * runs
