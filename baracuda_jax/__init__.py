@@ -2,13 +2,16 @@
 
 from baracuda_jax import reference
 from baracuda_jax._ffi import HAS_CUDA_KERNELS
-from baracuda_jax.ops import dequantize_per_token, fake_quantize_per_token, quantize_per_token
+from baracuda_jax.ops import (dequantize_per_token, fake_quantize_per_token, fake_quantize_per_token_dynamic,
+                              quantize_per_token, quantize_per_token_dynamic)
 
 __all__ = [
     "HAS_CUDA_KERNELS",
     "dequantize_per_token",
     "fake_quantize_per_token",
+    "fake_quantize_per_token_dynamic",
     "quantize_per_token",
+    "quantize_per_token_dynamic",
     "reference",
 ]
 __version__ = "0.1.0"

@@ -51,6 +51,17 @@ def int_grid(op: str, dtype, qmin, qmax) -> tuple[np.dtype, int, int]:
     return dtype, int(qmin), int(qmax)
 
 
+def dynamic_grid(op: str, dtype, symmetric: bool, qmin=None, qmax=None) -> tuple[np.dtype, int, int]:
+    """The dynamic ops' grid: the dtype's full range. Symmetric quantization needs a signed grid."""
+    dtype, qmin, qmax = int_grid(op, dtype, qmin, qmax)
+    if not isinstance(symmetric, bool):
+        raise TypeError(f"{op}: symmetric must be a bool, got {symmetric!r}")
+    if symmetric and dtype != np.int8:
+        raise ValueError(f"{op}: symmetric=True needs dtype int8 (scale = amax / 127 has no uint8 "
+                         f"counterpart without a zero point); use symmetric=False for {dtype.name}")
+    return dtype, qmin, qmax
+
+
 def row_operands(op: str, data_name: str, data, scale, zero_point, scale_dtype=None) -> None:
     """Checks scale (and zero_point, if given) against data [..., D]: one value per row.
 

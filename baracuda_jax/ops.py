@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 
 from baracuda_jax import _checks
-from baracuda_jax.primitives import dequantize_p, fake_quantize_grad_p, fake_quantize_p, quantize_p
+from baracuda_jax.primitives import (dequantize_p, fake_quantize_dynamic_p, fake_quantize_grad_p, fake_quantize_p,
+                                     quantize_dynamic_p, quantize_p)
 
 
 def _row_operands(op, data_name, data, scale, zero_point, math_dtype):
@@ -115,3 +116,47 @@ def _fake_quantize_bwd(qmin, qmax, dtype, res, g):
 
 
 _fake_quantize.defvjp(_fake_quantize_fwd, _fake_quantize_bwd)
+
+
+def quantize_per_token_dynamic(x, *, dtype=jnp.int8, symmetric=True):
+    """(q, scale, zero_point) with each row's scale and zero point taken from its range, in one pass.
+
+    Symmetric (int8 only): scale = amax * (1/127), zero_point = 0. Asymmetric: the row's
+    [min, max] widened to include 0 maps onto the dtype's full range. NaN is ignored by the
+    range; an all-zero row gets scale 1. scale has the math type (float32, or float64 for
+    float64 x) and shape x.shape[:-1]; zero_point is int32. An inference op: to train, use
+    fake_quantize_per_token_dynamic.
+    """
+    op = "quantize_per_token_dynamic"
+    x = jnp.asarray(x)
+    _checks.float_dtype(op, "x", x.dtype)
+    dtype, qmin, qmax = _checks.dynamic_grid(op, dtype, symmetric)
+    q, scale, zp = quantize_dynamic_p.bind(x, symmetric=symmetric, qmin=qmin, qmax=qmax, dtype=dtype)
+    return q, scale, zp
+
+
+def fake_quantize_per_token_dynamic(x, *, dtype=jnp.int8, symmetric=True):
+    """dequantize(quantize_per_token_dynamic(x)) in x's dtype, in one fused pass, with a
+    straight-through gradient (g where the value was not clipped; the scale gets none)."""
+    op = "fake_quantize_per_token_dynamic"
+    x = jnp.asarray(x)
+    _checks.float_dtype(op, "x", x.dtype)
+    dtype, qmin, qmax = _checks.dynamic_grid(op, dtype, symmetric)
+    return _fake_quantize_dynamic(x, symmetric, qmin, qmax, dtype)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _fake_quantize_dynamic(x, symmetric, qmin, qmax, dtype):
+    return _fake_quantize_dynamic_fwd(x, symmetric, qmin, qmax, dtype)[0]
+
+
+def _fake_quantize_dynamic_fwd(x, symmetric, qmin, qmax, dtype):
+    y, scale, zp = fake_quantize_dynamic_p.bind(x, symmetric=symmetric, qmin=qmin, qmax=qmax, dtype=dtype)
+    return y, (x, scale, () if symmetric else (zp,))
+
+
+def _fake_quantize_dynamic_bwd(symmetric, qmin, qmax, dtype, res, g):
+    return (_fake_quantize_bwd(qmin, qmax, dtype, res, g)[0],)
+
+
+_fake_quantize_dynamic.defvjp(_fake_quantize_dynamic_fwd, _fake_quantize_dynamic_bwd)

@@ -60,6 +60,10 @@ OPS = {
     "ste_backward": (("g", "x", "scale"), lambda qd: lambda g, x, s: _grad_kernel(g, x, s, qd),
                      lambda qd: lambda g, x, s: ref.fake_quantize_per_token_grad(g, x, s, dtype=qd),
                      lambda xb, qb: 3 * xb),
+    # symmetric for int8, asymmetric for uint8; the scale and zero point it writes are the per-row bytes
+    "dynamic": (("x",), lambda qd: lambda x: bj.quantize_per_token_dynamic(x, dtype=qd, symmetric=qd == jnp.int8),
+                lambda qd: lambda x: ref.quantize_per_token_dynamic(x, dtype=qd, symmetric=qd == jnp.int8),
+                lambda xb, qb: xb + qb),
 }
 
 
@@ -95,7 +99,7 @@ def time_per_call(fn, arg_sets, reps):
 def bench_row(op, n, d, x_dtype, q_dtype, reps):
     names, ours, theirs, per_elem = OPS[op]
     xb, qb = jnp.dtype(x_dtype).itemsize, jnp.dtype(q_dtype).itemsize
-    nbytes = n * d * per_elem(xb, qb) + n * 4
+    nbytes = n * d * per_elem(xb, qb) + n * 8
     k = int(np.clip(-(-WORKING_SET // nbytes), 4, 200))
     keys = jax.random.split(jax.random.key(n * 100003 + d), k)
     sets = [tuple(_inputs(key, n, d, x_dtype, q_dtype)[a] for a in names) for key in keys]

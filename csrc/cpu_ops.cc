@@ -43,6 +43,22 @@ struct CpuExec {
     }
     return ffi::Error::Success();
   }
+
+  template <class Op, class Out, class T, class M>
+  ffi::Error dynamic_rows(const Op& op, int64_t rows, int64_t cols, Out* out, const T* x, M* scale,
+                          int32_t* zp) const {
+    IeeeSubnormals ieee;
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* xr = x + r * cols;
+      RowRange<M> range;
+      for (int64_t c = 0; c < cols; ++c) range.add(to_math(xr[c]));
+      const auto p = op.params(range);
+      scale[r] = p.scale;
+      zp[r] = static_cast<int32_t>(p.zp);
+      for (int64_t c = 0; c < cols; ++c) out[r * cols + c] = op(p, xr[c]);
+    }
+    return ffi::Error::Success();
+  }
 };
 
 ffi::Error QuantizeCpu(ffi::AnyBuffer x, ffi::AnyBuffer scale, ffi::RemainingArgs zp,
@@ -63,6 +79,16 @@ ffi::Error FakeQuantizeGradCpu(ffi::AnyBuffer g, ffi::AnyBuffer x, ffi::AnyBuffe
   return fake_quantize_grad(CpuExec{}, g, x, scale, zp, dx, qmin, qmax);
 }
 
+ffi::Error QuantizeDynamicCpu(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> q, ffi::Result<ffi::AnyBuffer> scale,
+                              ffi::Result<ffi::AnyBuffer> zp, bool symmetric, int32_t qmin, int32_t qmax) {
+  return quantize_dynamic(CpuExec{}, x, q, scale, zp, symmetric, qmin, qmax);
+}
+ffi::Error FakeQuantizeDynamicCpu(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y,
+                                  ffi::Result<ffi::AnyBuffer> scale, ffi::Result<ffi::AnyBuffer> zp,
+                                  bool symmetric, int32_t qmin, int32_t qmax) {
+  return fake_quantize_dynamic(CpuExec{}, x, y, scale, zp, symmetric, qmin, qmax);
+}
+
 }  // namespace
 }  // namespace baracuda
 
@@ -73,8 +99,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kFakeQuantize, FakeQuantizeCpu, bind_quantize(ffi:
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kFakeQuantizeGrad, FakeQuantizeGradCpu,
                               bind_fake_quantize_grad(ffi::Ffi::Bind()));
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kQuantizeDynamic, QuantizeDynamicCpu, bind_dynamic(ffi::Ffi::Bind()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kFakeQuantizeDynamic, FakeQuantizeDynamicCpu, bind_dynamic(ffi::Ffi::Bind()));
+
 NB_MODULE(_cpu, m) {
   m.def("registrations", []() {
-    return registrations(kQuantize, kDequantize, kFakeQuantize, kFakeQuantizeGrad);
+    return registrations(kQuantize, kDequantize, kFakeQuantize, kFakeQuantizeGrad, kQuantizeDynamic,
+                         kFakeQuantizeDynamic);
   });
 }

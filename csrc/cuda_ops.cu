@@ -119,6 +119,86 @@ row_map_kernel(Op op, int64_t cols, int64_t chunks, int64_t tiles, Out* __restri
   }
 }
 
+// ---- dynamic ops: one block per row ----------------------------------------
+// The block reads its row once into registers (up to kCache vectors a thread),
+// reduces the range, derives the row's scale and zero point, then quantizes
+// from registers. A row longer than kMaxThreads * kCache vectors (64 KiB:
+// 32768 bf16, 16384 f32 or 8192 f64 values) streams its remainder from memory
+// a second time.
+constexpr int kMaxThreads = 512;
+constexpr int kCache = 8;
+
+template <class M>
+__device__ RowRange<M> block_range(RowRange<M> r, RowRange<M>* partial) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) {
+    RowRange<M> other;
+    other.lo = __shfl_xor_sync(0xffffffffu, r.lo, offset);
+    other.hi = __shfl_xor_sync(0xffffffffu, r.hi, offset);
+    r.merge(other);
+  }
+  const int warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  if (threadIdx.x % 32 == 0) partial[warp] = r;
+  __syncthreads();
+  RowRange<M> all;
+  for (int w = 0; w < warps; ++w) all.merge(partial[w]);
+  __syncthreads();  // partial[] is reused by the block's next row
+  return all;
+}
+
+template <int W, class Op, class Out, class T, class M>
+__global__ void __launch_bounds__(kMaxThreads)
+dynamic_row_kernel(Op op, int64_t rows, int64_t cols, Out* __restrict__ out, const T* __restrict__ x,
+                   M* __restrict__ scale, int32_t* __restrict__ zp) {
+  __shared__ RowRange<M> partial[kMaxThreads / 32];
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const int64_t base = row * cols;
+    const int64_t skew = (W - base % W) % W;
+    const int64_t head = skew < cols ? skew : cols;
+    const int64_t nvec = (cols - head) / W;
+    const int64_t body = base + head;
+    const int64_t streamed = int64_t{kCache} * blockDim.x;  // vectors past this are read twice
+
+    RowRange<M> range;
+    Vec<T, W> cache[kCache];
+#pragma unroll
+    for (int c = 0; c < kCache; ++c) {
+      const int64_t v = threadIdx.x + c * int64_t{blockDim.x};
+      if (v < nvec) cache[c] = load_vec<W>(x + body + v * W);
+    }
+#pragma unroll
+    for (int c = 0; c < kCache; ++c) {
+      if (threadIdx.x + c * int64_t{blockDim.x} < nvec) {
+#pragma unroll
+        for (int k = 0; k < W; ++k) range.add(to_math(cache[c].v[k]));
+      }
+    }
+    for (int64_t v = streamed + threadIdx.x; v < nvec; v += blockDim.x) {
+      const auto vec = load_vec<W>(x + body + v * W);
+#pragma unroll
+      for (int k = 0; k < W; ++k) range.add(to_math(vec.v[k]));
+    }
+    const int64_t tail = head + nvec * W + threadIdx.x;  // the unaligned ends, at most W-1 each
+    if (threadIdx.x < head) range.add(to_math(x[base + threadIdx.x]));
+    if (threadIdx.x < W && tail < cols) range.add(to_math(x[base + tail]));
+
+    const auto p = op.params(block_range(range, partial));
+    if (threadIdx.x == 0) {
+      scale[row] = p.scale;
+      zp[row] = static_cast<int32_t>(p.zp);
+    }
+#pragma unroll
+    for (int c = 0; c < kCache; ++c) {
+      const int64_t v = threadIdx.x + c * int64_t{blockDim.x};
+      if (v < nvec) apply_vec<W>(op, p, out + body + v * W, cache[c]);
+    }
+    for (int64_t v = streamed + threadIdx.x; v < nvec; v += blockDim.x)
+      apply_vec<W>(op, p, out + body + v * W, load_vec<W>(x + body + v * W));
+    if (threadIdx.x < head) out[base + threadIdx.x] = op(p, x[base + threadIdx.x]);
+    if (threadIdx.x < W && tail < cols) out[base + tail] = op(p, x[base + tail]);
+  }
+}
+
 // True when every pointer can be read or written in W-element vectors.
 template <int W, class... Ts>
 bool vector_aligned(const Ts*... ptrs) {
@@ -139,10 +219,7 @@ struct CudaExec {
     const int64_t tiles = rows * chunks;
     const int grid = static_cast<int>(std::min<int64_t>(tiles, int64_t{1} << 20));
     row_map_kernel<W><<<grid, kThreads, 0, stream>>>(op, cols, chunks, tiles, out, in...);
-    if (cudaError_t err = cudaGetLastError(); err != cudaSuccess)
-      return ffi::Error::Internal(std::string("baracuda: kernel launch failed: ") +
-                                  cudaGetErrorString(err));
-    return ffi::Error::Success();
+    return launch_error();
   }
 
   template <class Op, class Out, class... In>
@@ -154,6 +231,33 @@ struct CudaExec {
     if (vector_aligned<W>(out, in...))
       return launch<W>(op, rows, cols, out, in...);
     return launch<1>(op, rows, cols, out, in...);
+  }
+
+  template <int W, class Op, class Out, class T, class M>
+  ffi::Error launch_dynamic(const Op& op, int64_t rows, int64_t cols, Out* out, const T* x, M* scale,
+                            int32_t* zp) const {
+    // About four vectors a thread keeps several loads in flight; long rows use kCache.
+    const int64_t nvec = cols / W;
+    const int threads = static_cast<int>(std::min<int64_t>(kMaxThreads, std::max<int64_t>(32, (nvec / 4 + 31) / 32 * 32)));
+    const int grid = static_cast<int>(std::min<int64_t>(rows, int64_t{1} << 20));
+    dynamic_row_kernel<W><<<grid, threads, 0, stream>>>(op, rows, cols, out, x, scale, zp);
+    return launch_error();
+  }
+
+  template <class Op, class Out, class T, class M>
+  ffi::Error dynamic_rows(const Op& op, int64_t rows, int64_t cols, Out* out, const T* x, M* scale,
+                          int32_t* zp) const {
+    handler_calls.fetch_add(1, std::memory_order_relaxed);
+    if (rows == 0) return ffi::Error::Success();
+    constexpr int W = vec_width<Out, T>();
+    if (vector_aligned<W>(out, x)) return launch_dynamic<W>(op, rows, cols, out, x, scale, zp);
+    return launch_dynamic<1>(op, rows, cols, out, x, scale, zp);
+  }
+
+  static ffi::Error launch_error() {
+    if (cudaError_t err = cudaGetLastError(); err != cudaSuccess)
+      return ffi::Error::Internal(std::string("baracuda: kernel launch failed: ") + cudaGetErrorString(err));
+    return ffi::Error::Success();
   }
 };
 
@@ -175,6 +279,17 @@ ffi::Error FakeQuantizeGradCuda(cudaStream_t s, ffi::AnyBuffer g, ffi::AnyBuffer
   return fake_quantize_grad(CudaExec{s}, g, x, scale, zp, dx, qmin, qmax);
 }
 
+ffi::Error QuantizeDynamicCuda(cudaStream_t s, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> q,
+                               ffi::Result<ffi::AnyBuffer> scale, ffi::Result<ffi::AnyBuffer> zp, bool symmetric,
+                               int32_t qmin, int32_t qmax) {
+  return quantize_dynamic(CudaExec{s}, x, q, scale, zp, symmetric, qmin, qmax);
+}
+ffi::Error FakeQuantizeDynamicCuda(cudaStream_t s, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y,
+                                   ffi::Result<ffi::AnyBuffer> scale, ffi::Result<ffi::AnyBuffer> zp,
+                                   bool symmetric, int32_t qmin, int32_t qmax) {
+  return fake_quantize_dynamic(CudaExec{s}, x, y, scale, zp, symmetric, qmin, qmax);
+}
+
 auto stream() { return ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>(); }
 
 }  // namespace
@@ -192,3 +307,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kFakeQuantizeCuda, FakeQuantizeCuda, bind_quantize
                               {ffi::Traits::kCmdBufferCompatible});
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kFakeQuantizeGradCuda, FakeQuantizeGradCuda,
                               bind_fake_quantize_grad(stream()), {ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kQuantizeDynamicCuda, QuantizeDynamicCuda, bind_dynamic(stream()),
+                              {ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kFakeQuantizeDynamicCuda, FakeQuantizeDynamicCuda, bind_dynamic(stream()),
+                              {ffi::Traits::kCmdBufferCompatible});

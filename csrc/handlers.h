@@ -82,11 +82,9 @@ inline ffi::Error check_same_dims(const char* op, const char* arg, ffi::AnyBuffe
   return ffi::Error::Success();
 }
 
-// Checks data/out/scale/zero_point against each other; fills `rows` and `zp`.
+// Checks data/out/scale against each other; fills `shape`.
 template <class M>
-ffi::Error check_rows(const char* op, ffi::AnyBuffer data, ffi::AnyBuffer out,
-                      ffi::AnyBuffer scale, ffi::RemainingArgs rest, Rows& shape,
-                      const int32_t*& zp) {
+ffi::Error check_rows(const char* op, ffi::AnyBuffer data, ffi::AnyBuffer out, ffi::AnyBuffer scale, Rows& shape) {
   const auto dims = data.dimensions();
   if (dims.size() < 1) return invalid(op, "the data operand must have rank >= 1");
   if (auto err = check_same_dims(op, "the output", out, "the data operand", data); !err.success())
@@ -100,19 +98,30 @@ ffi::Error check_rows(const char* op, ffi::AnyBuffer data, ffi::AnyBuffer out,
   if (static_cast<int64_t>(scale.element_count()) != shape.rows)
     return invalid(op, "scale has " + std::to_string(scale.element_count()) +
                            " elements; expected one per row (" + std::to_string(shape.rows) + ")");
+  return ffi::Error::Success();
+}
+
+// The static ops' optional zero point: none (symmetric) or int32, one per row.
+inline ffi::Error decode_zero_point(const char* op, ffi::RemainingArgs rest, int64_t rows, const int32_t*& zp) {
   zp = nullptr;
   if (rest.size() > 1) return invalid(op, "expected at most one zero_point operand");
-  if (rest.size() == 1) {
-    auto buf = rest.get<ffi::AnyBuffer>(0);
-    if (buf.has_error()) return buf.error();
-    if (buf->element_type() != ffi::DataType::S32)
-      return invalid(op, "zero_point has dtype " + dtype_name(buf->element_type()) + "; expected int32");
-    if (static_cast<int64_t>(buf->element_count()) != shape.rows)
-      return invalid(op, "zero_point has " + std::to_string(buf->element_count()) +
-                             " elements; expected one per row (" + std::to_string(shape.rows) + ")");
-    zp = static_cast<const int32_t*>(buf->untyped_data());
-  }
+  if (rest.size() == 0) return ffi::Error::Success();
+  auto buf = rest.get<ffi::AnyBuffer>(0);
+  if (buf.has_error()) return buf.error();
+  if (buf->element_type() != ffi::DataType::S32)
+    return invalid(op, "zero_point has dtype " + dtype_name(buf->element_type()) + "; expected int32");
+  if (static_cast<int64_t>(buf->element_count()) != rows)
+    return invalid(op, "zero_point has " + std::to_string(buf->element_count()) +
+                           " elements; expected one per row (" + std::to_string(rows) + ")");
+  zp = static_cast<const int32_t*>(buf->untyped_data());
   return ffi::Error::Success();
+}
+
+template <class M>
+ffi::Error check_static(const char* op, ffi::AnyBuffer data, ffi::AnyBuffer out, ffi::AnyBuffer scale,
+                        ffi::RemainingArgs rest, Rows& shape, const int32_t*& zp) {
+  if (auto e = check_rows<M>(op, data, out, scale, shape); !e.success()) return e;
+  return decode_zero_point(op, rest, shape.rows, zp);
 }
 
 template <class Q>
@@ -129,6 +138,7 @@ Op make_op(ffi::AnyBuffer scale, const int32_t* zp, int32_t qmin, int32_t qmax) 
   Op op;
   op.scale = static_cast<const M*>(scale.untyped_data());
   op.zero_point = zp;
+  op.has_zp = zp != nullptr;
   op.qmin = M(qmin);
   op.qmax = M(qmax);
   return op;
@@ -148,7 +158,7 @@ ffi::Error quantize(const Exec& exec, ffi::AnyBuffer x, ffi::AnyBuffer scale, ff
       using Q = typename decltype(qt)::type;
       Rows s;
       const int32_t* zp;
-      if (auto e = check_rows<M>(op, x, *q, scale, rest, s, zp); !e.success()) return e;
+      if (auto e = check_static<M>(op, x, *q, scale, rest, s, zp); !e.success()) return e;
       if (auto e = check_grid<Q>(op, qmin, qmax); !e.success()) return e;
       return exec.map_rows(make_op<QuantizeOp<T, Q>, M>(scale, zp, qmin, qmax), s.rows, s.cols,
                            data_of<Q>(*q), data_of<const T>(x));
@@ -168,7 +178,7 @@ ffi::Error dequantize(const Exec& exec, ffi::AnyBuffer q, ffi::AnyBuffer scale, 
       using M = math_t<T>;
       Rows s;
       const int32_t* zp;
-      if (auto e = check_rows<M>(op, q, *y, scale, rest, s, zp); !e.success()) return e;
+      if (auto e = check_static<M>(op, q, *y, scale, rest, s, zp); !e.success()) return e;
       return exec.map_rows(make_op<DequantizeOp<Q, T>, M>(scale, zp, 0, 0), s.rows, s.cols,
                            data_of<T>(*y), data_of<const Q>(q));
     });
@@ -185,7 +195,7 @@ ffi::Error fake_quantize(const Exec& exec, ffi::AnyBuffer x, ffi::AnyBuffer scal
     using M = math_t<T>;
     Rows s;
     const int32_t* zp;
-    if (auto e = check_rows<M>(op, x, *y, scale, rest, s, zp); !e.success()) return e;
+    if (auto e = check_static<M>(op, x, *y, scale, rest, s, zp); !e.success()) return e;
     if (x.element_type() != y->element_type()) return invalid(op, "the output must have x's dtype");
     if (qmin > qmax) return invalid(op, "need qmin <= qmax");
     return exec.map_rows(make_op<FakeQuantizeOp<T>, M>(scale, zp, qmin, qmax), s.rows, s.cols,
@@ -204,13 +214,72 @@ ffi::Error fake_quantize_grad(const Exec& exec, ffi::AnyBuffer g, ffi::AnyBuffer
     using M = math_t<T>;
     Rows s;
     const int32_t* zp;
-    if (auto e = check_rows<M>(op, x, *dx, scale, rest, s, zp); !e.success()) return e;
+    if (auto e = check_static<M>(op, x, *dx, scale, rest, s, zp); !e.success()) return e;
     if (auto e = check_same_dims(op, "g", g, "x", x); !e.success()) return e;
     if (g.element_type() != x.element_type() || dx->element_type() != x.element_type())
       return invalid(op, "g and the output must have x's dtype");
     if (qmin > qmax) return invalid(op, "need qmin <= qmax");
     return exec.map_rows(make_op<FakeQuantizeGradOp<T>, M>(scale, zp, qmin, qmax), s.rows, s.cols,
                          data_of<T>(*dx), data_of<const T>(g), data_of<const T>(x));
+  });
+}
+
+// Checks the (scale, zero_point) outputs of a dynamic op against x.
+template <class M>
+ffi::Error check_qparam_outputs(const char* op, ffi::AnyBuffer x, ffi::AnyBuffer out, ffi::AnyBuffer scale,
+                                ffi::AnyBuffer zp, Rows& shape) {
+  if (auto e = check_rows<M>(op, x, out, scale, shape); !e.success()) return e;
+  if (zp.element_type() != ffi::DataType::S32 || static_cast<int64_t>(zp.element_count()) != shape.rows)
+    return invalid(op, "the zero_point output must be int32 with one value per row");
+  return ffi::Error::Success();
+}
+
+template <class Base, class M>
+Dynamic<Base> make_dynamic_op(bool symmetric, int32_t qmin, int32_t qmax) {
+  Dynamic<Base> op;
+  op.scale = nullptr;
+  op.zero_point = nullptr;
+  op.has_zp = !symmetric;
+  op.qmin = M(qmin);
+  op.qmax = M(qmax);
+  return op;
+}
+
+// x[..., D] -> (q, scale, zero_point): each row's parameters from its range, in one pass.
+template <class Exec>
+ffi::Error quantize_dynamic(const Exec& exec, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> q,
+                            ffi::Result<ffi::AnyBuffer> scale, ffi::Result<ffi::AnyBuffer> zp, bool symmetric,
+                            int32_t qmin, int32_t qmax) {
+  constexpr const char* op = "quantize_per_token_dynamic";
+  return dispatch_float(op, "x", x.element_type(), [&](auto xt) {
+    using T = typename decltype(xt)::type;
+    using M = math_t<T>;
+    return dispatch_int(op, "the output", q->element_type(), [&](auto qt) {
+      using Q = typename decltype(qt)::type;
+      Rows s;
+      if (auto e = check_qparam_outputs<M>(op, x, *q, *scale, *zp, s); !e.success()) return e;
+      if (auto e = check_grid<Q>(op, qmin, qmax); !e.success()) return e;
+      return exec.dynamic_rows(make_dynamic_op<QuantizeOp<T, Q>, M>(symmetric, qmin, qmax), s.rows, s.cols,
+                               data_of<Q>(*q), data_of<const T>(x), data_of<M>(*scale), data_of<int32_t>(*zp));
+    });
+  });
+}
+
+// x[..., D] -> (dequantize(quantize(x)), scale, zero_point), the fused dynamic fake-quant.
+template <class Exec>
+ffi::Error fake_quantize_dynamic(const Exec& exec, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y,
+                                 ffi::Result<ffi::AnyBuffer> scale, ffi::Result<ffi::AnyBuffer> zp,
+                                 bool symmetric, int32_t qmin, int32_t qmax) {
+  constexpr const char* op = "fake_quantize_per_token_dynamic";
+  return dispatch_float(op, "x", x.element_type(), [&](auto xt) {
+    using T = typename decltype(xt)::type;
+    using M = math_t<T>;
+    Rows s;
+    if (auto e = check_qparam_outputs<M>(op, x, *y, *scale, *zp, s); !e.success()) return e;
+    if (x.element_type() != y->element_type()) return invalid(op, "the output must have x's dtype");
+    if (qmin >= qmax) return invalid(op, "need qmin < qmax");
+    return exec.dynamic_rows(make_dynamic_op<FakeQuantizeOp<T>, M>(symmetric, qmin, qmax), s.rows, s.cols,
+                             data_of<T>(*y), data_of<const T>(x), data_of<M>(*scale), data_of<int32_t>(*zp));
   });
 }
 
@@ -223,6 +292,11 @@ template <class B> auto bind_quantize(B b) {
 template <class B> auto bind_dequantize(B b) {
   return std::move(b).template Arg<ffi::AnyBuffer>().template Arg<ffi::AnyBuffer>().RemainingArgs()
       .template Ret<ffi::AnyBuffer>();
+}
+template <class B> auto bind_dynamic(B b) {
+  return std::move(b).template Arg<ffi::AnyBuffer>().template Ret<ffi::AnyBuffer>().template Ret<ffi::AnyBuffer>()
+      .template Ret<ffi::AnyBuffer>().template Attr<bool>("symmetric").template Attr<int32_t>("qmin")
+      .template Attr<int32_t>("qmax");
 }
 template <class B> auto bind_fake_quantize_grad(B b) {
   return bind_quantize(std::move(b).template Arg<ffi::AnyBuffer>());

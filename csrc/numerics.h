@@ -104,25 +104,27 @@ struct RowParams {
 // The parameters every op shares: per-row scale/zero point and the grid.
 template <class M>
 struct QParams {
-  const M* scale;
-  const int32_t* zero_point;  // nullptr: symmetric (zero point 0)
+  const M* scale;             // static ops: one per row
+  const int32_t* zero_point;  // static ops: one per row, or nullptr
+  bool has_zp;                // false: symmetric, no zero-point add or subtract
   M qmin, qmax;
 
   BJ_HD RowParams<M> row(int64_t r) const {
     const M s = scale[r];
-    return {s, M(1) / s, zero_point ? M(zero_point[r]) : M(0)};
+    return {s, M(1) / s, has_zp ? M(zero_point[r]) : M(0)};
   }
   // round_half_even(x * inv) + zp: the value that is clamped and masked.
   BJ_HD M shifted(const RowParams<M>& p, M x) const {
     const M r = round_half_even(x * p.inv);
-    return zero_point ? r + p.zp : r;
+    return has_zp ? r + p.zp : r;
   }
   // q - zp: the integer value measured from the zero point.
-  BJ_HD M centered(const RowParams<M>& p, M q) const { return zero_point ? q - p.zp : q; }
+  BJ_HD M centered(const RowParams<M>& p, M q) const { return has_zp ? q - p.zp : q; }
+  BJ_HD M clamp(M t) const { return t < qmin ? qmin : (t > qmax ? qmax : t); }
   BJ_HD M quantize(const RowParams<M>& p, M x) const {
     M t = shifted(p, x);
     if (t != t) t = p.zp;
-    return t < qmin ? qmin : (t > qmax ? qmax : t);
+    return clamp(t);
   }
 };
 
@@ -157,6 +159,52 @@ struct FakeQuantizeGradOp : QParams<math_t<T>> {
   BJ_HD T operator()(const RowParams<math_t<T>>& p, T g, T x) const {
     const auto t = this->shifted(p, to_math(x));
     return (t >= this->qmin && t <= this->qmax) ? g : From<T>::math(0);
+  }
+};
+
+// ---- dynamic ops: each row's scale and zero point come from its range -------
+//
+//   lo, hi   = min(0, min x), max(0, max x)    NaN ignored
+//   symmetric (int8):  scale = max(-lo, hi) * (1 / qmax)
+//   asymmetric:        scale = (hi - lo) * (1 / (qmax - qmin))
+//                      zp    = clamp(qmin - round_half_even(lo * (1/scale)))   NaN -> qmin
+//   scale = 1 where the product is 0 (an all-zero row), so such rows give q = zp
+//   and dequantize to exact zeros. A row holding +-inf gets scale = inf: every
+//   q is the zero point and dequantizes to NaN.
+
+BJ_HD float nan_ignoring_min(float a, float b) { return fminf(a, b); }
+BJ_HD float nan_ignoring_max(float a, float b) { return fmaxf(a, b); }
+BJ_HD double nan_ignoring_min(double a, double b) { return fmin(a, b); }
+BJ_HD double nan_ignoring_max(double a, double b) { return fmax(a, b); }
+
+template <class M>
+struct RowRange {
+  M lo = 0, hi = 0;  // starting at 0 widens the range to include 0
+  BJ_HD void add(M x) {
+    lo = nan_ignoring_min(lo, x);
+    hi = nan_ignoring_max(hi, x);
+  }
+  BJ_HD void merge(const RowRange& o) {
+    lo = nan_ignoring_min(lo, o.lo);
+    hi = nan_ignoring_max(hi, o.hi);
+  }
+};
+
+// QuantizeOp or FakeQuantizeOp whose row parameters come from the row's range.
+template <class Base>
+struct Dynamic : Base {
+  template <class M>
+  BJ_HD RowParams<M> params(const RowRange<M>& r) const {
+    const M qmin = this->qmin, qmax = this->qmax;
+    M s = this->has_zp ? (r.hi - r.lo) * (M(1) / (qmax - qmin)) : nan_ignoring_max(-r.lo, r.hi) * (M(1) / qmax);
+    if (s == 0) s = 1;
+    const M inv = M(1) / s;
+    M zp = 0;
+    if (this->has_zp) {
+      zp = qmin - round_half_even(r.lo * inv);
+      zp = zp != zp ? qmin : this->clamp(zp);
+    }
+    return {s, inv, zp};
   }
 };
 

@@ -80,3 +80,15 @@ def test_cuda_handlers_are_captured_in_command_buffers():
     calls = _cuda.handler_calls() - before
     print(f"handler calls over {runs} runs of 9 custom calls: {calls}")
     assert calls < 9 * runs
+
+
+@pytest.mark.parametrize("x_dtype", cases.FLOATS, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("shape", [(1, 1), (5, 4097), (64, 16384), (3, 40000)], ids=str)
+def test_cpu_and_gpu_dynamic_kernels_agree(shape, x_dtype):
+    from test_dynamic import GRIDS, dynamic_input
+    x = dynamic_input(cases.rng(), shape, x_dtype, subnormals=True)
+    for q_dtype, symmetric in GRIDS:
+        kw = dict(dtype=q_dtype, symmetric=symmetric)
+        for fn in (bj.quantize_per_token_dynamic, bj.fake_quantize_per_token_dynamic):
+            for g, c in zip(jax.tree.leaves(on("gpu", fn, x, **kw)), jax.tree.leaves(on("cpu", fn, x, **kw))):
+                assert_same_bits(g, c)

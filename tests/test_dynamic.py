@@ -1,0 +1,93 @@
+"""Dynamic per-token quantization: kernels against the reference, the consistency invariant, grads."""
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import pytest
+
+import baracuda_jax as bj
+from baracuda_jax import reference as ref
+import cases
+from test_bitexact import assert_same_bits, run
+
+GRIDS = [(jnp.int8, True), (jnp.int8, False), (jnp.uint8, False)]
+SHAPES = cases.SHAPES + ((3, 40000),)  # a row past the on-chip limit (32768 bf16) streams twice
+
+
+def dynamic_input(r, shape, dtype, subnormals):
+    """Random rows of varied magnitude, plus rows that are all zero, all NaN, constant, or hold inf."""
+    rows = shape[:-1]
+    mags = cases.scales(r, rows, np.float64, edges=False)
+    x = np.array(cases.activations(r, shape, np.float64, mags, subnormals=subnormals))
+    flat = x.reshape(-1, shape[-1]) if x.size else x
+    specials = [0.0, np.nan, 3.0, "inf", "-inf"]
+    for i, kind in enumerate(specials[: flat.shape[0] // 2] if x.size else []):
+        row = flat[r.integers(flat.shape[0])]
+        if isinstance(kind, str):
+            row[r.integers(row.size)] = float(kind)
+        else:
+            row[:] = kind
+    return jnp.asarray(x, dtype)
+
+
+@pytest.mark.parametrize("q_dtype,symmetric", GRIDS, ids=["int8-sym", "int8-asym", "uint8-asym"])
+@pytest.mark.parametrize("x_dtype", cases.FLOATS, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_dynamic_matches_reference(device, shape, x_dtype, q_dtype, symmetric):
+    r = cases.rng()
+    x = dynamic_input(r, shape, x_dtype, subnormals=device.platform != "cpu")
+    kw = dict(dtype=q_dtype, symmetric=symmetric)
+    got = run(device, bj.quantize_per_token_dynamic, x, **kw)
+    want = run(device, ref.quantize_per_token_dynamic, x, **kw)
+    for g, w in zip(got, want):
+        assert_same_bits(g, w)
+    assert_same_bits(run(device, bj.fake_quantize_per_token_dynamic, x, **kw),
+                     run(device, ref.fake_quantize_per_token_dynamic, x, **kw))
+    # The invariant: the static op with the returned scale and zero point gives the same q.
+    q, scale, zp = got
+    assert_same_bits(run(device, bj.quantize_per_token, x, scale, zp, dtype=q_dtype), q)
+
+
+def test_documented_rows(device):
+    x = jnp.array([[0.0, 0.0, 0.0, 0.0],        # all zero: scale 1, q = zp
+                   [np.nan, 2.0, -1.0, 0.5],     # NaN ignored by the range
+                   [np.inf, 1.0, -1.0, 0.0],     # inf: scale inf
+                   [5.0, 5.0, 5.0, 5.0]], jnp.float32)
+    q, s, zp = run(device, bj.quantize_per_token_dynamic, x)
+    np.testing.assert_array_equal(np.asarray(s), np.float32([1.0, 2.0 * np.float32(1 / 127), np.inf,
+                                                             5.0 * np.float32(1 / 127)]))
+    np.testing.assert_array_equal(np.asarray(zp), 0)
+    np.testing.assert_array_equal(np.asarray(q)[[0, 2, 3]], [[0] * 4, [0] * 4, [127] * 4])
+    assert np.asarray(q)[1].tolist() == [0, 127, -64, 32]
+    y = run(device, bj.fake_quantize_per_token_dynamic, x)
+    np.testing.assert_array_equal(np.asarray(y)[0], 0)
+    assert np.isnan(np.asarray(y)[2]).all()  # an inf poisons its row
+    _, s, zp = run(device, bj.quantize_per_token_dynamic, x, dtype=jnp.uint8, symmetric=False)
+    assert np.asarray(zp).tolist() == [0, 85, 0, 0]  # qmin - round(lo / scale), clamped
+
+
+def test_fake_quantize_dynamic_grad(device):
+    r = cases.rng()
+    x = jax.device_put(jnp.asarray(r.standard_normal((6, 50)) * 4, jnp.float32).at[0, 3].set(jnp.nan), device)
+    for symmetric, q_dtype in [(True, jnp.int8), (False, jnp.uint8)]:
+        f = lambda x: bj.fake_quantize_per_token_dynamic(x, dtype=q_dtype, symmetric=symmetric)
+        g = jnp.asarray(r.standard_normal(x.shape), jnp.float32)
+        dx = jax.jit(lambda x: jax.vjp(f, x)[1](g)[0])(x)
+        _, s, zp = bj.quantize_per_token_dynamic(x, dtype=q_dtype, symmetric=symmetric)
+        want = ref.fake_quantize_per_token_grad(g, x, s, None if symmetric else zp, dtype=q_dtype)
+        assert_same_bits(dx, want)
+        assert np.asarray(dx)[0, 3] == 0 and (np.asarray(dx) != 0).mean() > 0.95  # NaN gets 0, the rest passes
+
+
+def test_vmap_and_errors():
+    x = jnp.asarray(np.random.default_rng().standard_normal((3, 4, 9)), jnp.float32)
+    q, s, zp = jax.vmap(bj.quantize_per_token_dynamic, in_axes=1)(x)
+    q0, s0, _ = bj.quantize_per_token_dynamic(jnp.moveaxis(x, 1, 0))
+    assert_same_bits(q, q0)
+    assert_same_bits(s, s0)
+    with pytest.raises(ValueError, match="symmetric=True needs dtype int8"):
+        bj.quantize_per_token_dynamic(x, dtype=jnp.uint8)
+    with pytest.raises(TypeError, match="x has dtype int32"):
+        bj.fake_quantize_per_token_dynamic(jnp.zeros((2, 3), jnp.int32))
+    with pytest.raises(ValueError, match="rank >= 1"):
+        bj.quantize_per_token_dynamic(jnp.float32(1.0))
