@@ -14,9 +14,10 @@ from baracuda_jax import reference as ref
 op, n, d = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 x = jax.random.normal(jax.random.key(0), (n, d), jnp.bfloat16)
 s = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1) / 127
-fns = {"quantize": (bj.quantize_per_token, ref.quantize_per_token),
-       "fake_quant": (bj.fake_quantize_per_token, ref.fake_quantize_per_token)}
+fns = {"quantize": (lambda x: bj.quantize_per_token(x, s), lambda x: ref.quantize_per_token(x, s)),
+       "fake_quant": (lambda x: bj.fake_quantize_per_token(x, s), lambda x: ref.fake_quantize_per_token(x, s)),
+       "dynamic": (bj.quantize_per_token_dynamic, ref.quantize_per_token_dynamic)}
 for fn in fns[op]:
     f = jax.jit(fn)
     for _ in range(3):
-        jax.block_until_ready(f(x, s))
+        jax.block_until_ready(f(x))

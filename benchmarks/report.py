@@ -1,6 +1,7 @@
-"""Plots GB/s against bytes moved from a bench.py JSON: one panel per op, bf16 -> int8, the copy ceiling drawn in.
+"""From a bench.py JSON: a PNG of GB/s against bytes moved (one panel per op, bf16 -> int8, the copy
+ceiling drawn in) and the README's markdown table.
 
-    python benchmarks/plot.py benchmarks/results/NVIDIA_H100_80GB_HBM3.json   # writes the .png beside it
+    python benchmarks/report.py benchmarks/results/NVIDIA_H100_80GB_HBM3.json   # the .png lands beside it
 """
 
 import json
@@ -13,9 +14,23 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def table(data, min_bytes=0):
+    """Markdown rows: every bf16 -> int8 shape, then the other dtypes."""
+    lines = ["| op | dtypes | N x D | ours (us) | jnp (us) | ours GB/s | % of copy | vs jnp |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in data["results"]:
+        if r["bytes"] < min_bytes:
+            continue
+        lines.append(f"| {r['op']} | {r['x_dtype']}->{r['q_dtype']} | {r['n']}x{r['d']} | {r['us_ours']:.1f} | "
+                     f"{r['us_jnp']:.1f} | {r['gbs_ours']:.0f} | {100 * r['gbs_ours'] / r['gbs_copy']:.0f}% | "
+                     f"{r['us_jnp'] / r['us_ours']:.2f}x |")
+    return "\n".join(lines)
+
+
 def main(path):
     path = pathlib.Path(path)
     data = json.loads(path.read_text())
+    print(table(data))
     rows = [r for r in data["results"] if r["x_dtype"] == "bfloat16" and r["q_dtype"] == "int8"]
     ops = list(dict.fromkeys(r["op"] for r in rows))
     fig, axes = plt.subplots(1, len(ops), figsize=(4.2 * len(ops), 3.8), sharey=True, squeeze=False)
