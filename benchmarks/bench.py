@@ -93,7 +93,9 @@ def _wall(fn, arg_sets, reps):
 
 
 def time_per_call(fn, arg_sets, reps):
-    return max(_wall(fn, arg_sets * 2, reps) - _wall(fn, arg_sets, reps), 1e-9) / len(arg_sets)
+    """Seconds per call; NaN when noise swamped the difference (it came out non-positive)."""
+    t = (_wall(fn, arg_sets * 2, reps) - _wall(fn, arg_sets, reps)) / len(arg_sets)
+    return t if t > 0 else float("nan")
 
 
 def bench_row(op, n, d, x_dtype, q_dtype, reps):

@@ -15,6 +15,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def measured(r):
+    """Rows where every timing came out positive (bench.py records NaN where noise won; older runs 1e-9 s)."""
+    return all(r[k] == r[k] and r[k] > 1e-3 for k in ("us_ours", "us_jnp", "us_copy"))
+
+
 def copy_ceiling(data):
     """The copy bandwidth of this run: the median over the copies of at least 1 GB (smaller ones are noisy)."""
     return statistics.median(r["gbs_copy"] for r in data["results"] if r["bytes"] >= 1e9)
@@ -28,7 +33,7 @@ def table(data, min_elements=1 << 27):
              "| op | dtypes | N × D | ours (µs) | jnp (µs) | ours GB/s | % of copy | vs jnp |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in data["results"]:
-        if r["n"] * r["d"] >= min_elements:
+        if r["n"] * r["d"] >= min_elements and measured(r):
             lines.append(f"| {r['op']} | {r['x_dtype']}→{r['q_dtype']} | {r['n']}×{r['d']} | {r['us_ours']:.0f} | "
                          f"{r['us_jnp']:.0f} | {r['gbs_ours']:.0f} | {100 * r['gbs_ours'] / ceiling:.0f}% | "
                          f"{r['us_jnp'] / r['us_ours']:.2f}× |")
@@ -39,7 +44,7 @@ def main(path):
     path = pathlib.Path(path)
     data = json.loads(path.read_text())
     print(table(data))
-    rows = [r for r in data["results"] if r["x_dtype"] == "bfloat16" and r["q_dtype"] == "int8"]
+    rows = [r for r in data["results"] if r["x_dtype"] == "bfloat16" and r["q_dtype"] == "int8" and measured(r)]
     ops = list(dict.fromkeys(r["op"] for r in rows))
     fig, axes = plt.subplots(1, len(ops), figsize=(4.2 * len(ops), 3.8), sharey=True, squeeze=False)
     for ax, op in zip(axes[0], ops):
@@ -50,6 +55,7 @@ def main(path):
             ax.plot(mb, [r[key] for r in rs], style, label=label, markersize=4)
         ax.axhline(copy_ceiling(data), color="gray", lw=0.8)
         ax.set_xscale("log")
+        ax.set_yscale("log")
         ax.set_title(f"{op} (bf16 -> int8)")
         ax.set_xlabel("MiB moved per call")
         ax.grid(alpha=0.3)
