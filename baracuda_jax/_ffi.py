@@ -13,6 +13,7 @@ HAS_CUDA_KERNELS = _cuda is not None
 
 for _name, _target in _cpu.registrations().items():
     jax.ffi.register_ffi_target(_name, _target, platform="cpu")
+    jax.ffi.register_ffi_target_as_batch_partitionable(_name)  # see primitives._partitioning_attributes
 if _cuda is not None:
     for _name, _target in _cuda.registrations().items():
         jax.ffi.register_ffi_target(_name, _target, platform="CUDA")

@@ -21,6 +21,42 @@ def _attr(value):
     return value if isinstance(value, bool) else np.int32(value)  # the handlers bind int32 and bool
 
 
+def _partitioning_attributes(ctx):
+    """Marks the custom call as batch-partitionable over the leading (token) dims.
+
+    Every operand and result is [..., D] or [...]: the leading dims are batch dims, so under
+    jit with sharded inputs each device runs the kernel on its own rows with no collective.
+    XLA's batch partitioner (the targets are registered with
+    `jax.ffi.register_ffi_target_as_batch_partitionable`) reads `num_batch_dims`; Shardy
+    reads the sharding rule, in which D must be replicated: the dynamic ops reduce over it,
+    and the batch partitioner gathers it for the static ones too.
+    """
+    data = max(ctx.avals_in, key=lambda a: a.ndim)  # [..., D]; scale and zero_point are [...]
+    avals = (*ctx.avals_in, *ctx.avals_out)
+    if not all(isinstance(d, int) for a in avals for d in a.shape):
+        return None  # shape polymorphism: leave partitioning to XLA's default
+    batch = data.ndim - 1
+    attrs = {"mhlo.frontend_attributes": mlir.ir.DictAttr.get(
+        {"num_batch_dims": mlir.ir.StringAttr.get(str(batch))})}
+    if jax.config.jax_use_shardy_partitioner:
+        factors = "ijklmnopqrstuvwxyz"[:data.ndim]
+        sizes = ", ".join(f"{f}={n}" for f, n in zip(factors, data.shape))
+        spec = lambda a: "[" + ", ".join(factors[:a.ndim]) + "]"
+        rule = (f"#sdy.op_sharding_rule<({', '.join(spec(a) for a in ctx.avals_in)})->"
+                f"({', '.join(spec(a) for a in ctx.avals_out)}) {{{sizes}}} need_replication={{{factors[-1]}}}>")
+        attrs["sdy.sharding_rule"] = mlir.ir.Attribute.parse(rule)
+    return attrs
+
+
+def _like(aval, shape, dtype):
+    """An output aval that keeps `aval`'s sharding and manual-axis types (explicit sharding and
+    shard_map track them): the outputs live where the [..., D] operand lives."""
+    sharding = aval.sharding
+    if len(sharding.spec) > len(shape):  # the per-row outputs drop D
+        sharding = sharding.update(spec=sharding.spec[:len(shape)])
+    return aval.update(shape=tuple(shape), dtype=np.dtype(dtype), weak_type=False, sharding=sharding)
+
+
 def _static(n_data, abstract_eval):
     """Splits the static ops' operands (data..., scale, [zero_point]) for their abstract eval."""
     def split(*operands, **params):
@@ -44,10 +80,11 @@ def _define(name: str, abstract_eval, attrs: tuple[str, ...], multiple_results=F
     prim.multiple_results = multiple_results
     prim.def_impl(lambda *args, **params: jax.jit(partial(prim.bind, **params))(*args))
     prim.def_abstract_eval(abstract_eval)
-    ffi_rule = jax.ffi.ffi_lowering(f"baracuda_{name}")
+    target = f"baracuda_{name}"
 
     def lowering(ctx, *operands, **params):
-        return ffi_rule(ctx, *operands, **{k: _attr(params[k]) for k in attrs})
+        rule = jax.ffi.ffi_lowering(target, extra_attributes=_partitioning_attributes(ctx))
+        return rule(ctx, *operands, **{k: _attr(params[k]) for k in attrs})
 
     for platform in _PLATFORMS:
         mlir.register_lowering(prim, lowering, platform=platform)
@@ -61,7 +98,7 @@ def _quantize_aval(data, scale, zero_point, *, qmin, qmax, dtype):
     _checks.float_dtype(op, "x", x.dtype)
     _checks.row_operands(op, "x", x, scale, zero_point, _checks.math_dtype(x.dtype))
     _checks.int_grid(op, dtype, qmin, qmax)
-    return jax.core.ShapedArray(x.shape, dtype)
+    return _like(x, x.shape, dtype)
 
 
 def _dequantize_aval(data, scale, zero_point, *, dtype):
@@ -71,7 +108,7 @@ def _dequantize_aval(data, scale, zero_point, *, dtype):
         raise TypeError(f"{op}: q has dtype {q.dtype}; expected int8 or uint8")
     dtype = _checks.float_dtype(op, "dtype", dtype)
     _checks.row_operands(op, "q", q, scale, zero_point, _checks.math_dtype(dtype))
-    return jax.core.ShapedArray(q.shape, dtype)
+    return _like(q, q.shape, dtype)
 
 
 def _fake_quantize_aval(data, scale, zero_point, *, qmin, qmax, dtype):
@@ -83,7 +120,7 @@ def _fake_quantize_aval(data, scale, zero_point, *, qmin, qmax, dtype):
     for g in data[:-1]:  # the backward's cotangent
         if g.shape != x.shape or g.dtype != x.dtype:
             raise TypeError(f"{op}: the cotangent {g.str_short()} must match x {x.str_short()}")
-    return jax.core.ShapedArray(x.shape, x.dtype)
+    return _like(data[0], x.shape, x.dtype)
 
 
 def _dynamic_aval(x, *, symmetric, qmin, qmax, dtype, fake):
@@ -93,8 +130,8 @@ def _dynamic_aval(x, *, symmetric, qmin, qmax, dtype, fake):
         raise ValueError(f"{op}: x must have rank >= 1 (one token per row of the last axis), got a scalar")
     _checks.dynamic_grid(op, dtype, symmetric, qmin, qmax)
     rows = x.shape[:-1]
-    return (jax.core.ShapedArray(x.shape, x.dtype if fake else dtype),
-            jax.core.ShapedArray(rows, _checks.math_dtype(x.dtype)), jax.core.ShapedArray(rows, np.int32))
+    return (_like(x, x.shape, x.dtype if fake else dtype), _like(x, rows, _checks.math_dtype(x.dtype)),
+            _like(x, rows, np.int32))
 
 
 _GRID = ("qmin", "qmax")

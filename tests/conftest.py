@@ -13,6 +13,7 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)  # float64 is part of the dtype matrix
+jax.config.update("jax_num_cpu_devices", 4)  # host devices for the sharding tests
 
 
 def _gpus():

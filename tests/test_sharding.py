@@ -1,0 +1,91 @@
+"""Sharded inputs on a mesh of host CPU devices: token sharding runs each device on its own rows."""
+
+import re
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import baracuda_jax as bj
+import cases
+from test_bitexact import assert_same_bits
+
+CPUS = jax.devices("cpu")
+pytestmark = pytest.mark.skipif(len(CPUS) < 4, reason="needs 4 host devices (jax_num_cpu_devices)")
+COLLECTIVES = re.compile(r"all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter")
+
+
+def _ops(x, s, zp, g):
+    """Every op, as a function of its operands."""
+    return {
+        "quantize": (lambda x, s, zp: bj.quantize_per_token(x, s, zp), (x, s, zp)),
+        "dequantize": (lambda q, s, zp: bj.dequantize_per_token(q, s, zp, dtype=jnp.bfloat16),
+                       (bj.quantize_per_token(x, s, zp), s, zp)),
+        "fake_quantize": (lambda x, s: bj.fake_quantize_per_token(x, s), (x, s)),
+        "ste_backward": (lambda g, x, s: jax.vjp(lambda x: bj.fake_quantize_per_token(x, s), x)[1](g)[0], (g, x, s)),
+        "dynamic": (lambda x: bj.quantize_per_token_dynamic(x), (x,)),
+        "dynamic_asym": (lambda x: bj.quantize_per_token_dynamic(x, dtype=jnp.uint8, symmetric=False), (x,)),
+        "fake_dynamic_grad": (lambda g, x: jax.vjp(bj.fake_quantize_per_token_dynamic, x)[1](g)[0], (g, x)),
+    }
+
+
+def _inputs(shape):
+    r = cases.rng()
+    s = cases.scales(r, shape[:-1], edges=False)
+    x = cases.activations(r, shape, jnp.bfloat16, s)
+    zp = jnp.asarray(r.integers(-3, 3, shape[:-1]), jnp.int32)
+    g = jnp.asarray(r.standard_normal(shape), jnp.bfloat16)
+    return x, s, zp, g
+
+
+def _put(args, mesh, spec):
+    """Shards each operand: the [..., D] ones by `spec`, the per-row ones by its leading part."""
+    return tuple(jax.device_put(a, NamedSharding(mesh, P(*spec[:a.ndim]))) for a in args)
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 4), (2, 2), (4, 1)], ids=str)
+def test_token_sharding_is_local_and_bit_equal(mesh_shape):
+    mesh = jax.make_mesh(mesh_shape, ("a", "b"), devices=CPUS[:4])
+    for name, (fn, args) in _ops(*_inputs((8, 12, 40))).items():
+        sharded = _put(args, mesh, ("a", "b", None))
+        f = jax.jit(fn)
+        hlo = f.lower(*sharded).compile().as_text()
+        assert not COLLECTIVES.search(hlo), f"{name}: collective in\n{hlo}"
+        for got, want in zip(jax.tree.leaves(f(*sharded)), jax.tree.leaves(f(*args))):
+            assert_same_bits(got, want)
+
+
+def test_d_sharding_gives_correct_results():
+    """x sharded along D: the batch partitioner gathers D (the dynamic ops need whole rows anyway)."""
+    mesh = jax.make_mesh((2, 2), ("a", "b"), devices=CPUS[:4])
+    for name, (fn, args) in _ops(*_inputs((8, 6, 40))).items():
+        sharded = _put(args, mesh, ("a", None, "b"))
+        for got, want in zip(jax.tree.leaves(jax.jit(fn)(*sharded)), jax.tree.leaves(jax.jit(fn)(*args))):
+            assert_same_bits(got, want)
+
+
+def test_uneven_token_shards():
+    mesh = jax.make_mesh((4,), ("a",), devices=CPUS[:4], axis_types=(jax.sharding.AxisType.Auto,))
+    x, s, zp, g = _inputs((6, 40))  # 6 rows over 4 devices: XLA pads the last shard
+
+    @jax.jit
+    def f(x, s):
+        x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P("a")))
+        return bj.quantize_per_token(x, s), bj.quantize_per_token_dynamic(x)
+
+    for got, want in zip(jax.tree.leaves(f(x, s)), jax.tree.leaves(jax.jit(lambda x, s: (
+            bj.quantize_per_token(x, s), bj.quantize_per_token_dynamic(x)))(x, s))):
+        assert_same_bits(got, want)
+
+
+def test_inside_shard_map():
+    mesh = jax.make_mesh((4,), ("a",), devices=CPUS[:4], axis_types=(jax.sharding.AxisType.Auto,))
+    x, s, zp, g = _inputs((8, 40))
+    f = jax.jit(jax.shard_map(lambda x, s, zp: bj.fake_quantize_per_token(x, s, zp), mesh=mesh,
+                              in_specs=(P("a"), P("a"), P("a")), out_specs=P("a")))
+    assert_same_bits(f(x, s, zp), bj.fake_quantize_per_token(x, s, zp))
+    grad = jax.jit(jax.shard_map(jax.grad(lambda x: bj.fake_quantize_per_token_dynamic(x).astype(jnp.float32).sum()),
+                                 mesh=mesh, in_specs=P("a"), out_specs=P("a")))
+    assert_same_bits(grad(x), jax.grad(lambda x: bj.fake_quantize_per_token_dynamic(x).astype(jnp.float32).sum())(x))
