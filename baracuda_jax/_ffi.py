@@ -10,6 +10,7 @@ except ImportError:
     _cuda = None
 
 HAS_CUDA_KERNELS = _cuda is not None
+TARGETS = tuple(_cpu.registrations())  # the same names on every platform
 
 for _name, _target in _cpu.registrations().items():
     jax.ffi.register_ffi_target(_name, _target, platform="cpu")

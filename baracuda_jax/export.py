@@ -1,0 +1,28 @@
+"""Exporting functions that use the ops with `jax.export`.
+
+`jax.export` refuses custom calls it does not know to be stable. Our targets keep their
+names and signatures, so a function using them is exported by disabling that check for
+these targets only:
+
+    exp = baracuda_jax.export.export(jax.jit(f), platforms=("cpu", "cuda"))(x_spec)
+    blob = exp.serialize()
+    ...
+    jax.export.deserialize(blob).call(x)   # needs `import baracuda_jax` (it registers the targets)
+"""
+
+import jax
+
+from baracuda_jax import _ffi
+
+TARGETS = _ffi.TARGETS
+
+
+def disabled_checks():
+    """The safety checks to disable for our custom calls, and only for them."""
+    return [jax.export.DisabledSafetyCheck.custom_call(name) for name in TARGETS]
+
+
+def export(fun, *, platforms=("cpu", "cuda"), disabled_checks_=(), **kwargs):
+    """`jax.export.export` with our custom calls allowed; `fun` is a `jax.jit`-wrapped function."""
+    return jax.export.export(fun, platforms=platforms,
+                             disabled_checks=[*disabled_checks(), *disabled_checks_], **kwargs)
