@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 
 from baracuda_jax import _checks
-from baracuda_jax.primitives import (dequantize_p, fake_quantize_dynamic_p, fake_quantize_grad_p, fake_quantize_p,
-                                     quantize_dynamic_p, quantize_p)
+from baracuda_jax.primitives import (dequantize_p, fake_quantize_dynamic_p, fake_quantize_grad_p,
+                                     fake_quantize_lsq_grad_p, fake_quantize_p, quantize_dynamic_p, quantize_p)
 
 
 def _row_operands(op, data_name, data, scale, zero_point, math_dtype):
@@ -86,17 +86,26 @@ def _dequantize_bwd(dtype, res, g):
 _dequantize.defvjp(_dequantize_fwd, _dequantize_bwd)
 
 
-def fake_quantize_per_token(x, scale, zero_point=None, *, qmin=None, qmax=None, dtype=jnp.int8):
+def fake_quantize_per_token(x, scale, zero_point=None, *, qmin=None, qmax=None, dtype=jnp.int8,
+                            learnable_scale=False, grad_scale=None):
     """dequantize(quantize(x)) in x's dtype, in one fused kernel, with a straight-through gradient.
 
     The gradient passes g where qmin <= round_half_even(x/scale) + zero_point <= qmax
-    and is 0 elsewhere (NaN x included); scale and zero_point get none.
+    and is 0 elsewhere (NaN x included); zero_point gets none. scale gets none either,
+    unless learnable_scale=True: then it gets the LSQ gradient (Esser et al. 2019),
+    sum over the row of g * (qmin - zp | qmax - zp | round(v) - v) for v = x/scale below,
+    above or inside the grid, times grad_scale if given (LSQ uses 1/sqrt(D * qmax)).
+    It is computed in the same pass as dx, and only when scale is being differentiated.
     """
     op = "fake_quantize_per_token"
     x = jnp.asarray(x)
     _checks.float_dtype(op, "x", x.dtype)
     dtype, qmin, qmax = _checks.int_grid(op, dtype, qmin, qmax)
     scale, zp = _row_operands(op, "x", x, scale, zero_point, _checks.math_dtype(x.dtype))
+    if learnable_scale:
+        return _fake_quantize_lsq(x, scale, zp, qmin, qmax, dtype, grad_scale)
+    if grad_scale is not None:
+        raise ValueError(f"{op}: grad_scale applies to the learned scale; pass learnable_scale=True")
     return _fake_quantize(x, scale, zp, qmin, qmax, dtype)
 
 
@@ -116,6 +125,33 @@ def _fake_quantize_bwd(qmin, qmax, dtype, res, g):
 
 
 _fake_quantize.defvjp(_fake_quantize_fwd, _fake_quantize_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _fake_quantize_lsq(x, scale, zp, qmin, qmax, dtype, grad_scale):
+    return _fake_quantize(x, scale, zp, qmin, qmax, dtype)
+
+
+def _fake_quantize_lsq_fwd(x, scale, zp, qmin, qmax, dtype, grad_scale):
+    # symbolic_zeros: each primal says whether it is being differentiated. When scale is not,
+    # the backward runs the plain STE kernel and ds costs nothing (XLA could not drop one of
+    # a custom call's two outputs). The flag travels as the residuals' structure.
+    zp = tuple(z.value for z in zp)
+    y = _fake_quantize(x.value, scale.value, zp, qmin, qmax, dtype)
+    return y, (x.value, scale.value, zp, ((),) if scale.perturbed else ())
+
+
+def _fake_quantize_lsq_bwd(qmin, qmax, dtype, grad_scale, res, g):
+    x, scale, zp, wants_ds = res
+    if isinstance(g, jax.custom_derivatives.SymbolicZero):
+        g = jnp.zeros(g.shape, g.dtype)
+    if not wants_ds:
+        return _fake_quantize_bwd(qmin, qmax, dtype, (x, scale, zp), g)
+    dx, ds = fake_quantize_lsq_grad_p.bind(g, x, scale, *zp, qmin=qmin, qmax=qmax, dtype=dtype)
+    return dx, ds if grad_scale is None else ds * jnp.asarray(grad_scale, ds.dtype), None
+
+
+_fake_quantize_lsq.defvjp(_fake_quantize_lsq_fwd, _fake_quantize_lsq_bwd, symbolic_zeros=True)
 
 
 def quantize_per_token_dynamic(x, *, dtype=jnp.int8, symmetric=True):

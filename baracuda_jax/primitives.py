@@ -123,6 +123,11 @@ def _fake_quantize_aval(data, scale, zero_point, *, qmin, qmax, dtype):
     return _like(data[0], x.shape, x.dtype)
 
 
+def _lsq_grad_aval(data, scale, zero_point, **params):
+    dx = _fake_quantize_aval(data, scale, zero_point, **params)
+    return dx, _like(data[-1], scale.shape, scale.dtype)
+
+
 def _dynamic_aval(x, *, symmetric, qmin, qmax, dtype, fake):
     op = "fake_quantize_per_token_dynamic" if fake else "quantize_per_token_dynamic"
     _checks.float_dtype(op, "x", x.dtype)
@@ -139,6 +144,8 @@ quantize_p = _define("quantize_per_token", _static(1, _quantize_aval), _GRID)
 dequantize_p = _define("dequantize_per_token", _static(1, _dequantize_aval), ())
 fake_quantize_p = _define("fake_quantize_per_token", _static(1, _fake_quantize_aval), _GRID)
 fake_quantize_grad_p = _define("fake_quantize_per_token_grad", _static(2, _fake_quantize_aval), _GRID)
+fake_quantize_lsq_grad_p = _define("fake_quantize_per_token_lsq_grad", _static(2, _lsq_grad_aval), _GRID,
+                                   multiple_results=True)
 quantize_dynamic_p = _define("quantize_per_token_dynamic", partial(_dynamic_aval, fake=False),
                              ("symmetric", *_GRID), multiple_results=True)
 fake_quantize_dynamic_p = _define("fake_quantize_per_token_dynamic", partial(_dynamic_aval, fake=True),

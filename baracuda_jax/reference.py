@@ -104,3 +104,15 @@ def fake_quantize_per_token_dynamic(x, *, dtype=jnp.int8, symmetric=True):
     dtype, qmin, qmax = _checks.dynamic_grid("fake_quantize_per_token_dynamic", dtype, symmetric)
     s, zp = _dynamic_qparams(x, symmetric, qmin, qmax)
     return fake_quantize_per_token(x, s, None if symmetric else zp, qmin=qmin, qmax=qmax, dtype=dtype)
+
+
+def fake_quantize_per_token_lsq_grad(g, x, scale, zero_point=None, *, qmin=None, qmax=None, dtype=jnp.int8):
+    """(dx, ds) of fake_quantize_per_token(..., learnable_scale=True), written out (csrc/numerics.h)."""
+    dx = fake_quantize_per_token_grad(g, x, scale, zero_point, qmin=qmin, qmax=qmax, dtype=dtype)
+    x, scale, zp, qmin, qmax, _ = _prepare("fake_quantize_per_token", x, scale, zero_point, qmin, qmax, dtype)
+    v = x.astype(scale.dtype) * _col(1 / scale)
+    r = jnp.round(v)
+    t = r + _col(zp[0].astype(r.dtype)) if zp else r
+    below, above = _centered(jnp.full_like(t, qmin), zp), _centered(jnp.full_like(t, qmax), zp)
+    term = jnp.where(t < qmin, below, jnp.where(t > qmax, above, jnp.where(jnp.isnan(t), 0, r - v)))
+    return dx, jnp.sum(jnp.asarray(g).astype(scale.dtype) * term, axis=-1)

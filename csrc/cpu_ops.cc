@@ -44,6 +44,18 @@ struct CpuExec {
     return ffi::Error::Success();
   }
 
+  template <class Op, class Out, class M, class... In>
+  ffi::Error reduce_rows(const Op& op, int64_t rows, int64_t cols, Out* out, M* sums, const In*... in) const {
+    IeeeSubnormals ieee;
+    for (int64_t r = 0; r < rows; ++r) {
+      const auto p = op.row(r);
+      M sum = 0;
+      for (int64_t c = r * cols; c < (r + 1) * cols; ++c) out[c] = op(p, in[c]..., sum);
+      sums[r] = sum;
+    }
+    return ffi::Error::Success();
+  }
+
   template <class Op, class Out, class T, class M>
   ffi::Error dynamic_rows(const Op& op, int64_t rows, int64_t cols, Out* out, const T* x, M* scale,
                           int32_t* zp) const {
@@ -79,6 +91,11 @@ ffi::Error FakeQuantizeGradCpu(ffi::AnyBuffer g, ffi::AnyBuffer x, ffi::AnyBuffe
   return fake_quantize_grad(CpuExec{}, g, x, scale, zp, dx, qmin, qmax);
 }
 
+ffi::Error FakeQuantizeLsqGradCpu(ffi::AnyBuffer g, ffi::AnyBuffer x, ffi::AnyBuffer scale, ffi::RemainingArgs zp,
+                                  ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> ds, int32_t qmin,
+                                  int32_t qmax) {
+  return fake_quantize_lsq_grad(CpuExec{}, g, x, scale, zp, dx, ds, qmin, qmax);
+}
 ffi::Error QuantizeDynamicCpu(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> q, ffi::Result<ffi::AnyBuffer> scale,
                               ffi::Result<ffi::AnyBuffer> zp, bool symmetric, int32_t qmin, int32_t qmax) {
   return quantize_dynamic(CpuExec{}, x, q, scale, zp, symmetric, qmin, qmax);
@@ -99,12 +116,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kFakeQuantize, FakeQuantizeCpu, bind_quantize(ffi:
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kFakeQuantizeGrad, FakeQuantizeGradCpu,
                               bind_fake_quantize_grad(ffi::Ffi::Bind()));
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kFakeQuantizeLsqGrad, FakeQuantizeLsqGradCpu, bind_lsq_grad(ffi::Ffi::Bind()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kQuantizeDynamic, QuantizeDynamicCpu, bind_dynamic(ffi::Ffi::Bind()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kFakeQuantizeDynamic, FakeQuantizeDynamicCpu, bind_dynamic(ffi::Ffi::Bind()));
 
 NB_MODULE(_cpu, m) {
   m.def("registrations", []() {
-    return registrations(kQuantize, kDequantize, kFakeQuantize, kFakeQuantizeGrad, kQuantizeDynamic,
-                         kFakeQuantizeDynamic);
+    return registrations(kQuantize, kDequantize, kFakeQuantize, kFakeQuantizeGrad, kFakeQuantizeLsqGrad,
+                         kQuantizeDynamic, kFakeQuantizeDynamic);
   });
 }

@@ -4,7 +4,7 @@
 NB_MODULE(_cuda, m) {
   m.def("registrations", []() {
     return baracuda::registrations(kQuantizeCuda, kDequantizeCuda, kFakeQuantizeCuda, kFakeQuantizeGradCuda,
-                                   kQuantizeDynamicCuda, kFakeQuantizeDynamicCuda);
+                                   kFakeQuantizeLsqGradCuda, kQuantizeDynamicCuda, kFakeQuantizeDynamicCuda);
   });
   m.def("handler_calls", &baracuda_cuda_handler_calls,
         "How many times a CUDA handler has run; kernels replayed from a command buffer do not count.");

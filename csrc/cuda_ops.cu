@@ -129,19 +129,30 @@ constexpr int kMaxThreads = 512;
 constexpr int kCache = 8;
 
 template <class M>
-__device__ RowRange<M> block_range(RowRange<M> r, RowRange<M>* partial) {
+__device__ __forceinline__ RowRange<M> shfl_xor(const RowRange<M>& r, int offset) {
+  RowRange<M> o;
+  o.lo = __shfl_xor_sync(0xffffffffu, r.lo, offset);
+  o.hi = __shfl_xor_sync(0xffffffffu, r.hi, offset);
+  return o;
+}
+template <class M>
+__device__ __forceinline__ RowSum<M> shfl_xor(const RowSum<M>& r, int offset) {
+  RowSum<M> o;
+  o.sum = __shfl_xor_sync(0xffffffffu, r.sum, offset);
+  return o;
+}
+
+// Merges every thread's V (RowRange or RowSum) in a fixed order, so a sum
+// comes out the same on every run; all threads get the result.
+template <class V>
+__device__ V block_reduce(V v, V* partial) {
 #pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) {
-    RowRange<M> other;
-    other.lo = __shfl_xor_sync(0xffffffffu, r.lo, offset);
-    other.hi = __shfl_xor_sync(0xffffffffu, r.hi, offset);
-    r.merge(other);
-  }
+  for (int offset = 16; offset > 0; offset /= 2) v.merge(shfl_xor(v, offset));
   const int warp = threadIdx.x / 32, warps = blockDim.x / 32;
-  if (threadIdx.x % 32 == 0) partial[warp] = r;
+  if (threadIdx.x % 32 == 0) partial[warp] = v;
   __syncthreads();
-  RowRange<M> all;
-  for (int w = 0; w < warps; ++w) all.merge(partial[w]);
+  V all = partial[0];
+  for (int w = 1; w < warps; ++w) all.merge(partial[w]);
   __syncthreads();  // partial[] is reused by the block's next row
   return all;
 }
@@ -182,7 +193,7 @@ dynamic_row_kernel(Op op, int64_t rows, int64_t cols, Out* __restrict__ out, con
     if (threadIdx.x < head) range.add(to_math(x[base + threadIdx.x]));
     if (threadIdx.x < W && tail < cols) range.add(to_math(x[base + tail]));
 
-    const auto p = op.params(block_range(range, partial));
+    const auto p = op.params(block_reduce(range, partial));
     if (threadIdx.x == 0) {
       scale[row] = p.scale;
       zp[row] = static_cast<int32_t>(p.zp);
@@ -196,6 +207,36 @@ dynamic_row_kernel(Op op, int64_t rows, int64_t cols, Out* __restrict__ out, con
       apply_vec<W>(op, p, out + body + v * W, load_vec<W>(x + body + v * W));
     if (threadIdx.x < head) out[base + threadIdx.x] = op(p, x[base + threadIdx.x]);
     if (threadIdx.x < W && tail < cols) out[base + tail] = op(p, x[base + tail]);
+  }
+}
+
+// (g, x) -> (dx, per-row sum): one block per row, the sum reduced in a fixed order.
+template <int W, class Op, class T, class M>
+__global__ void __launch_bounds__(kMaxThreads)
+reduce_row_kernel(Op op, int64_t rows, int64_t cols, T* __restrict__ out, M* __restrict__ sums,
+                  const T* __restrict__ g, const T* __restrict__ x) {
+  __shared__ RowSum<M> partial[kMaxThreads / 32];
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const auto p = op.row(row);
+    const int64_t base = row * cols;
+    const int64_t skew = (W - base % W) % W;
+    const int64_t head = skew < cols ? skew : cols;
+    const int64_t nvec = (cols - head) / W;
+    const int64_t body = base + head;
+    RowSum<M> acc;
+    for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
+      const auto gv = load_vec<W>(g + body + v * W);
+      const auto xv = load_vec<W>(x + body + v * W);
+      Vec<T, W> r;
+#pragma unroll
+      for (int k = 0; k < W; ++k) r.v[k] = op(p, gv.v[k], xv.v[k], acc.sum);
+      store_vec<W>(out + body + v * W, r);
+    }
+    const int64_t tail = head + nvec * W + threadIdx.x;
+    if (threadIdx.x < head) out[base + threadIdx.x] = op(p, g[base + threadIdx.x], x[base + threadIdx.x], acc.sum);
+    if (threadIdx.x < W && tail < cols) out[base + tail] = op(p, g[base + tail], x[base + tail], acc.sum);
+    acc = block_reduce(acc, partial);
+    if (threadIdx.x == 0) sums[row] = acc.sum;
   }
 }
 
@@ -237,10 +278,8 @@ struct CudaExec {
   ffi::Error launch_dynamic(const Op& op, int64_t rows, int64_t cols, Out* out, const T* x, M* scale,
                             int32_t* zp) const {
     // About four vectors a thread keeps several loads in flight; long rows use kCache.
-    const int64_t nvec = cols / W;
-    const int threads = static_cast<int>(std::min<int64_t>(kMaxThreads, std::max<int64_t>(32, (nvec / 4 + 31) / 32 * 32)));
     const int grid = static_cast<int>(std::min<int64_t>(rows, int64_t{1} << 20));
-    dynamic_row_kernel<W><<<grid, threads, 0, stream>>>(op, rows, cols, out, x, scale, zp);
+    dynamic_row_kernel<W><<<grid, row_threads(cols / W), 0, stream>>>(op, rows, cols, out, x, scale, zp);
     return launch_error();
   }
 
@@ -252,6 +291,25 @@ struct CudaExec {
     constexpr int W = vec_width<Out, T>();
     if (vector_aligned<W>(out, x)) return launch_dynamic<W>(op, rows, cols, out, x, scale, zp);
     return launch_dynamic<1>(op, rows, cols, out, x, scale, zp);
+  }
+
+  template <class Op, class T, class M>
+  ffi::Error reduce_rows(const Op& op, int64_t rows, int64_t cols, T* out, M* sums, const T* g, const T* x) const {
+    handler_calls.fetch_add(1, std::memory_order_relaxed);
+    if (rows == 0) return ffi::Error::Success();
+    constexpr int W = vec_width<T>();
+    const int grid = static_cast<int>(std::min<int64_t>(rows, int64_t{1} << 20));
+    if (vector_aligned<W>(out, g, x)) {
+      reduce_row_kernel<W><<<grid, row_threads(cols / W), 0, stream>>>(op, rows, cols, out, sums, g, x);
+    } else {
+      reduce_row_kernel<1><<<grid, row_threads(cols), 0, stream>>>(op, rows, cols, out, sums, g, x);
+    }
+    return launch_error();
+  }
+
+  // Threads for a block that owns a row of `nvec` vectors: about four vectors each.
+  static int row_threads(int64_t nvec) {
+    return static_cast<int>(std::min<int64_t>(kMaxThreads, std::max<int64_t>(32, (nvec / 4 + 31) / 32 * 32)));
   }
 
   static ffi::Error launch_error() {
@@ -279,6 +337,11 @@ ffi::Error FakeQuantizeGradCuda(cudaStream_t s, ffi::AnyBuffer g, ffi::AnyBuffer
   return fake_quantize_grad(CudaExec{s}, g, x, scale, zp, dx, qmin, qmax);
 }
 
+ffi::Error FakeQuantizeLsqGradCuda(cudaStream_t s, ffi::AnyBuffer g, ffi::AnyBuffer x, ffi::AnyBuffer scale,
+                                   ffi::RemainingArgs zp, ffi::Result<ffi::AnyBuffer> dx,
+                                   ffi::Result<ffi::AnyBuffer> ds, int32_t qmin, int32_t qmax) {
+  return fake_quantize_lsq_grad(CudaExec{s}, g, x, scale, zp, dx, ds, qmin, qmax);
+}
 ffi::Error QuantizeDynamicCuda(cudaStream_t s, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> q,
                                ffi::Result<ffi::AnyBuffer> scale, ffi::Result<ffi::AnyBuffer> zp, bool symmetric,
                                int32_t qmin, int32_t qmax) {
@@ -307,6 +370,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kFakeQuantizeCuda, FakeQuantizeCuda, bind_quantize
                               {ffi::Traits::kCmdBufferCompatible});
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kFakeQuantizeGradCuda, FakeQuantizeGradCuda,
                               bind_fake_quantize_grad(stream()), {ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kFakeQuantizeLsqGradCuda, FakeQuantizeLsqGradCuda, bind_lsq_grad(stream()),
+                              {ffi::Traits::kCmdBufferCompatible});
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kQuantizeDynamicCuda, QuantizeDynamicCuda, bind_dynamic(stream()),
                               {ffi::Traits::kCmdBufferCompatible});
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kFakeQuantizeDynamicCuda, FakeQuantizeDynamicCuda, bind_dynamic(stream()),

@@ -224,6 +224,29 @@ ffi::Error fake_quantize_grad(const Exec& exec, ffi::AnyBuffer g, ffi::AnyBuffer
   });
 }
 
+// (g, x) -> (dx, ds): the straight-through dx and the LSQ gradient of the scale, one pass.
+template <class Exec>
+ffi::Error fake_quantize_lsq_grad(const Exec& exec, ffi::AnyBuffer g, ffi::AnyBuffer x, ffi::AnyBuffer scale,
+                                  ffi::RemainingArgs rest, ffi::Result<ffi::AnyBuffer> dx,
+                                  ffi::Result<ffi::AnyBuffer> ds, int32_t qmin, int32_t qmax) {
+  constexpr const char* op = "fake_quantize_per_token_lsq_grad";
+  return dispatch_float(op, "x", x.element_type(), [&](auto xt) {
+    using T = typename decltype(xt)::type;
+    using M = math_t<T>;
+    Rows s;
+    const int32_t* zp;
+    if (auto e = check_static<M>(op, x, *dx, scale, rest, s, zp); !e.success()) return e;
+    if (auto e = check_same_dims(op, "g", g, "x", x); !e.success()) return e;
+    if (g.element_type() != x.element_type() || dx->element_type() != x.element_type())
+      return invalid(op, "g and dx must have x's dtype");
+    if (ds->element_type() != ffi_dtype<M>() || static_cast<int64_t>(ds->element_count()) != s.rows)
+      return invalid(op, "ds must have scale's dtype and shape");
+    if (qmin > qmax) return invalid(op, "need qmin <= qmax");
+    return exec.reduce_rows(make_op<LsqGradOp<T>, M>(scale, zp, qmin, qmax), s.rows, s.cols, data_of<T>(*dx),
+                            data_of<M>(*ds), data_of<const T>(g), data_of<const T>(x));
+  });
+}
+
 // Checks the (scale, zero_point) outputs of a dynamic op against x.
 template <class M>
 ffi::Error check_qparam_outputs(const char* op, ffi::AnyBuffer x, ffi::AnyBuffer out, ffi::AnyBuffer scale,
@@ -300,6 +323,11 @@ template <class B> auto bind_dynamic(B b) {
 }
 template <class B> auto bind_fake_quantize_grad(B b) {
   return bind_quantize(std::move(b).template Arg<ffi::AnyBuffer>());
+}
+template <class B> auto bind_lsq_grad(B b) {
+  return std::move(b).template Arg<ffi::AnyBuffer>().template Arg<ffi::AnyBuffer>().template Arg<ffi::AnyBuffer>()
+      .RemainingArgs().template Ret<ffi::AnyBuffer>().template Ret<ffi::AnyBuffer>()
+      .template Attr<int32_t>("qmin").template Attr<int32_t>("qmax");
 }
 
 }  // namespace baracuda

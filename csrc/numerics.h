@@ -162,6 +162,26 @@ struct FakeQuantizeGradOp : QParams<math_t<T>> {
   }
 };
 
+// (g, x) -> dx, and this element's term of the learned-scale gradient (LSQ,
+// Esser et al. 2019; torch's _fake_quantize_learnable_per_channel_affine), with
+// v = x * inv and r = round_half_even(v):
+//   ds += g * (t < qmin ? qmin - zp : t > qmax ? qmax - zp : r - v)
+// A NaN x adds nothing (its dx is 0 too). The sum is kept in M.
+template <class T>
+struct LsqGradOp : QParams<math_t<T>> {
+  using M = math_t<T>;
+  BJ_HD T operator()(const RowParams<M>& p, T g, T x, M& ds) const {
+    const M v = to_math(x) * p.inv;
+    const M r = round_half_even(v);
+    const M t = this->has_zp ? r + p.zp : r;
+    const M term = t < this->qmin ? this->centered(p, this->qmin)
+                 : t > this->qmax ? this->centered(p, this->qmax)
+                 : t == t ? r - v : M(0);
+    ds += to_math(g) * term;
+    return (t >= this->qmin && t <= this->qmax) ? g : From<T>::math(0);
+  }
+};
+
 // ---- dynamic ops: each row's scale and zero point come from its range -------
 //
 //   lo, hi   = min(0, min x), max(0, max x)    NaN ignored
@@ -176,6 +196,12 @@ BJ_HD float nan_ignoring_min(float a, float b) { return fminf(a, b); }
 BJ_HD float nan_ignoring_max(float a, float b) { return fmaxf(a, b); }
 BJ_HD double nan_ignoring_min(double a, double b) { return fmin(a, b); }
 BJ_HD double nan_ignoring_max(double a, double b) { return fmax(a, b); }
+
+template <class M>
+struct RowSum {
+  M sum = 0;
+  BJ_HD void merge(const RowSum& o) { sum += o.sum; }
+};
 
 template <class M>
 struct RowRange {

@@ -92,3 +92,14 @@ def test_cpu_and_gpu_dynamic_kernels_agree(shape, x_dtype):
         for fn in (bj.quantize_per_token_dynamic, bj.fake_quantize_per_token_dynamic):
             for g, c in zip(jax.tree.leaves(on("gpu", fn, x, **kw)), jax.tree.leaves(on("cpu", fn, x, **kw))):
                 assert_same_bits(g, c)
+
+
+@pytest.mark.parametrize("x_dtype", cases.FLOATS, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("shape", [(3, 1), (5, 4097), (64, 16384)], ids=str)
+def test_cpu_and_gpu_lsq_agree(shape, x_dtype):
+    from test_lsq import _case, _grads
+    g, x, s, zp = _case(cases.rng(), shape, x_dtype, True)
+    dx_gpu, ds_gpu = _grads(GPUS[0], x, s, zp, g)
+    dx_cpu, ds_cpu = _grads(jax.devices("cpu")[0], x, s, zp, g)
+    assert_same_bits(dx_gpu, dx_cpu)
+    np.testing.assert_allclose(np.asarray(ds_gpu), np.asarray(ds_cpu), rtol=1e-5, atol=1e-5 * shape[-1] ** 0.5)
