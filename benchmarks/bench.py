@@ -136,10 +136,12 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="a few small shapes (the demo)")
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--ops", nargs="*", default=None, help="only these ops")
+    p.add_argument("--min-elements", type=int, default=0, help="only shapes with at least this many elements")
     p.add_argument("--json", type=pathlib.Path, default=None, help="where to write results")
     args = p.parse_args(argv)
     reps = args.reps or (5 if args.quick else 15)
-    rows = [r for r in grid(args.quick) if args.ops is None or r[0] in args.ops]
+    rows = [r for r in grid(args.quick)
+            if (args.ops is None or r[0] in args.ops) and r[1] * r[2] >= args.min_elements]
     print(f"device: {device_name()}, jax {jax.__version__}, baracuda_jax {bj.__version__}")
     header = f"{'op':<13}{'dtypes':<16}{'N x D':>14}{'ours us':>10}{'jnp us':>10}{'GB/s':>8}{'%copy':>7}{'vs jnp':>8}"
     print(header)

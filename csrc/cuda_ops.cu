@@ -277,9 +277,10 @@ struct CudaExec {
   template <int W, class Op, class Out, class T, class M>
   ffi::Error launch_dynamic(const Op& op, int64_t rows, int64_t cols, Out* out, const T* x, M* scale,
                             int32_t* zp) const {
-    // About four vectors a thread keeps several loads in flight; long rows use kCache.
+    // Eight vectors a thread: fewer threads per row leave room for more rows per SM, whose
+    // loads overlap the others' reductions; rows past kMaxThreads * kCache vectors stream.
     const int grid = static_cast<int>(std::min<int64_t>(rows, int64_t{1} << 20));
-    dynamic_row_kernel<W><<<grid, row_threads(cols / W), 0, stream>>>(op, rows, cols, out, x, scale, zp);
+    dynamic_row_kernel<W><<<grid, row_threads(cols / W, kCache), 0, stream>>>(op, rows, cols, out, x, scale, zp);
     return launch_error();
   }
 
@@ -300,16 +301,17 @@ struct CudaExec {
     constexpr int W = vec_width<T>();
     const int grid = static_cast<int>(std::min<int64_t>(rows, int64_t{1} << 20));
     if (vector_aligned<W>(out, g, x)) {
-      reduce_row_kernel<W><<<grid, row_threads(cols / W), 0, stream>>>(op, rows, cols, out, sums, g, x);
+      reduce_row_kernel<W><<<grid, row_threads(cols / W, 4), 0, stream>>>(op, rows, cols, out, sums, g, x);
     } else {
-      reduce_row_kernel<1><<<grid, row_threads(cols), 0, stream>>>(op, rows, cols, out, sums, g, x);
+      reduce_row_kernel<1><<<grid, row_threads(cols, 4), 0, stream>>>(op, rows, cols, out, sums, g, x);
     }
     return launch_error();
   }
 
-  // Threads for a block that owns a row of `nvec` vectors: about four vectors each.
-  static int row_threads(int64_t nvec) {
-    return static_cast<int>(std::min<int64_t>(kMaxThreads, std::max<int64_t>(32, (nvec / 4 + 31) / 32 * 32)));
+  // Threads for a block that owns a row of `nvec` vectors, about `per_thread` vectors each.
+  static int row_threads(int64_t nvec, int per_thread) {
+    return static_cast<int>(
+        std::min<int64_t>(kMaxThreads, std::max<int64_t>(32, (nvec / per_thread + 31) / 32 * 32)));
   }
 
   static ffi::Error launch_error() {
