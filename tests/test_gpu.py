@@ -102,4 +102,6 @@ def test_cpu_and_gpu_lsq_agree(shape, x_dtype):
     dx_gpu, ds_gpu = _grads(GPUS[0], x, s, zp, g)
     dx_cpu, ds_cpu = _grads(jax.devices("cpu")[0], x, s, zp, g)
     assert_same_bits(dx_gpu, dx_cpu)
-    np.testing.assert_allclose(np.asarray(ds_gpu), np.asarray(ds_cpu), rtol=1e-5, atol=1e-5 * shape[-1] ** 0.5)
+    # The sums run in different orders (a block tree on the GPU, a sequential loop on the CPU) over
+    # terms of up to about 150 * |g|: float32 rounding grows with D.
+    np.testing.assert_allclose(np.asarray(ds_gpu), np.asarray(ds_cpu), rtol=1e-4, atol=2e-4 * shape[-1])

@@ -32,7 +32,8 @@ def test_lsq_matches_written_formula(device, shape, x_dtype, with_zp):
     dx, ds = _grads(device, x, s, zp, g)
     want_dx, want_ds = ref.fake_quantize_per_token_lsq_grad(g, x, s, zp)
     assert_same_bits(dx, want_dx)  # the same STE mask
-    np.testing.assert_allclose(np.asarray(ds), np.asarray(want_ds), rtol=1e-5, atol=1e-5 * shape[-1])
+    # the sums run in different orders: float32 rounding that grows with D
+    np.testing.assert_allclose(np.asarray(ds), np.asarray(want_ds), rtol=1e-4, atol=2e-4 * shape[-1])
 
 
 def test_lsq_matches_autodiff_and_finite_differences():
