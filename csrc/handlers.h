@@ -203,6 +203,19 @@ ffi::Error fake_quantize(const Exec& exec, ffi::AnyBuffer x, ffi::AnyBuffer scal
   });
 }
 
+// The backward ops' operands: g and dx shaped and typed like x, on the static layout.
+template <class M>
+ffi::Error check_grad(const char* op, ffi::AnyBuffer g, ffi::AnyBuffer x, ffi::AnyBuffer scale,
+                      ffi::RemainingArgs rest, ffi::AnyBuffer dx, int32_t qmin, int32_t qmax, Rows& s,
+                      const int32_t*& zp) {
+  if (auto e = check_static<M>(op, x, dx, scale, rest, s, zp); !e.success()) return e;
+  if (auto e = check_same_dims(op, "g", g, "x", x); !e.success()) return e;
+  if (g.element_type() != x.element_type() || dx.element_type() != x.element_type())
+    return invalid(op, "g and dx must have x's dtype");
+  if (qmin > qmax) return invalid(op, "need qmin <= qmax");
+  return ffi::Error::Success();
+}
+
 // (g, x) -> dx, the straight-through estimator of fake_quantize.
 template <class Exec>
 ffi::Error fake_quantize_grad(const Exec& exec, ffi::AnyBuffer g, ffi::AnyBuffer x, ffi::AnyBuffer scale,
@@ -214,11 +227,7 @@ ffi::Error fake_quantize_grad(const Exec& exec, ffi::AnyBuffer g, ffi::AnyBuffer
     using M = math_t<T>;
     Rows s;
     const int32_t* zp;
-    if (auto e = check_static<M>(op, x, *dx, scale, rest, s, zp); !e.success()) return e;
-    if (auto e = check_same_dims(op, "g", g, "x", x); !e.success()) return e;
-    if (g.element_type() != x.element_type() || dx->element_type() != x.element_type())
-      return invalid(op, "g and the output must have x's dtype");
-    if (qmin > qmax) return invalid(op, "need qmin <= qmax");
+    if (auto e = check_grad<M>(op, g, x, scale, rest, *dx, qmin, qmax, s, zp); !e.success()) return e;
     return exec.map_rows(make_op<FakeQuantizeGradOp<T>, M>(scale, zp, qmin, qmax), s.rows, s.cols,
                          data_of<T>(*dx), data_of<const T>(g), data_of<const T>(x));
   });
@@ -235,13 +244,9 @@ ffi::Error fake_quantize_lsq_grad(const Exec& exec, ffi::AnyBuffer g, ffi::AnyBu
     using M = math_t<T>;
     Rows s;
     const int32_t* zp;
-    if (auto e = check_static<M>(op, x, *dx, scale, rest, s, zp); !e.success()) return e;
-    if (auto e = check_same_dims(op, "g", g, "x", x); !e.success()) return e;
-    if (g.element_type() != x.element_type() || dx->element_type() != x.element_type())
-      return invalid(op, "g and dx must have x's dtype");
+    if (auto e = check_grad<M>(op, g, x, scale, rest, *dx, qmin, qmax, s, zp); !e.success()) return e;
     if (ds->element_type() != ffi_dtype<M>() || static_cast<int64_t>(ds->element_count()) != s.rows)
       return invalid(op, "ds must have scale's dtype and shape");
-    if (qmin > qmax) return invalid(op, "need qmin <= qmax");
     return exec.reduce_rows(make_op<LsqGradOp<T>, M>(scale, zp, qmin, qmax), s.rows, s.cols, data_of<T>(*dx),
                             data_of<M>(*ds), data_of<const T>(g), data_of<const T>(x));
   });
