@@ -1,0 +1,25 @@
+"""The examples, in a small configuration."""
+
+import pathlib
+import sys
+
+import pytest
+
+pytest.importorskip("sklearn")
+sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "examples"))
+
+import qat  # noqa: E402
+import w8a8  # noqa: E402
+
+
+def test_qat_trains_all_three_ways():
+    data = qat.load()
+    for mode in ("float", "qat", "lsq"):
+        params, losses, acc = qat.train(mode, 200, data=data)
+        assert losses[-1] < losses[0] / 3, mode
+        assert acc > 0.85, (mode, acc)  # chance is 0.1
+
+
+def test_w8a8_inference_keeps_the_accuracy():
+    float_acc, int8_acc = w8a8.main(["--steps", "200"])
+    assert float_acc > 0.85 and abs(int8_acc - float_acc) < 0.03
