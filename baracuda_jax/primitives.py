@@ -1,8 +1,8 @@
-"""The four JAX primitives over the FFI targets: abstract eval, lowering, batching.
+"""The JAX primitives over the FFI targets: abstract eval, lowering, batching, partitioning.
 
-Operands are (data..., scale, [zero_point]): data is [..., D], scale and
-zero_point are [...]. The kernels fold the leading dims into one row axis, so a
-batch axis is just more rows.
+The static ops take (data..., scale, [zero_point]), the dynamic ones (x,): data is
+[..., D], scale and zero_point are [...]. The kernels fold the leading dims into one
+row axis, so a batch axis is just more rows, and a sharded token axis is fewer.
 """
 
 from functools import partial
