@@ -34,10 +34,11 @@ def test_scan_remat_value_and_grad():
     assert np.isfinite(loss) and float(jnp.abs(g).sum()) > 0
     assert_same_bits(loss_r, loss)
     assert_same_bits(g_r, g)
-    # the same model without quantization: the gradients are close (8-bit noise), not equal
+    # the same model without quantization: the gradients differ by the 8-bit noise (seen: 2 to 12 %
+    # of the norm on these 16-wide layers), while a lost or sign-flipped STE would differ by 100 % or more
     plain = lambda p, x: jnp.mean(jax.lax.scan(lambda h, w: (jax.nn.relu(h @ w), None), x, p)[0] ** 2)
     g_plain = jax.grad(plain)(params, x)
-    assert 0 < float(jnp.linalg.norm(g - g_plain) / jnp.linalg.norm(g_plain)) < 0.1
+    assert 0 < float(jnp.linalg.norm(g - g_plain) / jnp.linalg.norm(g_plain)) < 0.5
 
 
 def test_nested_vmap_of_grad():
