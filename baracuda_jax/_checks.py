@@ -33,6 +33,13 @@ def float_dtype(op: str, name: str, dtype) -> np.dtype:
     return dtype
 
 
+def int_dtype(op: str, name: str, dtype) -> np.dtype:
+    dtype = _as_dtype(op, name, dtype)
+    if dtype not in INT_DTYPES:
+        raise TypeError(f"{op}: {name} has dtype {dtype.name}; expected one of {_names(INT_DTYPES)}")
+    return dtype
+
+
 def int_grid(op: str, dtype, qmin, qmax) -> tuple[np.dtype, int, int]:
     """Resolves the integer grid: the dtype and qmin/qmax, defaulting to the dtype's full range."""
     dtype = _as_dtype(op, "dtype", dtype)

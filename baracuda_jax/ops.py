@@ -59,8 +59,7 @@ def dequantize_per_token(q, scale, zero_point=None, *, dtype=None):
     """
     op = "dequantize_per_token"
     q = jnp.asarray(q)
-    if q.dtype not in _checks.INT_DTYPES:
-        raise TypeError(f"{op}: q has dtype {q.dtype}; expected int8 or uint8")
+    _checks.int_dtype(op, "q", q.dtype)
     scale = jnp.asarray(scale)
     dtype = _checks.float_dtype(op, "dtype", scale.dtype if dtype is None else dtype)
     scale, zp = _row_operands(op, "q", q, scale, zero_point, _checks.math_dtype(dtype))

@@ -104,8 +104,7 @@ def _quantize_aval(data, scale, zero_point, *, qmin, qmax, dtype):
 def _dequantize_aval(data, scale, zero_point, *, dtype):
     op = "dequantize_per_token"
     q, = data
-    if q.dtype not in _checks.INT_DTYPES:
-        raise TypeError(f"{op}: q has dtype {q.dtype}; expected int8 or uint8")
+    _checks.int_dtype(op, "q", q.dtype)
     dtype = _checks.float_dtype(op, "dtype", dtype)
     _checks.row_operands(op, "q", q, scale, zero_point, _checks.math_dtype(dtype))
     return _like(q, q.shape, dtype)
