@@ -1,14 +1,11 @@
 """Times every op against the jnp reference and against a copy of the same bytes.
 
-Method (the same on CPU and GPU): one jitted function applies the op to K
-distinct input sets in sequence, each call ordered after the previous one by an
-optimization barrier (so that XLA neither fuses the jnp calls together nor runs
-them concurrently). A second one makes 2K calls, passing over the K sets twice.
-The difference of their wall times (medians of many runs after warm-up) over K
-is the device time per call, launch gaps included, with dispatch and
-synchronisation cancelled out. The K input sets span at least 256 MiB, several
-times the L2 (50 MiB on H100), so no call finds its input in cache. Bytes are
-the minimum the op must move: each input read once, each output written once.
+Method: each op, its jnp reference and the copy are timed in the same process, one after the other,
+after warm-up, as the median over many calls (timing.py: on a GPU, kernel durations from a profiler
+trace; on a CPU, wall-clock differences of chained calls). Calls rotate over K distinct input sets
+spanning at least 256 MiB (several times the 50 MiB L2 of an H100) when at most 100 sets reach it;
+smaller shapes (decode) run from L2, as they would between two layers. Bytes are the minimum the op
+must move: each input read once, each output written once.
 
     python benchmarks/bench.py            # the full grid (meant for a GPU)
     python benchmarks/bench.py --quick    # a few small shapes: the README's demo, on any machine
@@ -19,9 +16,7 @@ import datetime
 import json
 import pathlib
 import platform
-import statistics
 import sys
-import time
 
 import numpy as np
 import jax
@@ -29,7 +24,8 @@ import jax.numpy as jnp
 
 import baracuda_jax as bj
 from baracuda_jax import reference as ref
-from baracuda_jax.primitives import fake_quantize_grad_p
+from baracuda_jax.primitives import fake_quantize_grad_p, fake_quantize_lsq_grad_p
+from timing import time_per_call
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 WORKING_SET = 256 << 20
@@ -44,9 +40,12 @@ def _inputs(key, n, d, x_dtype, q_dtype):
     return dict(x=x.astype(x_dtype), scale=scale, q=q, g=g)
 
 
-def _grad_kernel(g, x, s, q_dtype):
-    info = np.iinfo(q_dtype)
-    return fake_quantize_grad_p.bind(g, x, s, qmin=int(info.min), qmax=int(info.max), dtype=np.dtype(q_dtype))
+def _grad_kernel(prim):
+    """The backward primitive itself: jax.grad would add the forward pass."""
+    def bind(g, x, s, q_dtype):
+        info = np.iinfo(q_dtype)
+        return prim.bind(g, x, s, qmin=int(info.min), qmax=int(info.max), dtype=np.dtype(q_dtype))
+    return lambda qd: lambda g, x, s: bind(g, x, s, qd)
 
 
 # name -> (operands, ours, jnp reference, bytes moved per element besides the per-row values)
@@ -57,8 +56,12 @@ OPS = {
                    lambda qd: lambda q, s: ref.dequantize_per_token(q, s, dtype=jnp.bfloat16), lambda xb, qb: qb + 2),
     "fake_quant": (("x", "scale"), lambda qd: lambda x, s: bj.fake_quantize_per_token(x, s, dtype=qd),
                    lambda qd: lambda x, s: ref.fake_quantize_per_token(x, s, dtype=qd), lambda xb, qb: 2 * xb),
-    "ste_backward": (("g", "x", "scale"), lambda qd: lambda g, x, s: _grad_kernel(g, x, s, qd),
+    "ste_backward": (("g", "x", "scale"), _grad_kernel(fake_quantize_grad_p),
                      lambda qd: lambda g, x, s: ref.fake_quantize_per_token_grad(g, x, s, dtype=qd),
+                     lambda xb, qb: 3 * xb),
+    # dx and the per-row ds in one pass
+    "lsq_backward": (("g", "x", "scale"), _grad_kernel(fake_quantize_lsq_grad_p),
+                     lambda qd: lambda g, x, s: ref.fake_quantize_per_token_lsq_grad(g, x, s, dtype=qd),
                      lambda xb, qb: 3 * xb),
     # symmetric for int8, asymmetric for uint8; the scale and zero point it writes are the per-row bytes
     "dynamic": (("x",), lambda qd: lambda x: bj.quantize_per_token_dynamic(x, dtype=qd, symmetric=qd == jnp.int8),
@@ -69,33 +72,6 @@ OPS = {
 
 def _copy(a):
     return ~a  # reads and writes every byte once: the memory roofline
-
-
-def _wall(fn, arg_sets, reps):
-    def chained(sets):
-        outs, prev = [], None
-        for args in sets:
-            if prev is not None:
-                args, _ = jax.lax.optimization_barrier((args, prev))
-            prev = fn(*args)
-            outs.append(prev)
-        return outs
-
-    f = jax.jit(chained)
-    jax.block_until_ready(f(arg_sets))  # compile and warm up
-    jax.block_until_ready(f(arg_sets))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(arg_sets))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def time_per_call(fn, arg_sets, reps):
-    """Seconds per call; NaN when noise swamped the difference (it came out non-positive)."""
-    t = (_wall(fn, arg_sets * 2, reps) - _wall(fn, arg_sets, reps)) / len(arg_sets)
-    return t if t > 0 else float("nan")
 
 
 def bench_row(op, n, d, x_dtype, q_dtype, reps):
@@ -137,11 +113,13 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--ops", nargs="*", default=None, help="only these ops")
     p.add_argument("--min-elements", type=int, default=0, help="only shapes with at least this many elements")
+    p.add_argument("--max-elements", type=int, default=None, help="only shapes with at most this many elements")
     p.add_argument("--json", type=pathlib.Path, default=None, help="where to write results")
     args = p.parse_args(argv)
     reps = args.reps or (5 if args.quick else 15)
     rows = [r for r in grid(args.quick)
-            if (args.ops is None or r[0] in args.ops) and r[1] * r[2] >= args.min_elements]
+            if (args.ops is None or r[0] in args.ops)
+            and args.min_elements <= r[1] * r[2] <= (args.max_elements or r[1] * r[2])]
     print(f"device: {device_name()}, jax {jax.__version__}, baracuda_jax {bj.__version__}")
     header = f"{'op':<13}{'dtypes':<16}{'N x D':>14}{'ours us':>10}{'jnp us':>10}{'GB/s':>8}{'%copy':>7}{'vs jnp':>8}"
     print(header)

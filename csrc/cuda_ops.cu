@@ -1,7 +1,7 @@
-// CUDA backend: one row-map kernel template serves every op. Each block takes
-// a tile of one row, computes the row's constants once, and moves the row in
-// 16-byte vectors; the few elements before the first aligned vector and after
-// the last are done one by one.
+// CUDA backend: one row-map kernel template serves every static op, one
+// block-per-row kernel the dynamic ops, another the LSQ backward. Each moves a
+// row in 16-byte vectors; the few elements before the first aligned vector and
+// after the last are done one by one (RowSpan).
 #include <cuda/std/tuple>
 #include <cuda_runtime.h>
 
@@ -18,7 +18,7 @@ namespace baracuda {
 namespace {
 
 constexpr int kThreads = 128;
-constexpr int kUnroll = 4;  // independent vectors in flight per thread
+constexpr int kUnroll = 4;  // the most independent vectors in flight per thread
 
 template <class T, int W>
 struct Vec {
@@ -83,37 +83,52 @@ __device__ __forceinline__ void apply_vec(const Op& op, const P& p, Out* out, co
   store_vec<W>(out, r);
 }
 
-// grid-stride over tiles; a tile is (row, chunk of kThreads*kUnroll vectors).
-template <int W, class Op, class Out, class... In>
+// A row's layout for W-element vectors: `head` elements up to the first aligned
+// vector, `nvec` vectors from `body`, then fewer than W elements to the row's end.
+template <int W>
+struct RowSpan {
+  int64_t base, head, nvec, body;
+
+  __device__ RowSpan(int64_t row, int64_t cols) : base(row * cols) {
+    const int64_t skew = (W - base % W) % W;
+    head = skew < cols ? skew : cols;
+    nvec = (cols - head) / W;
+    body = base + head;
+  }
+
+  // Calls f(index) for the unaligned elements that lane c (< W) owns: one of the head, one of the tail.
+  template <class F>
+  __device__ void ends(int64_t cols, int64_t c, F f) const {
+    if (c < head) f(base + c);
+    if (c < W && head + nvec * W + c < cols) f(base + head + nvec * W + c);
+  }
+};
+
+// grid-stride over tiles; a tile is (row, chunk of kThreads * per_thread vectors),
+// per_thread <= U.
+template <int W, int U, class Op, class Out, class... In>
 __global__ void __launch_bounds__(kThreads)
-row_map_kernel(Op op, int64_t cols, int64_t chunks, int64_t tiles, Out* __restrict__ out,
+row_map_kernel(Op op, int64_t cols, int64_t chunks, int64_t tiles, int per_thread, Out* __restrict__ out,
                const In* __restrict__... in) {
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const int64_t row = tile / chunks, chunk = tile - row * chunks;
+    const RowSpan<W> span(row, cols);
+    const int64_t nvec = span.nvec, body = span.body;
+    // All loads of the tile first, so that they are in flight together, and before the
+    // row's scale is loaded and inverted, which then overlaps them.
+    const int64_t v0 = chunk * (kThreads * per_thread) + threadIdx.x;
+    cuda::std::tuple<Vec<In, W>...> buf[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t v = v0 + u * kThreads;
+      if (u < per_thread && v < nvec) buf[u] = cuda::std::make_tuple(load_vec<W>(in + body + v * W)...);
+    }
     const auto p = op.row(row);
-    const int64_t base = row * cols;
-    // The aligned body of the row: [head, head + nvec * W).
-    const int64_t skew = (W - base % W) % W;
-    const int64_t head = skew < cols ? skew : cols;
-    const int64_t nvec = (cols - head) / W;
-    const int64_t body = base + head;
-    if (chunk == 0 && threadIdx.x < W) {  // the unaligned ends, at most W-1 each
-      const int64_t c = threadIdx.x, tail = head + nvec * W + c;
-      if (c < head) out[base + c] = op(p, in[base + c]...);
-      if (tail < cols) out[base + tail] = op(p, in[base + tail]...);
-    }
-    // All loads of the tile first, so that kUnroll of them are in flight.
-    const int64_t v0 = chunk * (kThreads * kUnroll) + threadIdx.x;
-    cuda::std::tuple<Vec<In, W>...> buf[kUnroll];
+    if (chunk == 0) span.ends(cols, threadIdx.x, [&](int64_t i) { out[i] = op(p, in[i]...); });
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < U; ++u) {
       const int64_t v = v0 + u * kThreads;
-      if (v < nvec) buf[u] = cuda::std::make_tuple(load_vec<W>(in + body + v * W)...);
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t v = v0 + u * kThreads;
-      if (v < nvec)
+      if (u < per_thread && v < nvec)
         cuda::std::apply([&](const auto&... x) { apply_vec<W>(op, p, out + body + v * W, x...); }, buf[u]);
     }
   }
@@ -163,11 +178,8 @@ dynamic_row_kernel(Op op, int64_t rows, int64_t cols, Out* __restrict__ out, con
                    M* __restrict__ scale, int32_t* __restrict__ zp) {
   __shared__ RowRange<M> partial[kMaxThreads / 32];
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
-    const int64_t base = row * cols;
-    const int64_t skew = (W - base % W) % W;
-    const int64_t head = skew < cols ? skew : cols;
-    const int64_t nvec = (cols - head) / W;
-    const int64_t body = base + head;
+    const RowSpan<W> span(row, cols);
+    const int64_t nvec = span.nvec, body = span.body;
     const int64_t streamed = int64_t{kCache} * blockDim.x;  // vectors past this are read twice
 
     RowRange<M> range;
@@ -189,9 +201,7 @@ dynamic_row_kernel(Op op, int64_t rows, int64_t cols, Out* __restrict__ out, con
 #pragma unroll
       for (int k = 0; k < W; ++k) range.add(to_math(vec.v[k]));
     }
-    const int64_t tail = head + nvec * W + threadIdx.x;  // the unaligned ends, at most W-1 each
-    if (threadIdx.x < head) range.add(to_math(x[base + threadIdx.x]));
-    if (threadIdx.x < W && tail < cols) range.add(to_math(x[base + tail]));
+    span.ends(cols, threadIdx.x, [&](int64_t i) { range.add(to_math(x[i])); });
 
     const auto p = op.params(block_reduce(range, partial));
     if (threadIdx.x == 0) {
@@ -205,8 +215,7 @@ dynamic_row_kernel(Op op, int64_t rows, int64_t cols, Out* __restrict__ out, con
     }
     for (int64_t v = streamed + threadIdx.x; v < nvec; v += blockDim.x)
       apply_vec<W>(op, p, out + body + v * W, load_vec<W>(x + body + v * W));
-    if (threadIdx.x < head) out[base + threadIdx.x] = op(p, x[base + threadIdx.x]);
-    if (threadIdx.x < W && tail < cols) out[base + tail] = op(p, x[base + tail]);
+    span.ends(cols, threadIdx.x, [&](int64_t i) { out[i] = op(p, x[i]); });
   }
 }
 
@@ -218,11 +227,8 @@ reduce_row_kernel(Op op, int64_t rows, int64_t cols, T* __restrict__ out, M* __r
   __shared__ RowSum<M> partial[kMaxThreads / 32];
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const auto p = op.row(row);
-    const int64_t base = row * cols;
-    const int64_t skew = (W - base % W) % W;
-    const int64_t head = skew < cols ? skew : cols;
-    const int64_t nvec = (cols - head) / W;
-    const int64_t body = base + head;
+    const RowSpan<W> span(row, cols);
+    const int64_t nvec = span.nvec, body = span.body;
     RowSum<M> acc;
     for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
       const auto gv = load_vec<W>(g + body + v * W);
@@ -232,9 +238,7 @@ reduce_row_kernel(Op op, int64_t rows, int64_t cols, T* __restrict__ out, M* __r
       for (int k = 0; k < W; ++k) r.v[k] = op(p, gv.v[k], xv.v[k], acc.sum);
       store_vec<W>(out + body + v * W, r);
     }
-    const int64_t tail = head + nvec * W + threadIdx.x;
-    if (threadIdx.x < head) out[base + threadIdx.x] = op(p, g[base + threadIdx.x], x[base + threadIdx.x], acc.sum);
-    if (threadIdx.x < W && tail < cols) out[base + tail] = op(p, g[base + tail], x[base + tail], acc.sum);
+    span.ends(cols, threadIdx.x, [&](int64_t i) { out[i] = op(p, g[i], x[i], acc.sum); });
     acc = block_reduce(acc, partial);
     if (threadIdx.x == 0) sums[row] = acc.sum;
   }
@@ -256,10 +260,14 @@ struct CudaExec {
   template <int W, class Op, class Out, class... In>
   ffi::Error launch(const Op& op, int64_t rows, int64_t cols, Out* out, const In*... in) const {
     const int64_t nvec = cols / W;  // the most whole vectors any row holds
-    const int64_t chunks = std::max<int64_t>(1, (nvec + kThreads * kUnroll - 1) / (kThreads * kUnroll));
+    const int per_thread = vectors_per_thread(rows * nvec, kUnroll);
+    const int64_t chunk = int64_t{kThreads} * per_thread;
+    const int64_t chunks = std::max<int64_t>(1, (nvec + chunk - 1) / chunk);
     const int64_t tiles = rows * chunks;
     const int grid = static_cast<int>(std::min<int64_t>(tiles, int64_t{1} << 20));
-    row_map_kernel<W><<<grid, kThreads, 0, stream>>>(op, cols, chunks, tiles, out, in...);
+    // One vector a thread gets its own, four times shorter, kernel: small shapes are latency-bound.
+    const auto kernel = per_thread == 1 ? row_map_kernel<W, 1, Op, Out, In...> : row_map_kernel<W, kUnroll, Op, Out, In...>;
+    kernel<<<grid, kThreads, 0, stream>>>(op, cols, chunks, tiles, per_thread, out, in...);
     return launch_error();
   }
 
@@ -277,10 +285,12 @@ struct CudaExec {
   template <int W, class Op, class Out, class T, class M>
   ffi::Error launch_dynamic(const Op& op, int64_t rows, int64_t cols, Out* out, const T* x, M* scale,
                             int32_t* zp) const {
-    // Eight vectors a thread: fewer threads per row leave room for more rows per SM, whose
+    // Up to eight vectors a thread: fewer threads per row leave room for more rows per SM, whose
     // loads overlap the others' reductions; rows past kMaxThreads * kCache vectors stream.
+    const int64_t nvec = cols / W;
+    const int threads = row_threads(nvec, vectors_per_thread(rows * nvec, kCache));
     const int grid = static_cast<int>(std::min<int64_t>(rows, int64_t{1} << 20));
-    dynamic_row_kernel<W><<<grid, row_threads(cols / W, kCache), 0, stream>>>(op, rows, cols, out, x, scale, zp);
+    dynamic_row_kernel<W><<<grid, threads, 0, stream>>>(op, rows, cols, out, x, scale, zp);
     return launch_error();
   }
 
@@ -300,12 +310,28 @@ struct CudaExec {
     if (rows == 0) return ffi::Error::Success();
     constexpr int W = vec_width<T>();
     const int grid = static_cast<int>(std::min<int64_t>(rows, int64_t{1} << 20));
+    const auto threads = [&](int64_t nvec) { return row_threads(nvec, vectors_per_thread(rows * nvec, 4)); };
     if (vector_aligned<W>(out, g, x)) {
-      reduce_row_kernel<W><<<grid, row_threads(cols / W, 4), 0, stream>>>(op, rows, cols, out, sums, g, x);
+      reduce_row_kernel<W><<<grid, threads(cols / W), 0, stream>>>(op, rows, cols, out, sums, g, x);
     } else {
-      reduce_row_kernel<1><<<grid, row_threads(cols, 4), 0, stream>>>(op, rows, cols, out, sums, g, x);
+      reduce_row_kernel<1><<<grid, threads(cols), 0, stream>>>(op, rows, cols, out, sums, g, x);
     }
     return launch_error();
+  }
+
+  // Vectors per thread for a launch over `vectors`: up to `most` (several loads in flight), but
+  // no more than keeps every thread slot of the GPU busy. Small shapes are bound by the latency
+  // of one pass, not by bandwidth, and finish sooner spread over more threads.
+  static int vectors_per_thread(int64_t vectors, int most) {
+    int dev = 0, sms = 0, threads_per_sm = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&threads_per_sm, cudaDevAttrMaxThreadsPerMultiProcessor, dev) != cudaSuccess) {
+      cudaGetLastError();  // not fatal: the launch works with any count
+      return most;
+    }
+    const int64_t slots = int64_t{sms} * threads_per_sm;
+    return static_cast<int>(std::clamp<int64_t>((vectors + slots - 1) / slots, 1, most));
   }
 
   // Threads for a block that owns a row of `nvec` vectors, about `per_thread` vectors each.

@@ -9,7 +9,8 @@ and a GPU, it also times a W8A8 linear layer at LLM sizes against a bf16 one.
 """
 
 import argparse
-import time
+import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -42,23 +43,17 @@ def w8a8_forward(qparams, x):
 
 
 def time_linear(tokens, d_in=4096, d_out=4096, reps=50):
-    """Wall time per call of back-to-back (asynchronous) calls of one W8A8 linear, a bf16 one, and the
-    activation quantization alone, in µs. For small token counts this includes dispatch."""
+    """Device µs per call of one W8A8 linear, a bf16 one, and the activation quantization alone."""
+    sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "benchmarks"))
+    from timing import time_per_call  # the benchmarks' method: kernel durations from a profiler trace
+
     k1, k2 = jax.random.split(jax.random.key(0))
     h = jax.random.normal(k1, (tokens, d_in), jnp.bfloat16)
     w = jax.random.normal(k2, (d_in, d_out), jnp.bfloat16) / 64
     wq, ws = quantize_weights(w.astype(jnp.float32))
-    fns = {"bf16": jax.jit(lambda h: h @ w), "w8a8": jax.jit(lambda h: w8a8_linear(h, wq, ws, 0)),
-           "quantize only": jax.jit(lambda h: bj.quantize_per_token_dynamic(h)[0])}
-    out = {}
-    for name, f in fns.items():
-        jax.block_until_ready(f(h))
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            r = f(h)
-        jax.block_until_ready(r)
-        out[name] = (time.perf_counter() - t0) / reps * 1e6
-    return out
+    fns = {"bf16": lambda h: h @ w, "w8a8": lambda h: w8a8_linear(h, wq, ws, 0),
+           "quantize only": lambda h: bj.quantize_per_token_dynamic(h)[0]}
+    return {name: time_per_call(f, [(h,)], reps) * 1e6 for name, f in fns.items()}
 
 
 def main(argv=None):
