@@ -25,18 +25,23 @@ def copy_ceiling(data):
     return statistics.median(r["gbs_copy"] for r in data["results"] if r["bytes"] >= 1e9)
 
 
-def table(data, min_elements=1 << 27):
-    """The README's markdown table: the shapes of at least `min_elements` elements, where the
-    timing method is far above its noise (smaller rows are in the JSON and the plot)."""
+def table(data):
+    """The README's markdown table: one line per dtype pair and shape, one column per op, each cell
+    our device time, the speed-up over jnp, and our bandwidth as a share of a copy of the same bytes."""
     ceiling = copy_ceiling(data)
-    lines = [f"Copy ceiling of this run: {ceiling:.0f} GB/s (bytes read + written).", "",
-             "| op | dtypes | N × D | ours (µs) | jnp (µs) | ours GB/s | % of copy | vs jnp |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
-    for r in data["results"]:
-        if r["n"] * r["d"] >= min_elements and measured(r):
-            lines.append(f"| {r['op']} | {r['x_dtype']}→{r['q_dtype']} | {r['n']}×{r['d']} | {r['us_ours']:.0f} | "
-                         f"{r['us_jnp']:.0f} | {r['gbs_ours']:.0f} | {100 * r['gbs_ours'] / ceiling:.0f}% | "
-                         f"{r['us_jnp'] / r['us_ours']:.2f}× |")
+    rows = [r for r in data["results"] if measured(r)]
+    ops = list(dict.fromkeys(r["op"] for r in rows))
+    cells = {(r["x_dtype"], r["q_dtype"], r["n"], r["d"], r["op"]): r for r in rows}
+    lines = [f"Copy ceiling of this run: {ceiling:.0f} GB/s (bytes read + written). "
+             "Each cell: our µs · speed-up over jnp · % of the bandwidth of a copy of the same bytes.", "",
+             "| dtypes | N × D | " + " | ".join(ops) + " |", "|---|---|" + "---:|" * len(ops)]
+    for key in dict.fromkeys(k[:4] for k in cells):
+        out = []
+        for op in ops:
+            r = cells.get((*key, op))
+            out.append(f"{r['us_ours']:.1f} · {r['us_jnp'] / r['us_ours']:.2f}× · {100 * r['gbs_ours'] / r['gbs_copy']:.0f}%"
+                       if r else "")
+        lines.append(f"| {key[0]}→{key[1]} | {key[2]}×{key[3]} | " + " | ".join(out) + " |")
     return "\n".join(lines)
 
 
@@ -46,8 +51,10 @@ def main(path):
     print(table(data))
     rows = [r for r in data["results"] if r["x_dtype"] == "bfloat16" and r["q_dtype"] == "int8" and measured(r)]
     ops = list(dict.fromkeys(r["op"] for r in rows))
-    fig, axes = plt.subplots(1, len(ops), figsize=(4.2 * len(ops), 3.8), sharey=True, squeeze=False)
-    for ax, op in zip(axes[0], ops):
+    cols = min(3, len(ops))
+    fig, axes = plt.subplots(-(-len(ops) // cols), cols, figsize=(4.2 * cols, 3.6 * -(-len(ops) // cols)),
+                             sharey=True, squeeze=False)
+    for ax, op in zip(axes.flat, ops):
         rs = sorted((r for r in rows if r["op"] == op), key=lambda r: r["bytes"])
         mb = [r["bytes"] / 2**20 for r in rs]
         for key, label, style in [("gbs_copy", "copy of the same bytes", "k--"), ("gbs_jnp", "jnp reference", "o-"),
@@ -59,7 +66,8 @@ def main(path):
         ax.set_title(f"{op} (bf16 -> int8)")
         ax.set_xlabel("MiB moved per call")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("GB/s (read + write)")
+    for row in axes:
+        row[0].set_ylabel("GB/s (read + write)")
     axes[0][0].legend(loc="upper left", fontsize=8)
     fig.suptitle(f"{data['meta']['device']}, jax {data['meta']['jax']}, {data['meta']['date']}")
     fig.tight_layout()

@@ -265,8 +265,10 @@ struct CudaExec {
     const int64_t chunks = std::max<int64_t>(1, (nvec + chunk - 1) / chunk);
     const int64_t tiles = rows * chunks;
     const int grid = static_cast<int>(std::min<int64_t>(tiles, int64_t{1} << 20));
-    // One vector a thread gets its own, four times shorter, kernel: small shapes are latency-bound.
-    const auto kernel = per_thread == 1 ? row_map_kernel<W, 1, Op, Out, In...> : row_map_kernel<W, kUnroll, Op, Out, In...>;
+    // One vector a thread gets its own kernel, 40 % of the four-vector one's instructions:
+    // small shapes are bound by the length of each thread's instruction stream.
+    const auto kernel =
+        per_thread == 1 ? row_map_kernel<W, 1, Op, Out, In...> : row_map_kernel<W, kUnroll, Op, Out, In...>;
     kernel<<<grid, kThreads, 0, stream>>>(op, cols, chunks, tiles, per_thread, out, in...);
     return launch_error();
   }
