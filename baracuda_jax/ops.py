@@ -6,7 +6,7 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-from baracuda_jax import _checks
+from baracuda_jax import _checks, _range
 from baracuda_jax.primitives import (dequantize_p, fake_quantize_dynamic_p, fake_quantize_grad_p,
                                      fake_quantize_lsq_grad_p, fake_quantize_p, quantize_dynamic_p, quantize_p)
 
@@ -153,7 +153,7 @@ def _fake_quantize_lsq_bwd(qmin, qmax, dtype, grad_scale, res, g):
 _fake_quantize_lsq.defvjp(_fake_quantize_lsq_fwd, _fake_quantize_lsq_bwd, symbolic_zeros=True)
 
 
-def quantize_per_token_dynamic(x, *, dtype=jnp.int8, symmetric=True):
+def quantize_per_token_dynamic(x, *, dtype=jnp.int8, symmetric=True, axis_name=None):
     """(q, scale, zero_point) with each row's scale and zero point taken from its range, in one pass.
 
     Symmetric (int8 only): scale = amax * (1/127), zero_point = 0. Asymmetric: the row's
@@ -161,22 +161,40 @@ def quantize_per_token_dynamic(x, *, dtype=jnp.int8, symmetric=True):
     range; an all-zero row gets scale 1. scale has the math type (float32, or float64 for
     float64 x) and shape x.shape[:-1]; zero_point is int32. An inference op: to train, use
     fake_quantize_per_token_dynamic.
+
+    axis_name: inside shard_map with D split over that mesh axis (or axes), each row's range
+    is its local range combined by pmin/pmax, then each shard is quantized locally: the same
+    bits as on the whole row, with 8 bytes a row crossing devices. (Under plain jit, a D-sharded
+    x is gathered along D instead: benchmarks/d_sharded_dynamic.py compares the two.)
     """
     op = "quantize_per_token_dynamic"
     x = jnp.asarray(x)
     _checks.float_dtype(op, "x", x.dtype)
     dtype, qmin, qmax = _checks.dynamic_grid(op, dtype, symmetric)
+    if axis_name is not None:
+        scale, zp = _split_row_qparams(x, symmetric, qmin, qmax, axis_name)
+        return _quantize(x, scale, () if symmetric else (zp,), qmin, qmax, dtype), scale, zp
     q, scale, zp = quantize_dynamic_p.bind(x, symmetric=symmetric, qmin=qmin, qmax=qmax, dtype=dtype)
     return q, scale, zp
 
 
-def fake_quantize_per_token_dynamic(x, *, dtype=jnp.int8, symmetric=True):
+def _split_row_qparams(x, symmetric, qmin, qmax, axis_name):
+    """Rows split over `axis_name`: their qparams from the pieces' ranges (no gradient flows)."""
+    lo, hi = _range.row_range(jax.lax.stop_gradient(x))
+    return _range.qparams(jax.lax.pmin(lo, axis_name), jax.lax.pmax(hi, axis_name), symmetric, qmin, qmax)
+
+
+def fake_quantize_per_token_dynamic(x, *, dtype=jnp.int8, symmetric=True, axis_name=None):
     """dequantize(quantize_per_token_dynamic(x)) in x's dtype, in one fused pass, with a
-    straight-through gradient (g where the value was not clipped; the scale gets none)."""
+    straight-through gradient (g where the value was not clipped; the scale gets none).
+    axis_name: as for quantize_per_token_dynamic."""
     op = "fake_quantize_per_token_dynamic"
     x = jnp.asarray(x)
     _checks.float_dtype(op, "x", x.dtype)
     dtype, qmin, qmax = _checks.dynamic_grid(op, dtype, symmetric)
+    if axis_name is not None:
+        scale, zp = _split_row_qparams(x, symmetric, qmin, qmax, axis_name)
+        return _fake_quantize(x, scale, () if symmetric else (zp,), qmin, qmax, dtype)
     return _fake_quantize_dynamic(x, symmetric, qmin, qmax, dtype)
 
 

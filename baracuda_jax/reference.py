@@ -11,7 +11,7 @@ kernels bit for bit.
 import numpy as np
 import jax.numpy as jnp
 
-from baracuda_jax import _checks
+from baracuda_jax import _checks, _range
 from baracuda_jax.ops import _row_operands
 
 
@@ -74,21 +74,7 @@ def fake_quantize_per_token_grad(g, x, scale, zero_point=None, *, qmin=None, qma
 
 def _dynamic_qparams(x, symmetric, qmin, qmax):
     """Each row's (scale, zero_point) from its range: see csrc/numerics.h."""
-    m = _checks.math_dtype(x.dtype)
-    xm = x.astype(m)
-    xm = jnp.where(jnp.isnan(xm), jnp.zeros((), m), xm)  # NaN ignored; 0 is in the range anyway
-    lo, hi = jnp.min(xm, axis=-1, initial=0), jnp.max(xm, axis=-1, initial=0)
-    one = np.ones((), m)
-    if symmetric:
-        s = jnp.maximum(-lo, hi) * (one / m.type(qmax))
-    else:
-        s = (hi - lo) * (one / m.type(qmax - qmin))
-    s = jnp.where(s == 0, one, s)
-    if symmetric:
-        return s, jnp.zeros(s.shape, jnp.int32)
-    z = qmin - jnp.round(lo * (one / s))
-    z = jnp.where(jnp.isnan(z), qmin, z)
-    return s, jnp.where(z < qmin, qmin, jnp.where(z > qmax, qmax, z)).astype(jnp.int32)
+    return _range.qparams(*_range.row_range(x), symmetric, qmin, qmax)
 
 
 def quantize_per_token_dynamic(x, *, dtype=jnp.int8, symmetric=True):

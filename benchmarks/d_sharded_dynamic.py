@@ -1,5 +1,6 @@
 """Dynamic quantization of x sharded along D: the all-gather that the partitioning rule makes XLA
-insert, against local row ranges combined with pmin/pmax and a static quantize of each shard.
+insert under plain jit, against `axis_name=` inside shard_map (local row ranges combined with
+pmin/pmax, then a static quantize of each shard).
 
     python benchmarks/d_sharded_dynamic.py [--devices 4] [--shape 1024 8192]
 
@@ -25,23 +26,13 @@ def main(argv=None):
     jax.config.update("jax_num_cpu_devices", args.devices)
 
     import baracuda_jax as bj
-    from baracuda_jax.reference import _dynamic_qparams
 
     mesh = jax.make_mesh((len(jax.devices()),), ("d",))
     spec = P(None, "d")
-
-    def local_range(x):
-        m = jnp.float32
-        xm = jnp.where(jnp.isnan(x), 0, x).astype(m)
-        lo = jax.lax.pmin(jnp.min(xm, axis=-1, initial=0), "d")
-        hi = jax.lax.pmax(jnp.max(xm, axis=-1, initial=0), "d")
-        # the rows' ranges as two-element rows: the contract's qparams of [lo, hi] are those of x
-        s, _ = _dynamic_qparams(jnp.stack([lo, hi], axis=-1), True, -128, 127)
-        return bj.quantize_per_token(x, s), s
-
     ways = {
-        "gather (the rule)": lambda x: bj.quantize_per_token_dynamic(x)[:2],
-        "local range + pmax": jax.shard_map(local_range, mesh=mesh, in_specs=spec, out_specs=(spec, P())),
+        "gather (plain jit)": lambda x: bj.quantize_per_token_dynamic(x)[:2],
+        "axis_name='d'": jax.shard_map(lambda x: bj.quantize_per_token_dynamic(x, axis_name="d")[:2], mesh=mesh,
+                                       in_specs=spec, out_specs=(spec, P())),
     }
     x = jax.device_put(jax.random.normal(jax.random.key(0), args.shape, jnp.bfloat16), NamedSharding(mesh, spec))
     outs = [jax.jit(f)(x) for f in ways.values()]

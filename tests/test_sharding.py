@@ -89,3 +89,26 @@ def test_inside_shard_map():
     grad = jax.jit(jax.shard_map(jax.grad(lambda x: bj.fake_quantize_per_token_dynamic(x).astype(jnp.float32).sum()),
                                  mesh=mesh, in_specs=P("a"), out_specs=P("a")))
     assert_same_bits(grad(x), jax.grad(lambda x: bj.fake_quantize_per_token_dynamic(x).astype(jnp.float32).sum())(x))
+
+
+@pytest.mark.parametrize("q_dtype,symmetric", [(jnp.int8, True), (jnp.int8, False), (jnp.uint8, False)])
+@pytest.mark.parametrize("x_dtype", [jnp.bfloat16, jnp.float32], ids=lambda d: jnp.dtype(d).name)
+def test_dynamic_with_axis_name_over_a_split_d(x_dtype, q_dtype, symmetric):
+    """D split four ways inside shard_map: local ranges + pmin/pmax give the whole row's bits, no gather."""
+    from test_dynamic import dynamic_input
+    mesh = jax.make_mesh((4,), ("d",), devices=CPUS[:4], axis_types=(jax.sharding.AxisType.Auto,))
+    x = dynamic_input(cases.rng(), (9, 4 * 1001), x_dtype, subnormals=False)  # shards of 1001: odd
+    kw = dict(dtype=q_dtype, symmetric=symmetric)
+    split = jax.jit(jax.shard_map(lambda x: bj.quantize_per_token_dynamic(x, axis_name="d", **kw), mesh=mesh,
+                                  in_specs=P(None, "d"), out_specs=(P(None, "d"), P(), P())))
+    for got, want in zip(split(x), bj.quantize_per_token_dynamic(x, **kw)):
+        assert_same_bits(got, want)
+    assert "all-gather" not in split.lower(x).compile().as_text()
+
+    loss = lambda f: lambda x: f(x).astype(jnp.float32).sum()
+    grad = jax.jit(jax.shard_map(jax.grad(loss(lambda x: bj.fake_quantize_per_token_dynamic(x, axis_name="d", **kw))),
+                                 mesh=mesh, in_specs=P(None, "d"), out_specs=P(None, "d")))
+    assert_same_bits(grad(x), jax.grad(loss(lambda x: bj.fake_quantize_per_token_dynamic(x, **kw)))(x))
+    y = jax.jit(jax.shard_map(lambda x: bj.fake_quantize_per_token_dynamic(x, axis_name="d", **kw), mesh=mesh,
+                              in_specs=P(None, "d"), out_specs=P(None, "d")))(x)
+    assert_same_bits(y, bj.fake_quantize_per_token_dynamic(x, **kw))
