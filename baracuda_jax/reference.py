@@ -8,7 +8,6 @@ approximate `div.full` unless XLA_FLAGS has
 kernels bit for bit.
 """
 
-import numpy as np
 import jax.numpy as jnp
 
 from baracuda_jax import _checks, _range

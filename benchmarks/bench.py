@@ -42,10 +42,10 @@ def _inputs(key, n, d, x_dtype, q_dtype):
 
 def _grad_kernel(prim):
     """The backward primitive itself: jax.grad would add the forward pass."""
-    def bind(g, x, s, q_dtype):
+    def make(q_dtype):
         info = np.iinfo(q_dtype)
-        return prim.bind(g, x, s, qmin=int(info.min), qmax=int(info.max), dtype=np.dtype(q_dtype))
-    return lambda qd: lambda g, x, s: bind(g, x, s, qd)
+        return lambda g, x, s: prim.bind(g, x, s, qmin=int(info.min), qmax=int(info.max), dtype=np.dtype(q_dtype))
+    return make
 
 
 # name -> (operands, ours, jnp reference, bytes moved per element besides the per-row values)
