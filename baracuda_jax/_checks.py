@@ -6,8 +6,10 @@ Every error names the op, the argument, what it got and what was expected.
 import numpy as np
 import jax.numpy as jnp
 
+from baracuda_jax._formats import FORMATS, Format
+
 FLOAT_DTYPES = tuple(np.dtype(t) for t in (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64))
-INT_DTYPES = (np.dtype(np.int8), np.dtype(np.uint8))
+FORMAT_DTYPES = tuple(FORMATS)
 
 
 def math_dtype(dtype) -> np.dtype:
@@ -19,54 +21,91 @@ def _names(dtypes):
     return ", ".join(d.name for d in dtypes)
 
 
-def _as_dtype(op, name, dtype):
+def _as_dtype(op, name, dtype, expected):
     try:
+        if dtype is None:
+            raise TypeError
         return np.dtype(dtype)
     except TypeError:
-        raise TypeError(f"{op}: {name} must be a dtype, got {dtype!r}") from None
+        raise TypeError(f"{op}: {name} must be a dtype, one of {_names(expected)}; got {dtype!r}") from None
 
 
 def float_dtype(op: str, name: str, dtype) -> np.dtype:
-    dtype = _as_dtype(op, name, dtype)
+    dtype = _as_dtype(op, name, dtype, FLOAT_DTYPES)
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: {name} has dtype {dtype.name}; expected one of {_names(FLOAT_DTYPES)}")
     return dtype
 
 
-def int_dtype(op: str, name: str, dtype) -> np.dtype:
-    dtype = _as_dtype(op, name, dtype)
-    if dtype not in INT_DTYPES:
-        raise TypeError(f"{op}: {name} has dtype {dtype.name}; expected one of {_names(INT_DTYPES)}")
-    return dtype
+def format_of(op: str, name: str, dtype) -> Format:
+    """The output format of a quantized dtype (an int8/uint8 or float8 one)."""
+    dtype = _as_dtype(op, name, dtype, FORMAT_DTYPES)
+    if dtype not in FORMATS:
+        raise TypeError(f"{op}: {name} has dtype {dtype.name}; expected one of {_names(FORMAT_DTYPES)}")
+    return FORMATS[dtype]
 
 
-def int_grid(op: str, dtype, qmin, qmax) -> tuple[np.dtype, int, int]:
-    """Resolves the integer grid: the dtype and qmin/qmax, defaulting to the dtype's full range."""
-    dtype = _as_dtype(op, "dtype", dtype)
-    if dtype not in INT_DTYPES:
-        raise TypeError(f"{op}: dtype is {dtype.name}; expected one of {_names(INT_DTYPES)}")
-    info = np.iinfo(dtype)
-    qmin = info.min if qmin is None else qmin
-    qmax = info.max if qmax is None else qmax
+def flag(op: str, name: str, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+def grid(op: str, dtype, qmin, qmax, zero_point=None) -> tuple[Format, int, int]:
+    """Resolves the output grid: the format and qmin/qmax.
+
+    Integer formats: qmin/qmax default to the dtype's full range. Float8 formats have the fixed
+    grid [-fmax, fmax] and no zero point: passing qmin, qmax or a zero_point is an error.
+    """
+    fmt = format_of(op, "dtype", dtype)
+    if fmt.is_float:
+        for name, v in (("qmin", qmin), ("qmax", qmax), ("zero_point", zero_point)):
+            if v is not None:
+                raise ValueError(f"{op}: {fmt.name} takes no {name}: its grid is fixed, [{fmt.lowest}, {fmt.max}], "
+                                 f"and symmetric")
+        return fmt, fmt.lowest, fmt.max
+    qmin = fmt.lowest if qmin is None else qmin
+    qmax = fmt.max if qmax is None else qmax
     for name, v in (("qmin", qmin), ("qmax", qmax)):
         if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
             raise TypeError(f"{op}: {name} must be a Python int, got {type(v).__name__} {v!r}")
-        if not info.min <= v <= info.max:
-            raise ValueError(f"{op}: {name}={v} lies outside the {dtype.name} range [{info.min}, {info.max}]")
+        if not fmt.lowest <= v <= fmt.max:
+            raise ValueError(f"{op}: {name}={v} lies outside the {fmt.name} range [{fmt.lowest}, {fmt.max}]")
     if qmin > qmax:
         raise ValueError(f"{op}: qmin={qmin} is greater than qmax={qmax}")
-    return dtype, int(qmin), int(qmax)
+    return fmt, int(qmin), int(qmax)
 
 
-def dynamic_grid(op: str, dtype, symmetric: bool, qmin=None, qmax=None) -> tuple[np.dtype, int, int]:
-    """The dynamic ops' grid: the dtype's full range. Symmetric quantization needs a signed grid."""
-    dtype, qmin, qmax = int_grid(op, dtype, qmin, qmax)
-    if not isinstance(symmetric, bool):
-        raise TypeError(f"{op}: symmetric must be a bool, got {symmetric!r}")
-    if symmetric and dtype != np.int8:
-        raise ValueError(f"{op}: symmetric=True needs dtype int8 (scale = amax / 127 has no uint8 "
-                         f"counterpart without a zero point); use symmetric=False for {dtype.name}")
-    return dtype, qmin, qmax
+def resolved_grid(op: str, dtype, qmin, qmax, zero_point=None) -> Format:
+    """A primitive's grid params, already resolved by `grid` (float8: exactly its fixed grid)."""
+    fmt = format_of(op, "dtype", dtype)
+    if not fmt.is_float:
+        return grid(op, dtype, qmin, qmax, zero_point)[0]
+    if (qmin, qmax) != (fmt.lowest, fmt.max) or zero_point is not None:
+        raise ValueError(f"{op}: {fmt.name} has the fixed grid [{fmt.lowest}, {fmt.max}] and no zero point; "
+                         f"got qmin={qmin}, qmax={qmax}{', a zero_point' if zero_point is not None else ''}")
+    return fmt
+
+
+def dynamic_grid(op: str, dtype, symmetric, scale_ub=None) -> tuple[Format, int, int, float]:
+    """The dynamic ops' grid: the format's full range. Symmetric quantization needs a signed
+    format; float8 is symmetric only. scale_ub (symmetric only) bounds each row's amax."""
+    fmt, qmin, qmax = grid(op, dtype, None, None)
+    symmetric = flag(op, "symmetric", symmetric)
+    if symmetric and fmt.lowest >= 0:
+        raise ValueError(f"{op}: symmetric=True needs a signed dtype (scale = amax / qmax has no {fmt.name} "
+                         f"counterpart without a zero point); use symmetric=False for {fmt.name}")
+    if not symmetric and fmt.is_float:
+        raise ValueError(f"{op}: {fmt.name} takes no zero point: use symmetric=True")
+    if scale_ub is None:
+        return fmt, qmin, qmax, float("inf")
+    if not symmetric:
+        raise ValueError(f"{op}: scale_ub bounds the amax of symmetric quantization; "
+                         f"it does not apply with symmetric=False")
+    if (not isinstance(scale_ub, (int, float, np.floating, np.integer)) or isinstance(scale_ub, bool)
+            or not np.isfinite(scale_ub) or scale_ub <= 0):
+        raise ValueError(f"{op}: scale_ub must be a positive finite Python float, got {scale_ub!r}")
+    return fmt, qmin, qmax, float(scale_ub)
 
 
 def row_operands(op: str, data_name: str, data, scale, zero_point, scale_dtype=None) -> None:

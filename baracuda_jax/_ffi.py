@@ -10,7 +10,7 @@ except ImportError:
     _cuda = None
 
 HAS_CUDA_KERNELS = _cuda is not None
-TARGETS = tuple(_cpu.registrations())  # the same names on every platform
+TARGETS = frozenset(_cpu.registrations())  # csrc/ops.def: the same names on every platform
 
 for _name, _target in _cpu.registrations().items():
     jax.ffi.register_ffi_target(_name, _target, platform="cpu")
@@ -18,3 +18,15 @@ for _name, _target in _cpu.registrations().items():
 if _cuda is not None:
     for _name, _target in _cuda.registrations().items():
         jax.ffi.register_ffi_target(_name, _target, platform="CUDA")
+
+
+def check_targets(declared: set) -> None:
+    """The primitives' targets and the compiled op table must name the same ops."""
+    tables = {"the CPU module": TARGETS}
+    if _cuda is not None:
+        tables["the CUDA module"] = frozenset(_cuda.registrations())
+    for module, registered in tables.items():
+        if declared != registered:
+            raise ImportError(f"baracuda_jax: the primitives and {module} disagree: declared but not registered "
+                              f"{sorted(declared - registered)}, registered but not declared "
+                              f"{sorted(registered - declared)}; rebuild the package")

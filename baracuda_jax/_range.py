@@ -18,12 +18,13 @@ def row_range(x):
     return jnp.min(xm, axis=-1, initial=0), jnp.max(xm, axis=-1, initial=0)
 
 
-def qparams(lo, hi, symmetric, qmin, qmax):
-    """(scale, zero_point) of rows whose range is [lo, hi]."""
+def qparams(lo, hi, symmetric, qmin, qmax, scale_ub=float("inf")):
+    """(scale, zero_point) of rows whose range is [lo, hi]; qmax is fmax for a float8 format, and
+    scale_ub bounds a symmetric row's amax."""
     m = lo.dtype
     one = np.ones((), m)
     if symmetric:
-        s = jnp.maximum(-lo, hi) * (one / m.type(qmax))
+        s = jnp.minimum(jnp.maximum(-lo, hi), m.type(scale_ub)) * (one / m.type(qmax))
     else:
         s = (hi - lo) * (one / m.type(qmax - qmin))
     s = jnp.where(s == 0, one, s)

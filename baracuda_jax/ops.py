@@ -30,15 +30,17 @@ def quantize_per_token(x, scale, zero_point=None, *, qmin=None, qmax=None, dtype
 
     x: [..., D] float16/bfloat16/float32/float64. scale: x.shape[:-1] (or with a
     trailing 1), any float dtype. zero_point: int32 of the same shape, or None.
-    dtype: int8 or uint8; qmin/qmax default to its full range. The result is
-    integer, so its gradient is zero: use fake_quantize_per_token to train.
+    dtype: int8 or uint8, qmin/qmax defaulting to its full range; or float8_e4m3fn /
+    float8_e5m2: q = saturate(x * (1/scale)) to [-fmax, fmax], rounded to nearest even
+    (no zero point, no qmin/qmax; NaN stays NaN). The result is quantized, so its
+    gradient is zero: use fake_quantize_per_token to train.
     """
     op = "quantize_per_token"
     x = jnp.asarray(x)
     _checks.float_dtype(op, "x", x.dtype)
-    dtype, qmin, qmax = _checks.int_grid(op, dtype, qmin, qmax)
+    fmt, qmin, qmax = _checks.grid(op, dtype, qmin, qmax, zero_point)
     scale, zp = _row_operands(op, "x", x, scale, zero_point, _checks.math_dtype(x.dtype))
-    return _quantize(x, scale, zp, qmin, qmax, dtype)
+    return _quantize(x, scale, zp, qmin, qmax, fmt.dtype)
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5))
@@ -55,12 +57,16 @@ def _quantize_jvp(qmin, qmax, dtype, primals, tangents):
 def dequantize_per_token(q, scale, zero_point=None, *, dtype=None):
     """y = (q - zero_point) * scale, computed in the math type of `dtype`, then rounded to it.
 
-    q: [..., D] int8/uint8. dtype defaults to scale's dtype. Differentiable in scale.
+    q: [..., D] int8/uint8, or float8_e4m3fn/float8_e5m2 (no zero point). dtype defaults to
+    scale's dtype. Differentiable in scale.
     """
     op = "dequantize_per_token"
     q = jnp.asarray(q)
-    _checks.int_dtype(op, "q", q.dtype)
+    fmt = _checks.format_of(op, "q", q.dtype)
+    if fmt.is_float and zero_point is not None:
+        raise ValueError(f"{op}: {fmt.name} takes no zero_point")
     scale = jnp.asarray(scale)
+    _checks.float_dtype(op, "scale", scale.dtype)
     dtype = _checks.float_dtype(op, "dtype", scale.dtype if dtype is None else dtype)
     scale, zp = _row_operands(op, "q", q, scale, zero_point, _checks.math_dtype(dtype))
     return _dequantize(q, scale, zp, dtype)
@@ -90,22 +96,24 @@ def fake_quantize_per_token(x, scale, zero_point=None, *, qmin=None, qmax=None, 
     """dequantize(quantize(x)) in x's dtype, in one fused kernel, with a straight-through gradient.
 
     The gradient passes g where qmin <= round_half_even(x/scale) + zero_point <= qmax
-    and is 0 elsewhere (NaN x included); zero_point gets none. scale gets none either,
-    unless learnable_scale=True: then it gets the LSQ gradient (Esser et al. 2019),
-    sum over the row of g * (qmin - zp | qmax - zp | round(v) - v) for v = x/scale below,
-    above or inside the grid, times grad_scale if given (LSQ uses 1/sqrt(D * qmax)).
-    It is computed in the same pass as dx, and only when scale is being differentiated.
+    (float8: where x/scale rounds to a finite value without saturating, |v| <= 464 for
+    e4m3fn, < 61440 for e5m2) and is 0 elsewhere (NaN x included); zero_point gets none.
+    scale gets none either, unless learnable_scale=True: then it gets the LSQ gradient
+    (Esser et al. 2019), sum over the row of g * (q - zp - v inside the grid, q - zp
+    outside), v = x/scale and q its quantized value, times grad_scale if given (LSQ uses
+    1/sqrt(D * qmax)). It is computed in the same pass as dx, and only when scale is
+    being differentiated.
     """
     op = "fake_quantize_per_token"
     x = jnp.asarray(x)
     _checks.float_dtype(op, "x", x.dtype)
-    dtype, qmin, qmax = _checks.int_grid(op, dtype, qmin, qmax)
+    fmt, qmin, qmax = _checks.grid(op, dtype, qmin, qmax, zero_point)
     scale, zp = _row_operands(op, "x", x, scale, zero_point, _checks.math_dtype(x.dtype))
-    if learnable_scale:
-        return _fake_quantize_lsq(x, scale, zp, qmin, qmax, dtype, grad_scale)
+    if _checks.flag(op, "learnable_scale", learnable_scale):
+        return _fake_quantize_lsq(x, scale, zp, qmin, qmax, fmt.dtype, grad_scale)
     if grad_scale is not None:
         raise ValueError(f"{op}: grad_scale applies to the learned scale; pass learnable_scale=True")
-    return _fake_quantize(x, scale, zp, qmin, qmax, dtype)
+    return _fake_quantize(x, scale, zp, qmin, qmax, fmt.dtype)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -153,14 +161,15 @@ def _fake_quantize_lsq_bwd(qmin, qmax, dtype, grad_scale, res, g):
 _fake_quantize_lsq.defvjp(_fake_quantize_lsq_fwd, _fake_quantize_lsq_bwd, symbolic_zeros=True)
 
 
-def quantize_per_token_dynamic(x, *, dtype=jnp.int8, symmetric=True, axis_name=None):
+def quantize_per_token_dynamic(x, *, dtype=jnp.int8, symmetric=True, scale_ub=None, axis_name=None):
     """(q, scale, zero_point) with each row's scale and zero point taken from its range, in one pass.
 
-    Symmetric (int8 only): scale = amax * (1/127), zero_point = 0. Asymmetric: the row's
-    [min, max] widened to include 0 maps onto the dtype's full range. NaN is ignored by the
-    range; an all-zero row gets scale 1. scale has the math type (float32, or float64 for
-    float64 x) and shape x.shape[:-1]; zero_point is int32. An inference op: to train, use
-    fake_quantize_per_token_dynamic.
+    Symmetric (int8, float8_e4m3fn, float8_e5m2): scale = amax * (1/qmax), qmax = 127 or
+    fmax, zero_point = 0; scale_ub, a positive float, bounds amax first (vLLM's scale_ub).
+    Asymmetric (int8, uint8): the row's [min, max] widened to include 0 maps onto the
+    dtype's full range. NaN is ignored by the range; an all-zero row gets scale 1. scale has
+    the math type (float32, or float64 for float64 x) and shape x.shape[:-1]; zero_point is
+    int32. An inference op: to train, use fake_quantize_per_token_dynamic.
 
     axis_name: inside shard_map with D split over that mesh axis (or axes), each row's range
     is its local range combined by pmin/pmax, then each shard is quantized locally: the same
@@ -170,45 +179,52 @@ def quantize_per_token_dynamic(x, *, dtype=jnp.int8, symmetric=True, axis_name=N
     op = "quantize_per_token_dynamic"
     x = jnp.asarray(x)
     _checks.float_dtype(op, "x", x.dtype)
-    dtype, qmin, qmax = _checks.dynamic_grid(op, dtype, symmetric)
+    fmt, qmin, qmax, scale_ub = _checks.dynamic_grid(op, dtype, symmetric, scale_ub)
     if axis_name is not None:
-        scale, zp = _split_row_qparams(x, symmetric, qmin, qmax, axis_name)
-        return _quantize(x, scale, () if symmetric else (zp,), qmin, qmax, dtype), scale, zp
-    q, scale, zp = quantize_dynamic_p.bind(x, symmetric=symmetric, qmin=qmin, qmax=qmax, dtype=dtype)
+        scale, zp = _split_row_qparams(op, x, symmetric, qmin, qmax, scale_ub, axis_name)
+        return _quantize(x, scale, () if symmetric else (zp,), qmin, qmax, fmt.dtype), scale, zp
+    q, scale, zp = quantize_dynamic_p.bind(x, symmetric=symmetric, qmin=qmin, qmax=qmax, dtype=fmt.dtype,
+                                           scale_ub=scale_ub)
     return q, scale, zp
 
 
-def _split_row_qparams(x, symmetric, qmin, qmax, axis_name):
+def _split_row_qparams(op, x, symmetric, qmin, qmax, scale_ub, axis_name):
     """Rows split over `axis_name`: their qparams from the pieces' ranges (no gradient flows)."""
     lo, hi = _range.row_range(jax.lax.stop_gradient(x))
-    return _range.qparams(jax.lax.pmin(lo, axis_name), jax.lax.pmax(hi, axis_name), symmetric, qmin, qmax)
+    try:
+        lo, hi = jax.lax.pmin(lo, axis_name), jax.lax.pmax(hi, axis_name)
+    except NameError as e:
+        raise NameError(f"{op}: axis_name={axis_name!r} must name a mesh axis of an enclosing shard_map (the axis "
+                        f"that splits D); outside shard_map, leave it None ({e})") from None
+    return _range.qparams(lo, hi, symmetric, qmin, qmax, scale_ub)
 
 
-def fake_quantize_per_token_dynamic(x, *, dtype=jnp.int8, symmetric=True, axis_name=None):
+def fake_quantize_per_token_dynamic(x, *, dtype=jnp.int8, symmetric=True, scale_ub=None, axis_name=None):
     """dequantize(quantize_per_token_dynamic(x)) in x's dtype, in one fused pass, with a
     straight-through gradient (g where the value was not clipped; the scale gets none).
-    axis_name: as for quantize_per_token_dynamic."""
+    scale_ub, axis_name: as for quantize_per_token_dynamic."""
     op = "fake_quantize_per_token_dynamic"
     x = jnp.asarray(x)
     _checks.float_dtype(op, "x", x.dtype)
-    dtype, qmin, qmax = _checks.dynamic_grid(op, dtype, symmetric)
+    fmt, qmin, qmax, scale_ub = _checks.dynamic_grid(op, dtype, symmetric, scale_ub)
     if axis_name is not None:
-        scale, zp = _split_row_qparams(x, symmetric, qmin, qmax, axis_name)
-        return _fake_quantize(x, scale, () if symmetric else (zp,), qmin, qmax, dtype)
-    return _fake_quantize_dynamic(x, symmetric, qmin, qmax, dtype)
+        scale, zp = _split_row_qparams(op, x, symmetric, qmin, qmax, scale_ub, axis_name)
+        return _fake_quantize(x, scale, () if symmetric else (zp,), qmin, qmax, fmt.dtype)
+    return _fake_quantize_dynamic(x, symmetric, qmin, qmax, fmt.dtype, scale_ub)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
-def _fake_quantize_dynamic(x, symmetric, qmin, qmax, dtype):
-    return _fake_quantize_dynamic_fwd(x, symmetric, qmin, qmax, dtype)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5))
+def _fake_quantize_dynamic(x, symmetric, qmin, qmax, dtype, scale_ub):
+    return _fake_quantize_dynamic_fwd(x, symmetric, qmin, qmax, dtype, scale_ub)[0]
 
 
-def _fake_quantize_dynamic_fwd(x, symmetric, qmin, qmax, dtype):
-    y, scale, zp = fake_quantize_dynamic_p.bind(x, symmetric=symmetric, qmin=qmin, qmax=qmax, dtype=dtype)
+def _fake_quantize_dynamic_fwd(x, symmetric, qmin, qmax, dtype, scale_ub):
+    y, scale, zp = fake_quantize_dynamic_p.bind(x, symmetric=symmetric, qmin=qmin, qmax=qmax, dtype=dtype,
+                                                scale_ub=scale_ub)
     return y, (x, scale, () if symmetric else (zp,))
 
 
-def _fake_quantize_dynamic_bwd(symmetric, qmin, qmax, dtype, res, g):
+def _fake_quantize_dynamic_bwd(symmetric, qmin, qmax, dtype, scale_ub, res, g):
     return (_fake_quantize_bwd(qmin, qmax, dtype, res, g)[0],)
 
 

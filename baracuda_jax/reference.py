@@ -1,11 +1,15 @@
-"""Pure-jnp twins of the ops: the same signatures, the same bits (see csrc/numerics.h).
+"""Pure-jnp twins of the ops: the same bits (see csrc/numerics.h), written the way XLA computes.
 
-Written the way XLA computes them: a division by a broadcast row value is turned
-into a multiply by its reciprocal by XLA's simplifier anyway, so the contract is
-stated with one reciprocal per row. On GPU, XLA lowers f32 division to an
-approximate `div.full` unless XLA_FLAGS has
-`--xla_backend_extra_options=-nvptx-prec-divf32=2`; with it, these match the
-kernels bit for bit.
+What it covers: every op's forward value, and the backward kernels as plain functions
+(`fake_quantize_per_token_grad`, `fake_quantize_per_token_lsq_grad`). The tests compare the
+kernels with these bit for bit. It is an oracle, not a drop-in: it has no custom derivatives
+(`jax.grad` through it gives zeros wherever it rounds), no `axis_name`, and no
+`learnable_scale`/`grad_scale` (the LSQ gradient is `fake_quantize_per_token_lsq_grad`).
+
+A division by a broadcast row value is turned into a multiply by its reciprocal by XLA's
+simplifier anyway, so the contract is stated with one reciprocal per row. On GPU, XLA lowers f32
+division to an approximate `div.full` unless XLA_FLAGS has
+`--xla_backend_extra_options=-nvptx-prec-divf32=2`; with it, these match the kernels bit for bit.
 """
 
 import jax.numpy as jnp
@@ -18,9 +22,14 @@ def _col(v):
     return v[..., None]  # a per-row value against [..., D]
 
 
-def _shifted(x, scale, zp):
-    """round_half_even(x * (1/scale)) + zp, in scale's (the math) type; no add when symmetric."""
-    r = jnp.round(x.astype(scale.dtype) * _col(1 / scale))
+def _scaled(x, scale):
+    """v = x * (1/scale), in scale's (the math) type."""
+    return x.astype(scale.dtype) * _col(1 / scale)
+
+
+def _shifted(v, zp):
+    """Integer formats: round_half_even(v) + zp; no add when symmetric."""
+    r = jnp.round(v)
     return r + _col(zp[0].astype(r.dtype)) if zp else r
 
 
@@ -28,25 +37,43 @@ def _centered(q, zp):
     return q - _col(zp[0].astype(q.dtype)) if zp else q
 
 
-def _quantize_math(x, scale, zp, qmin, qmax):
-    """The clamped integer value, still in the math type."""
-    t = _shifted(x, scale, zp)
+def _clamp(t, qmin, qmax):
+    return jnp.where(t < qmin, qmin, jnp.where(t > qmax, qmax, t)).astype(t.dtype)  # NaN stays
+
+
+def _saturate(v, fmt, zp, qmin, qmax):
+    """The stored value, in the math type: clamp(round_half_even(v) + zp), NaN -> zp, for an
+    integer format; clamp(v, -fmax, fmax) rounded to the float8 format (NaN stays) for a float8 one."""
+    if fmt.is_float:
+        return _clamp(v, qmin, qmax).astype(fmt.dtype).astype(v.dtype)
+    t = _shifted(v, zp)
     nan_to = jnp.broadcast_to(_col(zp[0].astype(t.dtype)), t.shape) if zp else jnp.zeros((), t.dtype)
-    t = jnp.where(jnp.isnan(t), nan_to, t)
-    return jnp.where(t < qmin, qmin, jnp.where(t > qmax, qmax, t)).astype(t.dtype)
+    return _clamp(jnp.where(jnp.isnan(t), nan_to, t), qmin, qmax)
+
+
+def _passes(v, fmt, zp, qmin, qmax):
+    """The straight-through mask: inside the integer grid after rounding, or (float8) where the
+    plain, non-saturating cast of v is finite."""
+    if fmt.is_float:
+        return jnp.isfinite(v.astype(fmt.dtype))
+    t = _shifted(v, zp)
+    return (t >= qmin) & (t <= qmax)
 
 
 def _prepare(op, x, scale, zero_point, qmin, qmax, dtype):
     x = jnp.asarray(x)
     _checks.float_dtype(op, "x", x.dtype)
-    dtype, qmin, qmax = _checks.int_grid(op, dtype, qmin, qmax)
+    fmt, qmin, qmax = _checks.grid(op, dtype, qmin, qmax, zero_point)
     scale, zp = _row_operands(op, "x", x, scale, zero_point, _checks.math_dtype(x.dtype))
-    return x, scale, zp, qmin, qmax, dtype
+    return x, scale, zp, fmt, qmin, qmax
 
 
 def quantize_per_token(x, scale, zero_point=None, *, qmin=None, qmax=None, dtype=jnp.int8):
-    x, scale, zp, qmin, qmax, dtype = _prepare("quantize_per_token", x, scale, zero_point, qmin, qmax, dtype)
-    return _quantize_math(x, scale, zp, qmin, qmax).astype(dtype)
+    x, scale, zp, fmt, qmin, qmax = _prepare("quantize_per_token", x, scale, zero_point, qmin, qmax, dtype)
+    v = _scaled(x, scale)
+    if fmt.is_float:  # one rounding, from the math type
+        return _clamp(v, qmin, qmax).astype(fmt.dtype)
+    return _saturate(v, fmt, zp, qmin, qmax).astype(fmt.dtype)
 
 
 def dequantize_per_token(q, scale, zero_point=None, *, dtype=None):
@@ -59,45 +86,39 @@ def dequantize_per_token(q, scale, zero_point=None, *, dtype=None):
 
 
 def fake_quantize_per_token(x, scale, zero_point=None, *, qmin=None, qmax=None, dtype=jnp.int8):
-    x, scale, zp, qmin, qmax, _ = _prepare("fake_quantize_per_token", x, scale, zero_point, qmin, qmax, dtype)
-    q = _quantize_math(x, scale, zp, qmin, qmax)
+    x, scale, zp, fmt, qmin, qmax = _prepare("fake_quantize_per_token", x, scale, zero_point, qmin, qmax, dtype)
+    q = _saturate(_scaled(x, scale), fmt, zp, qmin, qmax)
     return (_centered(q, zp) * _col(scale)).astype(x.dtype)
 
 
 def fake_quantize_per_token_grad(g, x, scale, zero_point=None, *, qmin=None, qmax=None, dtype=jnp.int8):
-    """The straight-through estimator: g where qmin <= round_half_even(x/scale) + zp <= qmax, else 0."""
-    x, scale, zp, qmin, qmax, _ = _prepare("fake_quantize_per_token", x, scale, zero_point, qmin, qmax, dtype)
-    t = _shifted(x, scale, zp)
-    return jnp.where((t >= qmin) & (t <= qmax), g, jnp.zeros((), x.dtype))
-
-
-def _dynamic_qparams(x, symmetric, qmin, qmax):
-    """Each row's (scale, zero_point) from its range: see csrc/numerics.h."""
-    return _range.qparams(*_range.row_range(x), symmetric, qmin, qmax)
-
-
-def quantize_per_token_dynamic(x, *, dtype=jnp.int8, symmetric=True):
-    x = jnp.asarray(x)
-    dtype, qmin, qmax = _checks.dynamic_grid("quantize_per_token_dynamic", dtype, symmetric)
-    s, zp = _dynamic_qparams(x, symmetric, qmin, qmax)
-    q = quantize_per_token(x, s, None if symmetric else zp, qmin=qmin, qmax=qmax, dtype=dtype)
-    return q, s, zp
-
-
-def fake_quantize_per_token_dynamic(x, *, dtype=jnp.int8, symmetric=True):
-    x = jnp.asarray(x)
-    dtype, qmin, qmax = _checks.dynamic_grid("fake_quantize_per_token_dynamic", dtype, symmetric)
-    s, zp = _dynamic_qparams(x, symmetric, qmin, qmax)
-    return fake_quantize_per_token(x, s, None if symmetric else zp, qmin=qmin, qmax=qmax, dtype=dtype)
+    """The straight-through estimator: g where the value was not saturated, else 0."""
+    x, scale, zp, fmt, qmin, qmax = _prepare("fake_quantize_per_token", x, scale, zero_point, qmin, qmax, dtype)
+    return jnp.where(_passes(_scaled(x, scale), fmt, zp, qmin, qmax), g, jnp.zeros((), x.dtype))
 
 
 def fake_quantize_per_token_lsq_grad(g, x, scale, zero_point=None, *, qmin=None, qmax=None, dtype=jnp.int8):
     """(dx, ds) of fake_quantize_per_token(..., learnable_scale=True), written out (csrc/numerics.h)."""
     dx = fake_quantize_per_token_grad(g, x, scale, zero_point, qmin=qmin, qmax=qmax, dtype=dtype)
-    x, scale, zp, qmin, qmax, _ = _prepare("fake_quantize_per_token", x, scale, zero_point, qmin, qmax, dtype)
-    v = x.astype(scale.dtype) * _col(1 / scale)
-    r = jnp.round(v)
-    t = r + _col(zp[0].astype(r.dtype)) if zp else r
-    below, above = _centered(jnp.full_like(t, qmin), zp), _centered(jnp.full_like(t, qmax), zp)
-    term = jnp.where(t < qmin, below, jnp.where(t > qmax, above, jnp.where(jnp.isnan(t), 0, r - v)))
+    x, scale, zp, fmt, qmin, qmax = _prepare("fake_quantize_per_token", x, scale, zero_point, qmin, qmax, dtype)
+    v = _scaled(x, scale)
+    q = _centered(_saturate(v, fmt, zp, qmin, qmax), zp)
+    term = jnp.where(_passes(v, fmt, zp, qmin, qmax), q - v, jnp.where(jnp.isnan(q), 0, q))
     return dx, jnp.sum(jnp.asarray(g).astype(scale.dtype) * term, axis=-1)
+
+
+def _dynamic(op, x, dtype, symmetric, scale_ub):
+    x = jnp.asarray(x)
+    fmt, qmin, qmax, scale_ub = _checks.dynamic_grid(op, dtype, symmetric, scale_ub)
+    s, zp = _range.qparams(*_range.row_range(x), symmetric, qmin, qmax, scale_ub)
+    return x, fmt, s, None if symmetric else zp, zp
+
+
+def quantize_per_token_dynamic(x, *, dtype=jnp.int8, symmetric=True, scale_ub=None):
+    x, fmt, s, zp, zp_out = _dynamic("quantize_per_token_dynamic", x, dtype, symmetric, scale_ub)
+    return quantize_per_token(x, s, zp, dtype=fmt.dtype), s, zp_out
+
+
+def fake_quantize_per_token_dynamic(x, *, dtype=jnp.int8, symmetric=True, scale_ub=None):
+    x, fmt, s, zp, _ = _dynamic("fake_quantize_per_token_dynamic", x, dtype, symmetric, scale_ub)
+    return fake_quantize_per_token(x, s, zp, dtype=fmt.dtype)

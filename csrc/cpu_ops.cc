@@ -33,6 +33,8 @@ class IeeeSubnormals {
 };
 
 struct CpuExec {
+  CpuExec(ffi::ThreadPool) {}
+
   template <class Op, class Out, class... In>
   ffi::Error map_rows(const Op& op, int64_t rows, int64_t cols, Out* out, const In*... in) const {
     IeeeSubnormals ieee;
@@ -73,56 +75,22 @@ struct CpuExec {
   }
 };
 
-ffi::Error QuantizeCpu(ffi::AnyBuffer x, ffi::AnyBuffer scale, ffi::RemainingArgs zp,
-                       ffi::Result<ffi::AnyBuffer> q, int32_t qmin, int32_t qmax) {
-  return quantize(CpuExec{}, x, scale, zp, q, qmin, qmax);
-}
-ffi::Error DequantizeCpu(ffi::AnyBuffer q, ffi::AnyBuffer scale, ffi::RemainingArgs zp,
-                         ffi::Result<ffi::AnyBuffer> y) {
-  return dequantize(CpuExec{}, q, scale, zp, y);
-}
-ffi::Error FakeQuantizeCpu(ffi::AnyBuffer x, ffi::AnyBuffer scale, ffi::RemainingArgs zp,
-                           ffi::Result<ffi::AnyBuffer> y, int32_t qmin, int32_t qmax) {
-  return fake_quantize(CpuExec{}, x, scale, zp, y, qmin, qmax);
-}
-ffi::Error FakeQuantizeGradCpu(ffi::AnyBuffer g, ffi::AnyBuffer x, ffi::AnyBuffer scale,
-                               ffi::RemainingArgs zp, ffi::Result<ffi::AnyBuffer> dx, int32_t qmin,
-                               int32_t qmax) {
-  return fake_quantize_grad(CpuExec{}, g, x, scale, zp, dx, qmin, qmax);
-}
-
-ffi::Error FakeQuantizeLsqGradCpu(ffi::AnyBuffer g, ffi::AnyBuffer x, ffi::AnyBuffer scale, ffi::RemainingArgs zp,
-                                  ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> ds, int32_t qmin,
-                                  int32_t qmax) {
-  return fake_quantize_lsq_grad(CpuExec{}, g, x, scale, zp, dx, ds, qmin, qmax);
-}
-ffi::Error QuantizeDynamicCpu(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> q, ffi::Result<ffi::AnyBuffer> scale,
-                              ffi::Result<ffi::AnyBuffer> zp, bool symmetric, int32_t qmin, int32_t qmax) {
-  return quantize_dynamic(CpuExec{}, x, q, scale, zp, symmetric, qmin, qmax);
-}
-ffi::Error FakeQuantizeDynamicCpu(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y,
-                                  ffi::Result<ffi::AnyBuffer> scale, ffi::Result<ffi::AnyBuffer> zp,
-                                  bool symmetric, int32_t qmin, int32_t qmax) {
-  return fake_quantize_dynamic(CpuExec{}, x, y, scale, zp, symmetric, qmin, qmax);
-}
-
 }  // namespace
 }  // namespace baracuda
 
 using namespace baracuda;
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kQuantize, QuantizeCpu, bind_quantize(ffi::Ffi::Bind()));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kDequantize, DequantizeCpu, bind_dequantize(ffi::Ffi::Bind()));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kFakeQuantize, FakeQuantizeCpu, bind_quantize(ffi::Ffi::Bind()));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kFakeQuantizeGrad, FakeQuantizeGradCpu,
-                              bind_fake_quantize_grad(ffi::Ffi::Bind()));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kFakeQuantizeLsqGrad, FakeQuantizeLsqGradCpu, bind_lsq_grad(ffi::Ffi::Bind()));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kQuantizeDynamic, QuantizeDynamicCpu, bind_dynamic(ffi::Ffi::Bind()));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kFakeQuantizeDynamic, FakeQuantizeDynamicCpu, bind_dynamic(ffi::Ffi::Bind()));
+#define BJ_OP(name, body, bind) \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name##_cpu, body<CpuExec>, bind(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()));
+#include "ops.def"
+#undef BJ_OP
 
 NB_MODULE(_cpu, m) {
   m.def("registrations", []() {
-    return registrations(kQuantize, kDequantize, kFakeQuantize, kFakeQuantizeGrad, kFakeQuantizeLsqGrad,
-                         kQuantizeDynamic, kFakeQuantizeDynamic);
+    return registrations({
+#define BJ_OP(name, body, bind) {#name, name##_cpu},
+#include "ops.def"
+#undef BJ_OP
+    });
   });
 }

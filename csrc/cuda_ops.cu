@@ -219,11 +219,11 @@ dynamic_row_kernel(Op op, int64_t rows, int64_t cols, Out* __restrict__ out, con
   }
 }
 
-// (g, x) -> (dx, per-row sum): one block per row, the sum reduced in a fixed order.
-template <int W, class Op, class T, class M>
+// (in...) -> (out, per-row sum): one block per row, the sum reduced in a fixed order.
+template <int W, class Op, class Out, class M, class... In>
 __global__ void __launch_bounds__(kMaxThreads)
-reduce_row_kernel(Op op, int64_t rows, int64_t cols, T* __restrict__ out, M* __restrict__ sums,
-                  const T* __restrict__ g, const T* __restrict__ x) {
+reduce_row_kernel(Op op, int64_t rows, int64_t cols, Out* __restrict__ out, M* __restrict__ sums,
+                  const In* __restrict__... in) {
   __shared__ RowSum<M> partial[kMaxThreads / 32];
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const auto p = op.row(row);
@@ -231,14 +231,14 @@ reduce_row_kernel(Op op, int64_t rows, int64_t cols, T* __restrict__ out, M* __r
     const int64_t nvec = span.nvec, body = span.body;
     RowSum<M> acc;
     for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
-      const auto gv = load_vec<W>(g + body + v * W);
-      const auto xv = load_vec<W>(x + body + v * W);
-      Vec<T, W> r;
+      const auto loaded = cuda::std::make_tuple(load_vec<W>(in + body + v * W)...);
+      Vec<Out, W> r;
 #pragma unroll
-      for (int k = 0; k < W; ++k) r.v[k] = op(p, gv.v[k], xv.v[k], acc.sum);
+      for (int k = 0; k < W; ++k)
+        r.v[k] = cuda::std::apply([&](const auto&... x) { return op(p, x.v[k]..., acc.sum); }, loaded);
       store_vec<W>(out + body + v * W, r);
     }
-    span.ends(cols, threadIdx.x, [&](int64_t i) { out[i] = op(p, g[i], x[i], acc.sum); });
+    span.ends(cols, threadIdx.x, [&](int64_t i) { out[i] = op(p, in[i]..., acc.sum); });
     acc = block_reduce(acc, partial);
     if (threadIdx.x == 0) sums[row] = acc.sum;
   }
@@ -256,6 +256,7 @@ std::atomic<int64_t> handler_calls{0};
 
 struct CudaExec {
   cudaStream_t stream;
+  CudaExec(cudaStream_t s) : stream(s) {}
 
   template <int W, class Op, class Out, class... In>
   ffi::Error launch(const Op& op, int64_t rows, int64_t cols, Out* out, const In*... in) const {
@@ -306,17 +307,17 @@ struct CudaExec {
     return launch_dynamic<1>(op, rows, cols, out, x, scale, zp);
   }
 
-  template <class Op, class T, class M>
-  ffi::Error reduce_rows(const Op& op, int64_t rows, int64_t cols, T* out, M* sums, const T* g, const T* x) const {
+  template <class Op, class Out, class M, class... In>
+  ffi::Error reduce_rows(const Op& op, int64_t rows, int64_t cols, Out* out, M* sums, const In*... in) const {
     handler_calls.fetch_add(1, std::memory_order_relaxed);
     if (rows == 0) return ffi::Error::Success();
-    constexpr int W = vec_width<T>();
+    constexpr int W = vec_width<Out, In...>();
     const int grid = static_cast<int>(std::min<int64_t>(rows, int64_t{1} << 20));
     const auto threads = [&](int64_t nvec) { return row_threads(nvec, vectors_per_thread(rows * nvec, 4)); };
-    if (vector_aligned<W>(out, g, x)) {
-      reduce_row_kernel<W><<<grid, threads(cols / W), 0, stream>>>(op, rows, cols, out, sums, g, x);
+    if (vector_aligned<W>(out, in...)) {
+      reduce_row_kernel<W><<<grid, threads(cols / W), 0, stream>>>(op, rows, cols, out, sums, in...);
     } else {
-      reduce_row_kernel<1><<<grid, threads(cols), 0, stream>>>(op, rows, cols, out, sums, g, x);
+      reduce_row_kernel<1><<<grid, threads(cols), 0, stream>>>(op, rows, cols, out, sums, in...);
     }
     return launch_error();
   }
@@ -349,40 +350,6 @@ struct CudaExec {
   }
 };
 
-ffi::Error QuantizeCuda(cudaStream_t s, ffi::AnyBuffer x, ffi::AnyBuffer scale, ffi::RemainingArgs zp,
-                        ffi::Result<ffi::AnyBuffer> q, int32_t qmin, int32_t qmax) {
-  return quantize(CudaExec{s}, x, scale, zp, q, qmin, qmax);
-}
-ffi::Error DequantizeCuda(cudaStream_t s, ffi::AnyBuffer q, ffi::AnyBuffer scale, ffi::RemainingArgs zp,
-                          ffi::Result<ffi::AnyBuffer> y) {
-  return dequantize(CudaExec{s}, q, scale, zp, y);
-}
-ffi::Error FakeQuantizeCuda(cudaStream_t s, ffi::AnyBuffer x, ffi::AnyBuffer scale, ffi::RemainingArgs zp,
-                            ffi::Result<ffi::AnyBuffer> y, int32_t qmin, int32_t qmax) {
-  return fake_quantize(CudaExec{s}, x, scale, zp, y, qmin, qmax);
-}
-ffi::Error FakeQuantizeGradCuda(cudaStream_t s, ffi::AnyBuffer g, ffi::AnyBuffer x, ffi::AnyBuffer scale,
-                                ffi::RemainingArgs zp, ffi::Result<ffi::AnyBuffer> dx, int32_t qmin,
-                                int32_t qmax) {
-  return fake_quantize_grad(CudaExec{s}, g, x, scale, zp, dx, qmin, qmax);
-}
-
-ffi::Error FakeQuantizeLsqGradCuda(cudaStream_t s, ffi::AnyBuffer g, ffi::AnyBuffer x, ffi::AnyBuffer scale,
-                                   ffi::RemainingArgs zp, ffi::Result<ffi::AnyBuffer> dx,
-                                   ffi::Result<ffi::AnyBuffer> ds, int32_t qmin, int32_t qmax) {
-  return fake_quantize_lsq_grad(CudaExec{s}, g, x, scale, zp, dx, ds, qmin, qmax);
-}
-ffi::Error QuantizeDynamicCuda(cudaStream_t s, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> q,
-                               ffi::Result<ffi::AnyBuffer> scale, ffi::Result<ffi::AnyBuffer> zp, bool symmetric,
-                               int32_t qmin, int32_t qmax) {
-  return quantize_dynamic(CudaExec{s}, x, q, scale, zp, symmetric, qmin, qmax);
-}
-ffi::Error FakeQuantizeDynamicCuda(cudaStream_t s, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y,
-                                   ffi::Result<ffi::AnyBuffer> scale, ffi::Result<ffi::AnyBuffer> zp,
-                                   bool symmetric, int32_t qmin, int32_t qmax) {
-  return fake_quantize_dynamic(CudaExec{s}, x, y, scale, zp, symmetric, qmin, qmax);
-}
-
 auto stream() { return ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>(); }
 
 }  // namespace
@@ -392,17 +359,8 @@ int64_t baracuda_cuda_handler_calls() { return baracuda::handler_calls.load(); }
 
 using namespace baracuda;
 // No allocation and no host sync inside: safe to capture in a CUDA graph.
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kQuantizeCuda, QuantizeCuda, bind_quantize(stream()),
-                              {ffi::Traits::kCmdBufferCompatible});
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kDequantizeCuda, DequantizeCuda, bind_dequantize(stream()),
-                              {ffi::Traits::kCmdBufferCompatible});
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kFakeQuantizeCuda, FakeQuantizeCuda, bind_quantize(stream()),
-                              {ffi::Traits::kCmdBufferCompatible});
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kFakeQuantizeGradCuda, FakeQuantizeGradCuda,
-                              bind_fake_quantize_grad(stream()), {ffi::Traits::kCmdBufferCompatible});
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kFakeQuantizeLsqGradCuda, FakeQuantizeLsqGradCuda, bind_lsq_grad(stream()),
-                              {ffi::Traits::kCmdBufferCompatible});
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kQuantizeDynamicCuda, QuantizeDynamicCuda, bind_dynamic(stream()),
-                              {ffi::Traits::kCmdBufferCompatible});
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kFakeQuantizeDynamicCuda, FakeQuantizeDynamicCuda, bind_dynamic(stream()),
-                              {ffi::Traits::kCmdBufferCompatible});
+#define BJ_OP(name, body, bind)                                                   \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name##_cuda, body<CudaExec>, bind(stream()), \
+                                {ffi::Traits::kCmdBufferCompatible});
+#include "ops.def"
+#undef BJ_OP

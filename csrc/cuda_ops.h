@@ -9,10 +9,6 @@
 // How many times a CUDA handler body has run (since the module was loaded).
 int64_t baracuda_cuda_handler_calls();
 
-XLA_FFI_DECLARE_HANDLER_SYMBOL(kQuantizeCuda);
-XLA_FFI_DECLARE_HANDLER_SYMBOL(kDequantizeCuda);
-XLA_FFI_DECLARE_HANDLER_SYMBOL(kFakeQuantizeCuda);
-XLA_FFI_DECLARE_HANDLER_SYMBOL(kFakeQuantizeGradCuda);
-XLA_FFI_DECLARE_HANDLER_SYMBOL(kFakeQuantizeLsqGradCuda);
-XLA_FFI_DECLARE_HANDLER_SYMBOL(kQuantizeDynamicCuda);
-XLA_FFI_DECLARE_HANDLER_SYMBOL(kFakeQuantizeDynamicCuda);
+#define BJ_OP(name, body, bind) XLA_FFI_DECLARE_HANDLER_SYMBOL(name##_cuda);
+#include "ops.def"
+#undef BJ_OP

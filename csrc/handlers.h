@@ -1,14 +1,21 @@
 // Handler bodies shared by the CPU and CUDA backends: argument checks, dtype
-// dispatch, and the construction of the numerics functors. A backend supplies
-// an `Exec` with
-//   template <class Op, class Out, class... In>
-//   ffi::Error map_rows(const Op&, int64_t rows, int64_t cols, Out*, const In*...);
-// which applies `op(op.row(r), in[r, c]...)` to every element.
+// dispatch, the construction of the numerics functors, the FFI signatures.
+// A backend supplies an `Exec`, built from its FFI context, with one row engine
+// (data [N, D] row-major; every call returns an ffi::Error):
+//   map_rows(op, rows, cols, out, in...)          out[r, c] = op(op.row(r), in[r, c]...)
+//   reduce_rows(op, rows, cols, out, sums, in...) the same, with op adding each element's term
+//                                                 to its row's sum (type M): sums[r]
+//   dynamic_rows(op, rows, cols, out, x, scale, zp)
+//                                                 p = op.params(RowRange of x[r, :]);
+//                                                 out[r, c] = op(p, x[r, c]); scale[r], zp[r] from p
+// Each row's result depends on that row alone, and a sum on a fixed order.
 #pragma once
 
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <string>
+#include <string_view>
 #include <type_traits>
 #include <utility>
 
@@ -21,17 +28,30 @@ namespace ffi = xla::ffi;
 
 template <class T> struct Tag { using type = T; };
 
+template <class... Fs>
+std::string format_names(FormatList<Fs...>) {
+  std::string names;
+  ((names += (names.empty() ? "" : ", ") + std::string(Fs::kName)), ...);
+  return names;
+}
+
+template <class... Fs>
+std::string format_name(ffi::DataType t, FormatList<Fs...>) {
+  std::string name = "dtype #" + std::to_string(static_cast<int>(t));
+  ((t == Fs::kDtype ? void(name = Fs::kName) : void()), ...);
+  return name;
+}
+
 inline std::string dtype_name(ffi::DataType t) {
   switch (t) {
     case ffi::DataType::F16: return "float16";
     case ffi::DataType::BF16: return "bfloat16";
     case ffi::DataType::F32: return "float32";
     case ffi::DataType::F64: return "float64";
-    case ffi::DataType::S8: return "int8";
-    case ffi::DataType::U8: return "uint8";
     case ffi::DataType::S32: return "int32";
-    default: return "dtype #" + std::to_string(static_cast<int>(t));
+    default: break;
   }
+  return format_name(t, Formats{});
 }
 
 inline ffi::Error invalid(const char* op, const std::string& what) {
@@ -52,15 +72,30 @@ ffi::Error dispatch_float(const char* op, const char* arg, ffi::DataType t, Fn&&
   }
 }
 
-// Calls fn(Tag<Q>{}) for the integer grids.
+// Calls fn(Tag<F>{}) for the first output format F that `is(Tag<F>{})` picks out of
+// Formats, or returns missing().
+template <class Is, class Fn, class Missing, class... Fs>
+ffi::Error find_format(FormatList<Fs...>, Is&& is, Fn&& fn, Missing&& missing) {
+  std::optional<ffi::Error> result;
+  ((!result && is(Tag<Fs>{}) ? void(result.emplace(fn(Tag<Fs>{}))) : void()), ...);
+  return result ? std::move(*result) : missing();
+}
+
+// The format of a buffer's dtype (q of dequantize, the output of quantize).
 template <class Fn>
-ffi::Error dispatch_int(const char* op, const char* arg, ffi::DataType t, Fn&& fn) {
-  switch (t) {
-    case ffi::DataType::S8: return fn(Tag<int8_t>{});
-    case ffi::DataType::U8: return fn(Tag<uint8_t>{});
-    default:
-      return invalid(op, std::string(arg) + " has dtype " + dtype_name(t) + "; expected int8 or uint8");
-  }
+ffi::Error dispatch_format(const char* op, const char* arg, ffi::DataType t, Fn&& fn) {
+  return find_format(Formats{}, [&](auto f) { return decltype(f)::type::kDtype == t; }, fn, [&] {
+    return invalid(op, std::string(arg) + " has dtype " + dtype_name(t) + "; expected one of " +
+                           format_names(Formats{}));
+  });
+}
+
+// The format named by an op's `format` attribute (the ops that store nothing).
+template <class Fn>
+ffi::Error dispatch_format(const char* op, std::string_view name, Fn&& fn) {
+  return find_format(Formats{}, [&](auto f) { return name == decltype(f)::type::kName; }, fn, [&] {
+    return invalid(op, "format is " + std::string(name) + "; expected one of " + format_names(Formats{}));
+  });
 }
 
 template <class T> constexpr ffi::DataType ffi_dtype();
@@ -124,19 +159,28 @@ ffi::Error check_static(const char* op, ffi::AnyBuffer data, ffi::AnyBuffer out,
   return decode_zero_point(op, rest, shape.rows, zp);
 }
 
-template <class Q>
-ffi::Error check_grid(const char* op, int32_t qmin, int32_t qmax) {
-  constexpr int64_t lo = std::numeric_limits<Q>::min(), hi = std::numeric_limits<Q>::max();
-  if (qmin > qmax || qmin < lo || qmax > hi)
-    return invalid(op, "need " + std::to_string(lo) + " <= qmin <= qmax <= " + std::to_string(hi) +
-                           ", got qmin=" + std::to_string(qmin) + ", qmax=" + std::to_string(qmax));
+// A format's grid: an integer one inside the type's range, or the float8 one,
+// [-fmax, fmax] with no zero point.
+template <class F>
+ffi::Error check_grid(const char* op, int32_t qmin, int32_t qmax, bool has_zp) {
+  if constexpr (F::kFloat) {
+    if (has_zp) return invalid(op, std::string(F::kName) + " takes no zero_point");
+    if (qmin != -F::kMax || qmax != F::kMax)
+      return invalid(op, std::string(F::kName) + " has the fixed grid qmin=" + std::to_string(-F::kMax) +
+                             ", qmax=" + std::to_string(F::kMax) + "; got qmin=" + std::to_string(qmin) +
+                             ", qmax=" + std::to_string(qmax));
+  } else if (qmin > qmax || qmin < F::kLowest || qmax > F::kMax) {
+    return invalid(op, "need " + std::to_string(F::kLowest) + " <= qmin <= qmax <= " + std::to_string(F::kMax) +
+                           " for " + F::kName + ", got qmin=" + std::to_string(qmin) +
+                           ", qmax=" + std::to_string(qmax));
+  }
   return ffi::Error::Success();
 }
 
 template <class Op, class M>
-Op make_op(ffi::AnyBuffer scale, const int32_t* zp, int32_t qmin, int32_t qmax) {
+Op make_op(const M* scale, const int32_t* zp, int32_t qmin, int32_t qmax) {
   Op op;
-  op.scale = static_cast<const M*>(scale.untyped_data());
+  op.scale = scale;
   op.zero_point = zp;
   op.has_zp = zp != nullptr;
   op.qmin = M(qmin);
@@ -146,65 +190,72 @@ Op make_op(ffi::AnyBuffer scale, const int32_t* zp, int32_t qmin, int32_t qmax) 
 
 template <class T> T* data_of(ffi::AnyBuffer b) { return static_cast<T*>(b.untyped_data()); }
 
-// x[..., D] -> q (int8/uint8)
+// ---- the handler bodies. Each takes the backend's Exec first (built from the
+// FFI context: the CUDA stream, the CPU thread pool), then the FFI operands.
+
+// x[..., D] -> q, in the output's format.
 template <class Exec>
-ffi::Error quantize(const Exec& exec, ffi::AnyBuffer x, ffi::AnyBuffer scale, ffi::RemainingArgs rest,
+ffi::Error quantize(Exec exec, ffi::AnyBuffer x, ffi::AnyBuffer scale, ffi::RemainingArgs rest,
                     ffi::Result<ffi::AnyBuffer> q, int32_t qmin, int32_t qmax) {
   constexpr const char* op = "quantize_per_token";
   return dispatch_float(op, "x", x.element_type(), [&](auto xt) {
     using T = typename decltype(xt)::type;
     using M = math_t<T>;
-    return dispatch_int(op, "the output", q->element_type(), [&](auto qt) {
-      using Q = typename decltype(qt)::type;
+    return dispatch_format(op, "the output", q->element_type(), [&](auto qt) {
+      using F = typename decltype(qt)::type;
       Rows s;
       const int32_t* zp;
       if (auto e = check_static<M>(op, x, *q, scale, rest, s, zp); !e.success()) return e;
-      if (auto e = check_grid<Q>(op, qmin, qmax); !e.success()) return e;
-      return exec.map_rows(make_op<QuantizeOp<T, Q>, M>(scale, zp, qmin, qmax), s.rows, s.cols,
-                           data_of<Q>(*q), data_of<const T>(x));
+      if (auto e = check_grid<F>(op, qmin, qmax, zp != nullptr); !e.success()) return e;
+      return exec.map_rows(make_op<QuantizeOp<T, F>>(data_of<const M>(scale), zp, qmin, qmax), s.rows, s.cols,
+                           data_of<typename F::storage>(*q), data_of<const T>(x));
     });
   });
 }
 
 // q[..., D] -> y (float); the math type follows y.
 template <class Exec>
-ffi::Error dequantize(const Exec& exec, ffi::AnyBuffer q, ffi::AnyBuffer scale, ffi::RemainingArgs rest,
+ffi::Error dequantize(Exec exec, ffi::AnyBuffer q, ffi::AnyBuffer scale, ffi::RemainingArgs rest,
                       ffi::Result<ffi::AnyBuffer> y) {
   constexpr const char* op = "dequantize_per_token";
-  return dispatch_int(op, "q", q.element_type(), [&](auto qt) {
-    using Q = typename decltype(qt)::type;
+  return dispatch_format(op, "q", q.element_type(), [&](auto qt) {
+    using F = typename decltype(qt)::type;
     return dispatch_float(op, "the output", y->element_type(), [&](auto yt) {
       using T = typename decltype(yt)::type;
       using M = math_t<T>;
       Rows s;
       const int32_t* zp;
       if (auto e = check_static<M>(op, q, *y, scale, rest, s, zp); !e.success()) return e;
-      return exec.map_rows(make_op<DequantizeOp<Q, T>, M>(scale, zp, 0, 0), s.rows, s.cols,
-                           data_of<T>(*y), data_of<const Q>(q));
+      if (F::kFloat && zp) return invalid(op, std::string(F::kName) + " takes no zero_point");
+      return exec.map_rows(make_op<DequantizeOp<F, T>>(data_of<const M>(scale), zp, 0, 0), s.rows, s.cols,
+                           data_of<T>(*y), data_of<const typename F::storage>(q));
     });
   });
 }
 
 // x[..., D] -> dequantize(quantize(x)) in x's dtype.
 template <class Exec>
-ffi::Error fake_quantize(const Exec& exec, ffi::AnyBuffer x, ffi::AnyBuffer scale, ffi::RemainingArgs rest,
-                         ffi::Result<ffi::AnyBuffer> y, int32_t qmin, int32_t qmax) {
+ffi::Error fake_quantize(Exec exec, ffi::AnyBuffer x, ffi::AnyBuffer scale, ffi::RemainingArgs rest,
+                         ffi::Result<ffi::AnyBuffer> y, std::string_view format, int32_t qmin, int32_t qmax) {
   constexpr const char* op = "fake_quantize_per_token";
   return dispatch_float(op, "x", x.element_type(), [&](auto xt) {
     using T = typename decltype(xt)::type;
     using M = math_t<T>;
-    Rows s;
-    const int32_t* zp;
-    if (auto e = check_static<M>(op, x, *y, scale, rest, s, zp); !e.success()) return e;
-    if (x.element_type() != y->element_type()) return invalid(op, "the output must have x's dtype");
-    if (qmin > qmax) return invalid(op, "need qmin <= qmax");
-    return exec.map_rows(make_op<FakeQuantizeOp<T>, M>(scale, zp, qmin, qmax), s.rows, s.cols,
-                         data_of<T>(*y), data_of<const T>(x));
+    return dispatch_format(op, format, [&](auto ft) {
+      using F = typename decltype(ft)::type;
+      Rows s;
+      const int32_t* zp;
+      if (auto e = check_static<M>(op, x, *y, scale, rest, s, zp); !e.success()) return e;
+      if (x.element_type() != y->element_type()) return invalid(op, "the output must have x's dtype");
+      if (auto e = check_grid<F>(op, qmin, qmax, zp != nullptr); !e.success()) return e;
+      return exec.map_rows(make_op<FakeQuantizeOp<T, typename F::grid>>(data_of<const M>(scale), zp, qmin, qmax),
+                           s.rows, s.cols, data_of<T>(*y), data_of<const T>(x));
+    });
   });
 }
 
 // The backward ops' operands: g and dx shaped and typed like x, on the static layout.
-template <class M>
+template <class F, class M>
 ffi::Error check_grad(const char* op, ffi::AnyBuffer g, ffi::AnyBuffer x, ffi::AnyBuffer scale,
                       ffi::RemainingArgs rest, ffi::AnyBuffer dx, int32_t qmin, int32_t qmax, Rows& s,
                       const int32_t*& zp) {
@@ -212,43 +263,51 @@ ffi::Error check_grad(const char* op, ffi::AnyBuffer g, ffi::AnyBuffer x, ffi::A
   if (auto e = check_same_dims(op, "g", g, "x", x); !e.success()) return e;
   if (g.element_type() != x.element_type() || dx.element_type() != x.element_type())
     return invalid(op, "g and dx must have x's dtype");
-  if (qmin > qmax) return invalid(op, "need qmin <= qmax");
-  return ffi::Error::Success();
+  return check_grid<F>(op, qmin, qmax, zp != nullptr);
 }
 
 // (g, x) -> dx, the straight-through estimator of fake_quantize.
 template <class Exec>
-ffi::Error fake_quantize_grad(const Exec& exec, ffi::AnyBuffer g, ffi::AnyBuffer x, ffi::AnyBuffer scale,
-                              ffi::RemainingArgs rest, ffi::Result<ffi::AnyBuffer> dx, int32_t qmin,
-                              int32_t qmax) {
+ffi::Error fake_quantize_grad(Exec exec, ffi::AnyBuffer g, ffi::AnyBuffer x, ffi::AnyBuffer scale,
+                              ffi::RemainingArgs rest, ffi::Result<ffi::AnyBuffer> dx, std::string_view format,
+                              int32_t qmin, int32_t qmax) {
   constexpr const char* op = "fake_quantize_per_token_grad";
   return dispatch_float(op, "x", x.element_type(), [&](auto xt) {
     using T = typename decltype(xt)::type;
     using M = math_t<T>;
-    Rows s;
-    const int32_t* zp;
-    if (auto e = check_grad<M>(op, g, x, scale, rest, *dx, qmin, qmax, s, zp); !e.success()) return e;
-    return exec.map_rows(make_op<FakeQuantizeGradOp<T>, M>(scale, zp, qmin, qmax), s.rows, s.cols,
-                         data_of<T>(*dx), data_of<const T>(g), data_of<const T>(x));
+    return dispatch_format(op, format, [&](auto ft) {
+      using F = typename decltype(ft)::type;
+      Rows s;
+      const int32_t* zp;
+      if (auto e = check_grad<F, M>(op, g, x, scale, rest, *dx, qmin, qmax, s, zp); !e.success()) return e;
+      return exec.map_rows(
+          make_op<FakeQuantizeGradOp<T, typename F::grid>>(data_of<const M>(scale), zp, qmin, qmax), s.rows,
+          s.cols, data_of<T>(*dx), data_of<const T>(g), data_of<const T>(x));
+    });
   });
 }
 
 // (g, x) -> (dx, ds): the straight-through dx and the LSQ gradient of the scale, one pass.
 template <class Exec>
-ffi::Error fake_quantize_lsq_grad(const Exec& exec, ffi::AnyBuffer g, ffi::AnyBuffer x, ffi::AnyBuffer scale,
+ffi::Error fake_quantize_lsq_grad(Exec exec, ffi::AnyBuffer g, ffi::AnyBuffer x, ffi::AnyBuffer scale,
                                   ffi::RemainingArgs rest, ffi::Result<ffi::AnyBuffer> dx,
-                                  ffi::Result<ffi::AnyBuffer> ds, int32_t qmin, int32_t qmax) {
+                                  ffi::Result<ffi::AnyBuffer> ds, std::string_view format, int32_t qmin,
+                                  int32_t qmax) {
   constexpr const char* op = "fake_quantize_per_token_lsq_grad";
   return dispatch_float(op, "x", x.element_type(), [&](auto xt) {
     using T = typename decltype(xt)::type;
     using M = math_t<T>;
-    Rows s;
-    const int32_t* zp;
-    if (auto e = check_grad<M>(op, g, x, scale, rest, *dx, qmin, qmax, s, zp); !e.success()) return e;
-    if (ds->element_type() != ffi_dtype<M>() || static_cast<int64_t>(ds->element_count()) != s.rows)
-      return invalid(op, "ds must have scale's dtype and shape");
-    return exec.reduce_rows(make_op<LsqGradOp<T>, M>(scale, zp, qmin, qmax), s.rows, s.cols, data_of<T>(*dx),
-                            data_of<M>(*ds), data_of<const T>(g), data_of<const T>(x));
+    return dispatch_format(op, format, [&](auto ft) {
+      using F = typename decltype(ft)::type;
+      Rows s;
+      const int32_t* zp;
+      if (auto e = check_grad<F, M>(op, g, x, scale, rest, *dx, qmin, qmax, s, zp); !e.success()) return e;
+      if (ds->element_type() != ffi_dtype<M>() || static_cast<int64_t>(ds->element_count()) != s.rows)
+        return invalid(op, "ds must have scale's dtype and shape");
+      return exec.reduce_rows(make_op<LsqGradOp<T, typename F::grid>>(data_of<const M>(scale), zp, qmin, qmax),
+                              s.rows, s.cols, data_of<T>(*dx), data_of<M>(*ds), data_of<const T>(g),
+                              data_of<const T>(x));
+    });
   });
 }
 
@@ -262,77 +321,104 @@ ffi::Error check_qparam_outputs(const char* op, ffi::AnyBuffer x, ffi::AnyBuffer
   return ffi::Error::Success();
 }
 
+// A dynamic op's grid: symmetric (scale_ub allowed) or with a zero point (integer formats only).
+template <class F>
+ffi::Error check_dynamic(const char* op, bool symmetric, int32_t qmin, int32_t qmax, double scale_ub) {
+  if (!(scale_ub > 0)) return invalid(op, "scale_ub must be positive (+inf for none), got " + std::to_string(scale_ub));
+  if (!symmetric && scale_ub != std::numeric_limits<double>::infinity())
+    return invalid(op, "scale_ub applies to symmetric quantization only");
+  if (qmin >= qmax) return invalid(op, "need qmin < qmax");
+  return check_grid<F>(op, qmin, qmax, !symmetric);
+}
+
 template <class Base, class M>
-Dynamic<Base> make_dynamic_op(bool symmetric, int32_t qmin, int32_t qmax) {
+Dynamic<Base> make_dynamic_op(bool symmetric, int32_t qmin, int32_t qmax, double scale_ub) {
   Dynamic<Base> op;
   op.scale = nullptr;
   op.zero_point = nullptr;
   op.has_zp = !symmetric;
   op.qmin = M(qmin);
   op.qmax = M(qmax);
+  op.scale_ub = M(scale_ub);
   return op;
 }
 
 // x[..., D] -> (q, scale, zero_point): each row's parameters from its range, in one pass.
 template <class Exec>
-ffi::Error quantize_dynamic(const Exec& exec, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> q,
+ffi::Error quantize_dynamic(Exec exec, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> q,
                             ffi::Result<ffi::AnyBuffer> scale, ffi::Result<ffi::AnyBuffer> zp, bool symmetric,
-                            int32_t qmin, int32_t qmax) {
+                            int32_t qmin, int32_t qmax, double scale_ub) {
   constexpr const char* op = "quantize_per_token_dynamic";
   return dispatch_float(op, "x", x.element_type(), [&](auto xt) {
     using T = typename decltype(xt)::type;
     using M = math_t<T>;
-    return dispatch_int(op, "the output", q->element_type(), [&](auto qt) {
-      using Q = typename decltype(qt)::type;
+    return dispatch_format(op, "the output", q->element_type(), [&](auto qt) {
+      using F = typename decltype(qt)::type;
       Rows s;
       if (auto e = check_qparam_outputs<M>(op, x, *q, *scale, *zp, s); !e.success()) return e;
-      if (auto e = check_grid<Q>(op, qmin, qmax); !e.success()) return e;
-      return exec.dynamic_rows(make_dynamic_op<QuantizeOp<T, Q>, M>(symmetric, qmin, qmax), s.rows, s.cols,
-                               data_of<Q>(*q), data_of<const T>(x), data_of<M>(*scale), data_of<int32_t>(*zp));
+      if (auto e = check_dynamic<F>(op, symmetric, qmin, qmax, scale_ub); !e.success()) return e;
+      return exec.dynamic_rows(make_dynamic_op<QuantizeOp<T, F>, M>(symmetric, qmin, qmax, scale_ub), s.rows,
+                               s.cols, data_of<typename F::storage>(*q), data_of<const T>(x), data_of<M>(*scale),
+                               data_of<int32_t>(*zp));
     });
   });
 }
 
 // x[..., D] -> (dequantize(quantize(x)), scale, zero_point), the fused dynamic fake-quant.
 template <class Exec>
-ffi::Error fake_quantize_dynamic(const Exec& exec, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y,
+ffi::Error fake_quantize_dynamic(Exec exec, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y,
                                  ffi::Result<ffi::AnyBuffer> scale, ffi::Result<ffi::AnyBuffer> zp,
-                                 bool symmetric, int32_t qmin, int32_t qmax) {
+                                 std::string_view format, bool symmetric, int32_t qmin, int32_t qmax,
+                                 double scale_ub) {
   constexpr const char* op = "fake_quantize_per_token_dynamic";
   return dispatch_float(op, "x", x.element_type(), [&](auto xt) {
     using T = typename decltype(xt)::type;
     using M = math_t<T>;
-    Rows s;
-    if (auto e = check_qparam_outputs<M>(op, x, *y, *scale, *zp, s); !e.success()) return e;
-    if (x.element_type() != y->element_type()) return invalid(op, "the output must have x's dtype");
-    if (qmin >= qmax) return invalid(op, "need qmin < qmax");
-    return exec.dynamic_rows(make_dynamic_op<FakeQuantizeOp<T>, M>(symmetric, qmin, qmax), s.rows, s.cols,
-                             data_of<T>(*y), data_of<const T>(x), data_of<M>(*scale), data_of<int32_t>(*zp));
+    return dispatch_format(op, format, [&](auto ft) {
+      using F = typename decltype(ft)::type;
+      Rows s;
+      if (auto e = check_qparam_outputs<M>(op, x, *y, *scale, *zp, s); !e.success()) return e;
+      if (x.element_type() != y->element_type()) return invalid(op, "the output must have x's dtype");
+      if (auto e = check_dynamic<F>(op, symmetric, qmin, qmax, scale_ub); !e.success()) return e;
+      return exec.dynamic_rows(
+          make_dynamic_op<FakeQuantizeOp<T, typename F::grid>, M>(symmetric, qmin, qmax, scale_ub), s.rows,
+          s.cols, data_of<T>(*y), data_of<const T>(x), data_of<M>(*scale), data_of<int32_t>(*zp));
+    });
   });
 }
 
-// The FFI signatures, shared by both backends. `B` is ffi::Ffi::Bind() with any
-// backend context (the CUDA stream) already bound.
-template <class B> auto bind_quantize(B b) {
-  return std::move(b).template Arg<ffi::AnyBuffer>().template Arg<ffi::AnyBuffer>().RemainingArgs()
-      .template Ret<ffi::AnyBuffer>().template Attr<int32_t>("qmin").template Attr<int32_t>("qmax");
+// ---- the FFI signatures, shared by both backends. `b` is ffi::Ffi::Bind() with
+// the backend's context (the CUDA stream, the CPU thread pool) already bound. A
+// binding cannot be copied or moved, only extended: each helper takes it by
+// reference and returns the extended one.
+template <int N, class B> auto args(B&& b) {
+  if constexpr (N == 1) return std::move(b).template Arg<ffi::AnyBuffer>();
+  else return args<N - 1>(std::move(b).template Arg<ffi::AnyBuffer>());
 }
-template <class B> auto bind_dequantize(B b) {
-  return std::move(b).template Arg<ffi::AnyBuffer>().template Arg<ffi::AnyBuffer>().RemainingArgs()
-      .template Ret<ffi::AnyBuffer>();
+template <int N, class B> auto rets(B&& b) {
+  if constexpr (N == 1) return std::move(b).template Ret<ffi::AnyBuffer>();
+  else return rets<N - 1>(std::move(b).template Ret<ffi::AnyBuffer>());
 }
-template <class B> auto bind_dynamic(B b) {
-  return std::move(b).template Arg<ffi::AnyBuffer>().template Ret<ffi::AnyBuffer>().template Ret<ffi::AnyBuffer>()
-      .template Ret<ffi::AnyBuffer>().template Attr<bool>("symmetric").template Attr<int32_t>("qmin")
-      .template Attr<int32_t>("qmax");
+// (operands..., [zero_point]) -> results
+template <int In, int Out, class B> auto static_op(B&& b) { return rets<Out>(args<In>(std::move(b)).RemainingArgs()); }
+template <class B> auto grid_attrs(B&& b) {
+  return std::move(b).template Attr<int32_t>("qmin").template Attr<int32_t>("qmax");
 }
-template <class B> auto bind_fake_quantize_grad(B b) {
-  return bind_quantize(std::move(b).template Arg<ffi::AnyBuffer>());
+template <class B> auto format_attrs(B&& b) {
+  return grid_attrs(std::move(b).template Attr<std::string_view>("format"));
 }
-template <class B> auto bind_lsq_grad(B b) {
-  return std::move(b).template Arg<ffi::AnyBuffer>().template Arg<ffi::AnyBuffer>().template Arg<ffi::AnyBuffer>()
-      .RemainingArgs().template Ret<ffi::AnyBuffer>().template Ret<ffi::AnyBuffer>()
-      .template Attr<int32_t>("qmin").template Attr<int32_t>("qmax");
+template <class B> auto dynamic_attrs(B&& b) {
+  return grid_attrs(std::move(b).template Attr<bool>("symmetric")).template Attr<double>("scale_ub");
+}
+
+template <class B> auto bind_quantize(B&& b) { return grid_attrs(static_op<2, 1>(std::move(b))); }
+template <class B> auto bind_dequantize(B&& b) { return static_op<2, 1>(std::move(b)); }
+template <class B> auto bind_fake_quantize(B&& b) { return format_attrs(static_op<2, 1>(std::move(b))); }
+template <class B> auto bind_fake_quantize_grad(B&& b) { return format_attrs(static_op<3, 1>(std::move(b))); }
+template <class B> auto bind_lsq_grad(B&& b) { return format_attrs(static_op<3, 2>(std::move(b))); }
+template <class B> auto bind_quantize_dynamic(B&& b) { return dynamic_attrs(rets<3>(args<1>(std::move(b)))); }
+template <class B> auto bind_fake_quantize_dynamic(B&& b) {
+  return dynamic_attrs(rets<3>(args<1>(std::move(b))).template Attr<std::string_view>("format"));
 }
 
 }  // namespace baracuda

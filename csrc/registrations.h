@@ -1,6 +1,11 @@
-// The target names, shared by the CPU and CUDA modules so that one primitive
-// lowers to the same custom call on either platform.
+// The registrations() dict of a backend module: "baracuda_<name>" -> handler,
+// one entry per row of ops.def. Both modules build it from the same table, so
+// one primitive lowers to the same custom call on either platform.
 #pragma once
+
+#include <initializer_list>
+#include <string>
+#include <utility>
 
 #include <nanobind/nanobind.h>
 
@@ -8,19 +13,10 @@
 
 namespace baracuda {
 
-inline nanobind::dict registrations(XLA_FFI_Handler* quantize, XLA_FFI_Handler* dequantize,
-                                    XLA_FFI_Handler* fake_quantize, XLA_FFI_Handler* fake_quantize_grad,
-                                    XLA_FFI_Handler* fake_quantize_lsq_grad, XLA_FFI_Handler* quantize_dynamic,
-                                    XLA_FFI_Handler* fake_quantize_dynamic) {
-  auto capsule = [](XLA_FFI_Handler* h) { return nanobind::capsule(reinterpret_cast<void*>(h)); };
+inline nanobind::dict registrations(std::initializer_list<std::pair<const char*, XLA_FFI_Handler*>> targets) {
   nanobind::dict d;
-  d["baracuda_quantize_per_token"] = capsule(quantize);
-  d["baracuda_dequantize_per_token"] = capsule(dequantize);
-  d["baracuda_fake_quantize_per_token"] = capsule(fake_quantize);
-  d["baracuda_fake_quantize_per_token_grad"] = capsule(fake_quantize_grad);
-  d["baracuda_fake_quantize_per_token_lsq_grad"] = capsule(fake_quantize_lsq_grad);
-  d["baracuda_quantize_per_token_dynamic"] = capsule(quantize_dynamic);
-  d["baracuda_fake_quantize_per_token_dynamic"] = capsule(fake_quantize_dynamic);
+  for (const auto& [name, handler] : targets)
+    d[(std::string("baracuda_") + name).c_str()] = nanobind::capsule(reinterpret_cast<void*>(handler));
   return d;
 }
 

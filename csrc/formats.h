@@ -1,0 +1,176 @@
+// The output formats, one trait each: its FFI dtype, its name (numpy's), its
+// range, and how a value v = M(x) * inv in the math type M becomes a stored
+// value. baracuda_jax/_formats.py mirrors this table.
+//
+// Every format F provides, with g the op's grid parameters (qmin, qmax, zero
+// point) and p the row's parameters:
+//   F::saturate(g, p, v)  the value stored, still in M
+//                           integer: clamp(round_half_even(v) + zp, qmin, qmax), NaN -> zp
+//                           float8:  clamp(v, -fmax, fmax), NaN stays NaN
+//   F::round(m)           that value as stored, read back in M (integer: m; float8: m rounded)
+//   F::encode(m)          M -> storage (integer: an exact cast; float8: one round to nearest even)
+//   F::decode(q)          storage -> float, exact
+//   F::passes(g, p, v)    the straight-through mask: g passes where saturation did not move v
+// and `grid`, the type that carries the rounding rule alone (int8 and uint8
+// share theirs, so the ops that store nothing are compiled once for both).
+#pragma once
+
+#include <cstdint>
+#include <limits>
+
+#include "scalar.h"
+#include "xla/ffi/api/ffi.h"
+
+#if defined(__CUDACC__)
+#include <cuda_fp8.h>
+#endif
+
+namespace baracuda {
+
+namespace ffi = xla::ffi;
+
+// ---- integer formats: a runtime grid [qmin, qmax] inside the type's range ----
+struct IntegerGrid {
+  using grid = IntegerGrid;
+  static constexpr bool kFloat = false;
+
+  // round_half_even(v) + zp: the value that is clamped and masked.
+  template <class G, class P, class M>
+  BJ_HD static M shifted(const G& g, const P& p, M v) {
+    const M r = round_half_even(v);
+    return g.has_zp ? r + p.zp : r;
+  }
+  template <class G, class P, class M>
+  BJ_HD static M saturate(const G& g, const P& p, M v) {
+    M t = shifted(g, p, v);
+    if (t != t) t = p.zp;  // NaN never reaches a float->int cast
+    return g.clamp(t);
+  }
+  template <class G, class P, class M>
+  BJ_HD static bool passes(const G& g, const P& p, M v) {
+    const M t = shifted(g, p, v);
+    return t >= g.qmin && t <= g.qmax;  // inclusive, after rounding; NaN fails
+  }
+  template <class M> BJ_HD static M round(M m) { return m; }
+};
+
+template <class Q, ffi::DataType D>
+struct IntegerFormat : IntegerGrid {
+  using storage = Q;
+  static constexpr ffi::DataType kDtype = D;
+  static constexpr int64_t kLowest = std::numeric_limits<Q>::min(), kMax = std::numeric_limits<Q>::max();
+  template <class M> BJ_HD static Q encode(M m) { return Q(m); }  // m is integral and in range: exact
+  BJ_HD static float decode(Q q) { return float(q); }
+};
+
+struct Int8 : IntegerFormat<int8_t, ffi::DataType::S8> { static constexpr const char* kName = "int8"; };
+struct UInt8 : IntegerFormat<uint8_t, ffi::DataType::U8> { static constexpr const char* kName = "uint8"; };
+
+// ---- float8 formats: a fixed grid, saturating at +-fmax, no zero point ------
+struct f8_bits { uint8_t bits; };  // storage only
+
+// IEEE-style minifloat with kMan mantissa bits and exponent bias kBias, no
+// infinities of its own where kInf is false (e4m3fn: the all-ones pattern is NaN).
+template <int kMan, int kBias>
+struct Minifloat {
+  static constexpr int kMinExp = 1 - kBias;  // exponent of the smallest normal
+
+  // One round to nearest even of a value that is NaN or within [-fmax, fmax].
+  template <class M>
+  BJ_HD static uint8_t encode_bits(M v, uint8_t nan) {
+    using U = typename FloatBits<M>::uint;
+    constexpr int kSrcMan = FloatBits<M>::kMan, kSrcBias = FloatBits<M>::kBias;
+    const U u = bit_cast<U>(v);
+    const uint8_t sign = uint8_t(u >> (8 * sizeof(U) - 8)) & 0x80u;
+    const M a = v < 0 ? -v : v;
+    if (a != a) return sign | nan;
+    if (a < pow2<M>(kMinExp)) {  // the format's subnormals (and zero): multiples of 2^(kMinExp - kMan)
+      return sign | uint8_t(round_half_even(a * pow2<M>(kMan - kMinExp)));
+    }
+    // Normal: keep kMan mantissa bits, rounding half to even (a carry moves into the exponent).
+    U b = bit_cast<U>(a);
+    constexpr int shift = kSrcMan - kMan;
+    b += (U(1) << (shift - 1)) - 1 + ((b >> shift) & 1);
+    b >>= shift;
+    return sign | uint8_t(b - (U(kSrcBias - kBias) << kMan));
+  }
+
+  BJ_HD static float decode_bits(uint8_t b, bool is_nan, bool is_inf) {
+    const float sign = (b & 0x80u) ? -1.0f : 1.0f;
+    if (is_nan) return std::numeric_limits<float>::quiet_NaN();
+    if (is_inf) return sign * std::numeric_limits<float>::infinity();
+    const int e = (b & 0x7Fu) >> kMan, m = b & ((1 << kMan) - 1);
+    return e == 0 ? sign * float(m) * pow2<float>(kMinExp - kMan)
+                  : sign * float((1 << kMan) + m) * pow2<float>(e - kBias - kMan);
+  }
+};
+
+// The float8 rules shared by both formats, over a spec S (S::in_range, S::to_bits,
+// S::from_bits). The device converts floats with the hardware's instructions,
+// which the tests hold to the host's portable code bit for bit.
+template <class S>
+struct Float8Format {
+  using grid = S;
+  using storage = f8_bits;
+  static constexpr bool kFloat = true;
+
+  template <class G, class P, class M>
+  BJ_HD static M saturate(const G& g, const P&, M v) {
+    return v < g.qmin ? g.qmin : (v > g.qmax ? g.qmax : v);  // NaN compares false: stays NaN
+  }
+  template <class G, class P, class M>
+  BJ_HD static bool passes(const G&, const P&, M v) { return S::in_range(v < 0 ? -v : v); }
+  template <class M> BJ_HD static M round(M m) { return M(decode(encode(m))); }
+  template <class M> BJ_HD static f8_bits encode(M m) { return {S::to_bits(m)}; }
+  BJ_HD static float decode(f8_bits q) { return S::from_bits(q.bits); }
+};
+
+// float8_e4m3fn: bias 7, 3 mantissa bits, fmax 448, no infinity (0x7F is NaN).
+struct E4M3 : Float8Format<E4M3>, Minifloat<3, 7> {
+  static constexpr ffi::DataType kDtype = ffi::DataType::F8E4M3FN;
+  static constexpr const char* kName = "float8_e4m3fn";
+  static constexpr int64_t kLowest = -448, kMax = 448;
+  // 448 < |v| <= 464 rounds to 448 (464 is a tie, and 448 is even); past it, NaN.
+  template <class M> BJ_HD static bool in_range(M a) { return a <= M(464); }
+  template <class M> BJ_HD static uint8_t to_bits(M v) {
+#if defined(__CUDA_ARCH__)
+    if constexpr (sizeof(M) == 4) return __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3);
+#endif
+    return encode_bits(v, 0x7F);
+  }
+  BJ_HD static float from_bits(uint8_t b) {
+#if defined(__CUDA_ARCH__)
+    return __half2float(__half(__nv_cvt_fp8_to_halfraw(b, __NV_E4M3)));
+#else
+    return decode_bits(b, (b & 0x7Fu) == 0x7Fu, false);
+#endif
+  }
+};
+
+// float8_e5m2: bias 15, 2 mantissa bits, fmax 57344, with infinities (the top byte of an IEEE half).
+struct E5M2 : Float8Format<E5M2>, Minifloat<2, 15> {
+  static constexpr ffi::DataType kDtype = ffi::DataType::F8E5M2;
+  static constexpr const char* kName = "float8_e5m2";
+  static constexpr int64_t kLowest = -57344, kMax = 57344;
+  // 61440 is the tie between 57344 (odd mantissa) and 65536 (even, infinity): it overflows.
+  template <class M> BJ_HD static bool in_range(M a) { return a < M(61440); }
+  template <class M> BJ_HD static uint8_t to_bits(M v) {
+#if defined(__CUDA_ARCH__)
+    if constexpr (sizeof(M) == 4) return __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E5M2);
+#endif
+    return encode_bits(v, 0x7E);
+  }
+  BJ_HD static float from_bits(uint8_t b) {
+#if defined(__CUDA_ARCH__)
+    return __half2float(__ushort_as_half(uint16_t(uint16_t(b) << 8)));
+#else
+    return decode_bits(b, (b & 0x7Fu) > 0x7Cu, (b & 0x7Fu) == 0x7Cu);
+#endif
+  }
+};
+
+template <class... Fs> struct FormatList {};
+// Every output format. A new one is a struct above and an entry here (and in _formats.py).
+using Formats = FormatList<Int8, UInt8, E4M3, E5M2>;
+
+}  // namespace baracuda
