@@ -7,8 +7,11 @@ spanning at least 256 MiB (several times the 50 MiB L2 of an H100) when at most 
 smaller shapes (decode) run from L2, as they would between two layers. Bytes are the minimum the op
 must move: each input read once, each output written once.
 
-    python benchmarks/bench.py            # the full grid (meant for a GPU)
+    python benchmarks/bench.py --json benchmarks/results/H100.json   # the full grid (meant for a GPU)
     python benchmarks/bench.py --quick    # a few small shapes: the README's demo, on any machine
+
+On a CPU the figures are a smoke test of the method (the kernels' targets are GPU ones); the GPU
+figures are in the README and benchmarks/results/.
 """
 
 import argparse
@@ -23,51 +26,21 @@ import jax
 import jax.numpy as jnp
 
 import baracuda_jax as bj
-from baracuda_jax import reference as ref
-from baracuda_jax.primitives import fake_quantize_grad_p, fake_quantize_lsq_grad_p
+from baracuda_jax import specs
 from timing import time_per_call
 
-RESULTS = pathlib.Path(__file__).parent / "results"
 WORKING_SET = 256 << 20
 
-
-def _inputs(key, n, d, x_dtype, q_dtype):
-    kx, kg = jax.random.split(key)
-    x = jax.random.normal(kx, (n, d), jnp.float32) * 3
-    scale = jnp.max(jnp.abs(x), axis=-1) / 127
-    q = jnp.clip(jnp.round(x / scale[:, None]), -128, 127).astype(q_dtype)
-    g = jax.random.normal(kg, (n, d), x_dtype)
-    return dict(x=x.astype(x_dtype), scale=scale, q=q, g=g)
+LEGEND = """columns: ours us / jnp us = device time per call of our op and of its jnp reference (lower is better);
+GB/s = the bytes the op must move (each input read once, each output written once) over our time;
+%copy = that bandwidth as a share of a copy of the same bytes (100 % is the memory roofline);
+vs jnp = jnp time / our time (above 1: we are faster)."""
 
 
-def _grad_kernel(prim):
-    """The backward primitive itself: jax.grad would add the forward pass."""
-    def make(q_dtype):
-        info = np.iinfo(q_dtype)
-        return lambda g, x, s: prim.bind(g, x, s, qmin=int(info.min), qmax=int(info.max), dtype=np.dtype(q_dtype))
-    return make
-
-
-# name -> (operands, ours, jnp reference, bytes moved per element besides the per-row values)
-OPS = {
-    "quantize": (("x", "scale"), lambda qd: lambda x, s: bj.quantize_per_token(x, s, dtype=qd),
-                 lambda qd: lambda x, s: ref.quantize_per_token(x, s, dtype=qd), lambda xb, qb: xb + qb),
-    "dequantize": (("q", "scale"), lambda qd: lambda q, s: bj.dequantize_per_token(q, s, dtype=jnp.bfloat16),
-                   lambda qd: lambda q, s: ref.dequantize_per_token(q, s, dtype=jnp.bfloat16), lambda xb, qb: qb + 2),
-    "fake_quant": (("x", "scale"), lambda qd: lambda x, s: bj.fake_quantize_per_token(x, s, dtype=qd),
-                   lambda qd: lambda x, s: ref.fake_quantize_per_token(x, s, dtype=qd), lambda xb, qb: 2 * xb),
-    "ste_backward": (("g", "x", "scale"), _grad_kernel(fake_quantize_grad_p),
-                     lambda qd: lambda g, x, s: ref.fake_quantize_per_token_grad(g, x, s, dtype=qd),
-                     lambda xb, qb: 3 * xb),
-    # dx and the per-row ds in one pass
-    "lsq_backward": (("g", "x", "scale"), _grad_kernel(fake_quantize_lsq_grad_p),
-                     lambda qd: lambda g, x, s: ref.fake_quantize_per_token_lsq_grad(g, x, s, dtype=qd),
-                     lambda xb, qb: 3 * xb),
-    # symmetric for int8, asymmetric for uint8; the scale and zero point it writes are the per-row bytes
-    "dynamic": (("x",), lambda qd: lambda x: bj.quantize_per_token_dynamic(x, dtype=qd, symmetric=qd == jnp.int8),
-                lambda qd: lambda x: ref.quantize_per_token_dynamic(x, dtype=qd, symmetric=qd == jnp.int8),
-                lambda xb, qb: xb + qb),
-}
+def _case(op, x_dtype, q_dtype):
+    """The dynamic ops quantize symmetrically, but uint8 (asymmetric); the static ones take no zero point."""
+    spec = specs.SPECS[op]
+    return specs.case(x_dtype, q_dtype, zero_point=spec.dynamic and jnp.dtype(q_dtype) == jnp.uint8)
 
 
 def _copy(a):
@@ -75,14 +48,14 @@ def _copy(a):
 
 
 def bench_row(op, n, d, x_dtype, q_dtype, reps):
-    names, ours, theirs, per_elem = OPS[op]
+    spec, case = specs.SPECS[op], _case(op, x_dtype, q_dtype)
     xb, qb = jnp.dtype(x_dtype).itemsize, jnp.dtype(q_dtype).itemsize
-    nbytes = n * d * per_elem(xb, qb) + n * 8
+    nbytes = n * d * spec.bytes_per_element(xb, qb) + n * 8
     k = int(np.clip(-(-WORKING_SET // nbytes), 4, 100))
     keys = jax.random.split(jax.random.key(n * 100003 + d), k)
-    sets = [tuple(_inputs(key, n, d, x_dtype, q_dtype)[a] for a in names) for key in keys]
-    t_ours = time_per_call(ours(q_dtype), sets, reps)
-    t_jnp = time_per_call(theirs(q_dtype), sets, reps)
+    sets = [spec.args(specs.inputs(key, (n, d), case, edges=False)) for key in keys]
+    t_ours = time_per_call(spec.ours(case), sets, reps)
+    t_jnp = time_per_call(spec.reference(case), sets, reps)
     del sets
     words = max(1, nbytes // 8)  # uint32 words read and written: the same byte count
     copies = [(jnp.full((words,), i, jnp.uint32),) for i in range(k)]
@@ -94,11 +67,14 @@ def bench_row(op, n, d, x_dtype, q_dtype, reps):
 
 def grid(quick):
     if quick:
-        return [(op, n, d, jnp.bfloat16, jnp.int8) for op in OPS for n, d in [(16, 4096), (256, 4097), (1024, 4096)]]
+        return [(op, n, d, jnp.bfloat16, q) for op in specs.SPECS for q in (jnp.int8, jnp.float8_e4m3fn)
+                for n, d in [(16, 4096), (1024, 4096)]]
     shapes = [(n, d) for n in (1, 16, 64, 1024, 8192, 32768) for d in (4096, 16384)] + [(16, 4097), (8192, 4097)]
-    rows = [(op, n, d, jnp.bfloat16, jnp.int8) for op in OPS for n, d in shapes]
-    for x_dtype, q_dtype in [(jnp.float16, jnp.int8), (jnp.float32, jnp.int8), (jnp.bfloat16, jnp.uint8)]:
-        rows += [(op, n, d, x_dtype, q_dtype) for op in OPS for n, d in [(8192, 4097), (32768, 16384)]]
+    rows = [(op, n, d, jnp.bfloat16, q) for q in (jnp.int8, jnp.float8_e4m3fn) for op in specs.SPECS
+            for n, d in shapes]
+    for x_dtype, q_dtype in [(jnp.float16, jnp.int8), (jnp.float32, jnp.int8), (jnp.bfloat16, jnp.uint8),
+                             (jnp.bfloat16, jnp.float8_e5m2), (jnp.float32, jnp.float8_e4m3fn)]:
+        rows += [(op, n, d, x_dtype, q_dtype) for op in specs.SPECS for n, d in [(8192, 4097), (32768, 16384)]]
     return rows
 
 
@@ -114,28 +90,33 @@ def main(argv=None):
     p.add_argument("--ops", nargs="*", default=None, help="only these ops")
     p.add_argument("--min-elements", type=int, default=0, help="only shapes with at least this many elements")
     p.add_argument("--max-elements", type=int, default=None, help="only shapes with at most this many elements")
-    p.add_argument("--json", type=pathlib.Path, default=None, help="where to write results")
+    p.add_argument("--json", type=pathlib.Path, default=None, help="write the results here (nothing is written without it)")
     args = p.parse_args(argv)
     reps = args.reps or (5 if args.quick else 15)
     rows = [r for r in grid(args.quick)
             if (args.ops is None or r[0] in args.ops)
             and args.min_elements <= r[1] * r[2] <= (args.max_elements or r[1] * r[2])]
-    print(f"device: {device_name()}, jax {jax.__version__}, baracuda_jax {bj.__version__}")
-    header = f"{'op':<13}{'dtypes':<16}{'N x D':>14}{'ours us':>10}{'jnp us':>10}{'GB/s':>8}{'%copy':>7}{'vs jnp':>8}"
+    print(f"device: {device_name()}, jax {jax.__version__}, baracuda_jax {bj.__version__}; {len(rows)} rows, each "
+          f"timed after compiling and warming up ours, jnp and a copy")
+    if jax.devices()[0].platform == "cpu":
+        print("on a CPU: a smoke test of the method; the GPU figures are in the README and benchmarks/results/")
+    print(LEGEND)
+    header = f"{'op':<13}{'dtypes':<26}{'N x D':>14}{'ours us':>10}{'jnp us':>10}{'GB/s':>8}{'%copy':>7}{'vs jnp':>8}"
     print(header)
     results = []
     for row in rows:
         r = bench_row(*row, reps)
         results.append(r)
         shape = f"{r['n']}x{r['d']}"
-        print(f"{r['op']:<13}{r['x_dtype'] + '->' + r['q_dtype']:<16}{shape:>14}"
+        print(f"{r['op']:<13}{r['x_dtype'] + '->' + r['q_dtype']:<26}{shape:>14}"
               f"{r['us_ours']:>10.1f}{r['us_jnp']:>10.1f}{r['gbs_ours']:>8.0f}"
               f"{100 * r['gbs_ours'] / r['gbs_copy']:>6.0f}%{r['us_jnp'] / r['us_ours']:>7.2f}x", flush=True)
-    out = args.json or RESULTS / f"{device_name().replace(' ', '_')}{'-quick' if args.quick else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(device=device_name(), jax=jax.__version__, date=datetime.date.today().isoformat(), python=sys.version.split()[0], method=__doc__.split("\n\n")[1])
-    out.write_text(json.dumps(dict(meta=meta, results=results), indent=1))
-    print(f"wrote {out}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        meta = dict(device=device_name(), jax=jax.__version__, date=datetime.date.today().isoformat(),
+                    python=sys.version.split()[0], method=__doc__.split("\n\n")[1])
+        args.json.write_text(json.dumps(dict(meta=meta, results=results), indent=1))
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

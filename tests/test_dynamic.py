@@ -6,19 +6,20 @@ import jax.numpy as jnp
 import pytest
 
 import baracuda_jax as bj
-from baracuda_jax import reference as ref
+from baracuda_jax import reference as ref, specs
 import cases
 from test_bitexact import assert_same_bits, run
 
-GRIDS = [(jnp.int8, True), (jnp.int8, False), (jnp.uint8, False)]
+GRIDS = [(jnp.int8, True), (jnp.int8, False), (jnp.uint8, False), (jnp.float8_e4m3fn, True), (jnp.float8_e5m2, True)]
+GRID_IDS = ["int8-sym", "int8-asym", "uint8-asym", "e4m3-sym", "e5m2-sym"]
 SHAPES = cases.SHAPES + ((3, 40000),)  # a row past the on-chip limit (32768 bf16) streams twice
 
 
 def dynamic_input(r, shape, dtype, subnormals):
     """Random rows of varied magnitude, plus rows that are all zero, all NaN, constant, or hold inf."""
     rows = shape[:-1]
-    mags = cases.scales(r, rows, np.float64, edges=False)
-    x = np.array(cases.activations(r, shape, np.float64, mags, subnormals=subnormals))
+    mags = specs.scales(cases.key(r), rows, edges=False)
+    x = np.array(specs.activations(cases.key(r), shape, specs.case(np.float64, np.int8), mags, subnormals=subnormals))
     flat = x.reshape(-1, shape[-1]) if x.size else x
     specials = [0.0, np.nan, 3.0, "inf", "-inf"]
     for i, kind in enumerate(specials[: flat.shape[0] // 2] if x.size else []):
@@ -30,13 +31,15 @@ def dynamic_input(r, shape, dtype, subnormals):
     return jnp.asarray(x, dtype)
 
 
-@pytest.mark.parametrize("q_dtype,symmetric", GRIDS, ids=["int8-sym", "int8-asym", "uint8-asym"])
-@pytest.mark.parametrize("x_dtype", cases.FLOATS, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("q_dtype,symmetric", GRIDS, ids=GRID_IDS)
+@pytest.mark.parametrize("x_dtype", specs.FLOATS, ids=lambda d: d.name)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_dynamic_matches_reference(device, shape, x_dtype, q_dtype, symmetric):
     r = cases.rng()
     x = dynamic_input(r, shape, x_dtype, subnormals=device.platform != "cpu")
     kw = dict(dtype=q_dtype, symmetric=symmetric)
+    if symmetric and r.random() < 0.5:
+        kw["scale_ub"] = float(r.uniform(0.01, 100))  # bounds some rows' amax, those with inf among them
     got = run(device, bj.quantize_per_token_dynamic, x, **kw)
     want = run(device, ref.quantize_per_token_dynamic, x, **kw)
     for g, w in zip(got, want):
@@ -45,7 +48,7 @@ def test_dynamic_matches_reference(device, shape, x_dtype, q_dtype, symmetric):
                      run(device, ref.fake_quantize_per_token_dynamic, x, **kw))
     # The invariant: the static op with the returned scale and zero point gives the same q.
     q, scale, zp = got
-    assert_same_bits(run(device, bj.quantize_per_token, x, scale, zp, dtype=q_dtype), q)
+    assert_same_bits(run(device, bj.quantize_per_token, x, scale, None if symmetric else zp, dtype=q_dtype), q)
 
 
 def test_documented_rows(device):
@@ -85,9 +88,20 @@ def test_vmap_and_errors():
     q0, s0, _ = bj.quantize_per_token_dynamic(jnp.moveaxis(x, 1, 0))
     assert_same_bits(q, q0)
     assert_same_bits(s, s0)
-    with pytest.raises(ValueError, match="symmetric=True needs dtype int8"):
+    with pytest.raises(ValueError, match="symmetric=True needs a signed dtype"):
         bj.quantize_per_token_dynamic(x, dtype=jnp.uint8)
     with pytest.raises(TypeError, match="x has dtype int32"):
         bj.fake_quantize_per_token_dynamic(jnp.zeros((2, 3), jnp.int32))
     with pytest.raises(ValueError, match="rank >= 1"):
         bj.quantize_per_token_dynamic(jnp.float32(1.0))
+
+
+@pytest.mark.parametrize("q_dtype,fmax", [(jnp.int8, 127), (jnp.float8_e4m3fn, 448), (jnp.float8_e5m2, 57344)])
+def test_scale_ub_bounds_the_amax(device, q_dtype, fmax):
+    x = jnp.array([[1.0, -2.0, 0.5], [300.0, -1.0, 0.0], [np.inf, 1.0, -1.0]], jnp.float32)
+    q, s, zp = run(device, lambda x: bj.quantize_per_token_dynamic(x, dtype=q_dtype, scale_ub=10.0), x)
+    inv = np.float32(1) / np.float32(fmax)
+    np.testing.assert_array_equal(np.asarray(s), [np.float32(2) * inv, np.float32(10) * inv, np.float32(10) * inv])
+    q = np.asarray(q).astype(np.float64)
+    assert q[1, 0] == fmax and q[2, 0] == fmax  # beyond the bound: saturated, inf included
+    np.testing.assert_array_equal(np.asarray(zp), 0)

@@ -34,6 +34,25 @@ CASES = [
     (bj.dequantize_per_token, (Q, S), {"dtype": jnp.int32}, TypeError, ["dtype", "int32"]),
     (bj.dequantize_per_token, (Q, jnp.ones((2,))), {}, ValueError, ["scale", "(2,)"]),
     (bj.dequantize_per_token, (Q, S, jnp.zeros((4,), jnp.float32)), {}, TypeError, ["zero_point", "float32"]),
+    (bj.dequantize_per_token, (Q, S.astype(jnp.int32)), {}, TypeError, ["scale has dtype int32", "float32"]),
+    (bj.quantize_per_token, (X, S), {"dtype": None}, TypeError, ["dtype must be a dtype", "int8", "None"]),
+    (bj.fake_quantize_per_token, (X, S), {"learnable_scale": "yes"}, TypeError, ["learnable_scale", "bool"]),
+    (bj.fake_quantize_per_token_dynamic, (X,), {"symmetric": 1}, TypeError, ["symmetric", "bool"]),
+    # float8: a fixed grid, no zero point
+    (bj.quantize_per_token, (X, S, ZP), {"dtype": jnp.float8_e4m3fn}, ValueError, ["float8_e4m3fn", "zero_point"]),
+    (bj.fake_quantize_per_token, (X, S), {"dtype": jnp.float8_e5m2, "qmax": 100}, ValueError,
+     ["float8_e5m2", "qmax", "[-57344, 57344]"]),
+    (bj.dequantize_per_token, (Q.astype(jnp.float8_e4m3fn), S, ZP), {}, ValueError, ["float8_e4m3fn", "zero_point"]),
+    (bj.quantize_per_token_dynamic, (X,), {"dtype": jnp.float8_e4m3fn, "symmetric": False}, ValueError,
+     ["float8_e4m3fn", "symmetric=True"]),
+    # scale_ub: a positive finite float, for symmetric quantization
+    (bj.quantize_per_token_dynamic, (X,), {"scale_ub": 0.0}, ValueError, ["scale_ub", "positive", "0.0"]),
+    (bj.quantize_per_token_dynamic, (X,), {"scale_ub": float("inf")}, ValueError, ["scale_ub", "finite"]),
+    (bj.fake_quantize_per_token_dynamic, (X,), {"scale_ub": float("nan")}, ValueError, ["scale_ub"]),
+    (bj.quantize_per_token_dynamic, (X,), {"scale_ub": -1.0, "dtype": jnp.float8_e4m3fn}, ValueError, ["scale_ub"]),
+    (bj.quantize_per_token_dynamic, (X,), {"scale_ub": 2.0, "symmetric": False}, ValueError,
+     ["scale_ub", "symmetric=False"]),
+    (bj.quantize_per_token_dynamic, (X,), {"axis_name": "d"}, NameError, ["axis_name='d'", "shard_map"]),
 ]
 
 
@@ -63,8 +82,16 @@ def test_handler_rejects_inconsistent_call_without_crashing():
     with pytest.raises(Exception, match="qmin <= qmax"):
         jax.block_until_ready(jax.jit(lambda x, s: call(x, s, qmin=np.int32(3), qmax=np.int32(1)))(X, S))
     call16 = jax.ffi.ffi_call("baracuda_quantize_per_token", jax.ShapeDtypeStruct((4, 8), jnp.int16))
-    with pytest.raises(Exception, match="expected int8 or uint8"):
+    with pytest.raises(Exception, match="expected one of int8, uint8, float8_e4m3fn, float8_e5m2"):
         jax.block_until_ready(jax.jit(lambda x, s: call16(x, s, qmin=np.int32(0), qmax=np.int32(1)))(X, S))
+    call8 = jax.ffi.ffi_call("baracuda_quantize_per_token", jax.ShapeDtypeStruct((4, 8), jnp.float8_e4m3fn))
+    with pytest.raises(Exception, match="float8_e4m3fn has the fixed grid qmin=-448, qmax=448"):
+        jax.block_until_ready(jax.jit(lambda x, s: call8(x, s, qmin=np.int32(-128), qmax=np.int32(127)))(X, S))
+    with pytest.raises(Exception, match="float8_e4m3fn takes no zero_point"):
+        jax.block_until_ready(jax.jit(lambda x, s, z: call8(x, s, z, qmin=np.int32(-448), qmax=np.int32(448)))(X, S, ZP))
+    fake = jax.ffi.ffi_call("baracuda_fake_quantize_per_token", jax.ShapeDtypeStruct((4, 8), jnp.float32))
+    with pytest.raises(Exception, match="format is int4; expected one of int8"):
+        jax.block_until_ready(jax.jit(lambda x, s: fake(x, s, format="int4", qmin=np.int32(0), qmax=np.int32(1)))(X, S))
 
 
 def test_empty_shapes_return_empty_arrays():

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 from jax.test_util import check_grads
 
 import baracuda_jax as bj
+from baracuda_jax import specs
 import cases
 
 
@@ -20,7 +21,7 @@ def _ste_mask(x, scale, zp, qmin, qmax):
 
 def test_ste_mask_matches_formula(device):
     r = cases.rng()
-    x = cases.activations(r, (6, 37), jnp.float32, jnp.full((6,), 0.25))
+    x = specs.activations(cases.key(r), (6, 37), specs.case(jnp.float32, jnp.int8), jnp.full((6,), 0.25))
     scale = jnp.asarray(2.0 ** r.integers(-3, 0, 6), jnp.float32)
     zp = jnp.asarray(r.integers(-20, 20, 6), jnp.int32)
     qmin, qmax = -100, 90

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import pytest
 
 import baracuda_jax as bj
-from baracuda_jax import reference as ref
+from baracuda_jax import reference as ref, specs
 import cases
 from test_bitexact import assert_same_bits
 
@@ -25,7 +25,7 @@ def _grads(device, x, s, zp, g, **kw):
 
 
 @pytest.mark.parametrize("with_zp", [False, True], ids=["sym", "zp"])
-@pytest.mark.parametrize("x_dtype", cases.FLOATS, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("x_dtype", specs.FLOATS, ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("shape", [(3, 1), (5, 33), (2, 3, 300)], ids=str)
 def test_lsq_matches_written_formula(device, shape, x_dtype, with_zp):
     g, x, s, zp = _case(cases.rng(), shape, x_dtype, with_zp)

@@ -9,6 +9,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import baracuda_jax as bj
+from baracuda_jax import specs
 import cases
 from test_bitexact import assert_same_bits
 
@@ -17,27 +18,22 @@ pytestmark = pytest.mark.skipif(len(CPUS) < 4, reason="needs 4 host devices (jax
 COLLECTIVES = re.compile(r"all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter")
 
 
-def _ops(x, s, zp, g):
-    """Every op, as a function of its operands."""
-    return {
-        "quantize": (lambda x, s, zp: bj.quantize_per_token(x, s, zp), (x, s, zp)),
-        "dequantize": (lambda q, s, zp: bj.dequantize_per_token(q, s, zp, dtype=jnp.bfloat16),
-                       (bj.quantize_per_token(x, s, zp), s, zp)),
-        "fake_quantize": (lambda x, s: bj.fake_quantize_per_token(x, s), (x, s)),
-        "ste_backward": (lambda g, x, s: jax.vjp(lambda x: bj.fake_quantize_per_token(x, s), x)[1](g)[0], (g, x, s)),
-        "dynamic": (lambda x: bj.quantize_per_token_dynamic(x), (x,)),
-        "dynamic_asym": (lambda x: bj.quantize_per_token_dynamic(x, dtype=jnp.uint8, symmetric=False), (x,)),
-        "fake_dynamic_grad": (lambda g, x: jax.vjp(bj.fake_quantize_per_token_dynamic, x)[1](g)[0], (g, x)),
-    }
+CASES = [specs.case(jnp.bfloat16, jnp.int8, zero_point=True), specs.case(jnp.bfloat16, jnp.float8_e4m3fn)]
 
 
-def _inputs(shape):
-    r = cases.rng()
-    s = cases.scales(r, shape[:-1], edges=False)
-    x = cases.activations(r, shape, jnp.bfloat16, s)
-    zp = jnp.asarray(r.integers(-3, 3, shape[:-1]), jnp.int32)
-    g = jnp.asarray(r.standard_normal(shape), jnp.bfloat16)
-    return x, s, zp, g
+def _inputs(shape, case=CASES[0]):
+    return specs.inputs(cases.key(cases.rng()), shape, case, edges=False)
+
+
+def _ops(shape):
+    """Every op of the spec table as a function of its operands (int8 with a zero point, so the dynamic
+    ones are asymmetric, and float8), and a gradient through the custom_vjp."""
+    for case in CASES:
+        inputs = _inputs(shape, case)
+        for spec in specs.SPECS.values():
+            yield f"{spec.name}-{case.id}", spec.ours(case), tuple(a for a in spec.args(inputs) if a is not None)
+    grad = lambda g, x: jax.vjp(bj.fake_quantize_per_token_dynamic, x)[1](g)[0]
+    yield "fake_dynamic_grad", grad, (inputs["g"], inputs["x"])
 
 
 def _put(args, mesh, spec):
@@ -48,7 +44,7 @@ def _put(args, mesh, spec):
 @pytest.mark.parametrize("mesh_shape", [(1, 4), (2, 2), (4, 1)], ids=str)
 def test_token_sharding_is_local_and_bit_equal(mesh_shape):
     mesh = jax.make_mesh(mesh_shape, ("a", "b"), devices=CPUS[:4])
-    for name, (fn, args) in _ops(*_inputs((8, 12, 40))).items():
+    for name, fn, args in _ops((8, 12, 40)):
         sharded = _put(args, mesh, ("a", "b", None))
         f = jax.jit(fn)
         hlo = f.lower(*sharded).compile().as_text()
@@ -60,7 +56,7 @@ def test_token_sharding_is_local_and_bit_equal(mesh_shape):
 def test_d_sharding_gives_correct_results():
     """x sharded along D: the batch partitioner gathers D (the dynamic ops need whole rows anyway)."""
     mesh = jax.make_mesh((2, 2), ("a", "b"), devices=CPUS[:4])
-    for name, (fn, args) in _ops(*_inputs((8, 6, 40))).items():
+    for name, fn, args in _ops((8, 6, 40)):
         sharded = _put(args, mesh, ("a", None, "b"))
         for got, want in zip(jax.tree.leaves(jax.jit(fn)(*sharded)), jax.tree.leaves(jax.jit(fn)(*args))):
             assert_same_bits(got, want)
@@ -68,7 +64,7 @@ def test_d_sharding_gives_correct_results():
 
 def test_uneven_token_shards():
     mesh = jax.make_mesh((4,), ("a",), devices=CPUS[:4], axis_types=(jax.sharding.AxisType.Auto,))
-    x, s, zp, g = _inputs((6, 40))  # 6 rows over 4 devices: XLA pads the last shard
+    x, s = (_inputs((6, 40))[k] for k in ("x", "scale"))  # 6 rows over 4 devices: XLA pads the last shard
 
     @jax.jit
     def f(x, s):
@@ -82,7 +78,7 @@ def test_uneven_token_shards():
 
 def test_inside_shard_map():
     mesh = jax.make_mesh((4,), ("a",), devices=CPUS[:4], axis_types=(jax.sharding.AxisType.Auto,))
-    x, s, zp, g = _inputs((8, 40))
+    x, s, zp = (_inputs((8, 40))[k] for k in ("x", "scale", "zero_point"))
     f = jax.jit(jax.shard_map(lambda x, s, zp: bj.fake_quantize_per_token(x, s, zp), mesh=mesh,
                               in_specs=(P("a"), P("a"), P("a")), out_specs=P("a")))
     assert_same_bits(f(x, s, zp), bj.fake_quantize_per_token(x, s, zp))
