@@ -103,6 +103,8 @@ def main(argv=None):
     print(LEGEND)
     header = f"{'op':<13}{'dtypes':<26}{'N x D':>14}{'ours us':>10}{'jnp us':>10}{'GB/s':>8}{'%copy':>7}{'vs jnp':>8}"
     print(header)
+    meta = dict(device=device_name(), jax=jax.__version__, date=datetime.date.today().isoformat(),
+                python=sys.version.split()[0], method=__doc__.split("\n\n")[1])
     results = []
     for row in rows:
         r = bench_row(*row, reps)
@@ -111,11 +113,10 @@ def main(argv=None):
         print(f"{r['op']:<13}{r['x_dtype'] + '->' + r['q_dtype']:<26}{shape:>14}"
               f"{r['us_ours']:>10.1f}{r['us_jnp']:>10.1f}{r['gbs_ours']:>8.0f}"
               f"{100 * r['gbs_ours'] / r['gbs_copy']:>6.0f}%{r['us_jnp'] / r['us_ours']:>7.2f}x", flush=True)
+        if args.json:  # after every row, so that a cut-off run keeps what it timed
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(dict(meta=meta, results=results), indent=1))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        meta = dict(device=device_name(), jax=jax.__version__, date=datetime.date.today().isoformat(),
-                    python=sys.version.split()[0], method=__doc__.split("\n\n")[1])
-        args.json.write_text(json.dumps(dict(meta=meta, results=results), indent=1))
         print(f"wrote {args.json}")
 
 

@@ -1,13 +1,14 @@
 import importlib.util
 import os
 
-# On GPU, XLA lowers f32 division to an approximate div.full; the reference
-# needs IEEE division to match the kernels. Only NVPTX knows this option, so
-# it is set only where a CUDA plugin is installed.
+# On GPU, XLA lowers f32 division to an approximate div.full, and (allowed excess
+# precision) removes a float32 -> float8 -> float32 round trip; the reference
+# needs IEEE division and the round trip to match the kernels. Only the GPU
+# backend knows these options, so they are set only where a CUDA plugin is installed.
 if any(importlib.util.find_spec(m) for m in ("jax_cuda13_plugin", "jax_cuda12_plugin")):
-    flag = "--xla_backend_extra_options=-nvptx-prec-divf32=2"
-    if flag not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
+    for flag in ("--xla_backend_extra_options=-nvptx-prec-divf32=2", "--xla_allow_excess_precision=false"):
+        if flag not in os.environ.get("XLA_FLAGS", ""):
+            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -62,6 +62,9 @@ CASES = [(spec, case) for spec in specs.SPECS.values() for case in specs.cases()
 @pytest.mark.parametrize("spec,case", CASES, ids=[f"{s.name}-{c.id}" for s, c in CASES])
 @pytest.mark.parametrize("shape", cases.SHAPES, ids=str)
 def test_matches_reference(device, shape, spec, case):
+    if device.platform == "gpu" and case.fmt.is_float and case.x_dtype == np.float64:
+        pytest.skip("XLA:GPU converts float64 to float8 through float32, rounding twice; the kernels round "
+                    "once, as XLA:CPU does (tested on the CPU, and CPU against GPU kernels in test_gpu.py)")
     r = cases.rng()
     if not spec.dynamic:
         case = sub_grid(r, case)
