@@ -1,5 +1,5 @@
-"""From a bench.py JSON: a PNG of GB/s against bytes moved (one panel per op, bf16 -> int8, the copy
-ceiling drawn in) and the README's markdown table.
+"""From a bench.py JSON: a PNG of GB/s against bytes moved (one panel per op, bf16 -> int8 and
+bf16 -> float8_e4m3fn, the copy ceiling drawn in) and the README's markdown table.
 
     python benchmarks/report.py benchmarks/results/NVIDIA_H100_80GB_HBM3.json   # the .png lands beside it
 """
@@ -13,6 +13,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+
+FORMATS = {"int8": "tab:blue", "float8_e4m3fn": "tab:orange"}  # the plotted output formats, bf16 input
 
 
 def measured(r):
@@ -49,23 +52,28 @@ def main(path):
     path = pathlib.Path(path)
     data = json.loads(path.read_text())
     print(table(data))
-    rows = [r for r in data["results"] if r["x_dtype"] == "bfloat16" and r["q_dtype"] == "int8" and measured(r)]
+    rows = [r for r in data["results"] if r["x_dtype"] == "bfloat16" and r["q_dtype"] in FORMATS and measured(r)]
     ops = list(dict.fromkeys(r["op"] for r in rows))
-    cols = min(3, len(ops))
+    cols = min(4, len(ops))
     fig, axes = plt.subplots(-(-len(ops) // cols), cols, figsize=(4.2 * cols, 3.6 * -(-len(ops) // cols)),
                              sharey=True, squeeze=False)
     for ax, op in zip(axes.flat, ops):
-        rs = sorted((r for r in rows if r["op"] == op), key=lambda r: r["bytes"])
-        mb = [r["bytes"] / 2**20 for r in rs]
-        for key, label, style in [("gbs_copy", "copy of the same bytes", "k--"), ("gbs_jnp", "jnp reference", "o-"),
-                                  ("gbs_ours", "baracuda_jax", "s-")]:
-            ax.plot(mb, [r[key] for r in rs], style, label=label, markersize=4)
+        for fmt, color in FORMATS.items():
+            rs = sorted((r for r in rows if r["op"] == op and r["q_dtype"] == fmt), key=lambda r: r["bytes"])
+            mb = [r["bytes"] / 2**20 for r in rs]
+            short = fmt.replace("float8_", "")
+            if fmt == "int8":
+                ax.plot(mb, [r["gbs_copy"] for r in rs], "k--", label="copy of the same bytes", lw=0.8)
+            ax.plot(mb, [r["gbs_jnp"] for r in rs], "o:", color=color, label=f"jnp reference ({short})", markersize=3)
+            ax.plot(mb, [r["gbs_ours"] for r in rs], "s-", color=color, label=f"baracuda_jax ({short})", markersize=4)
         ax.axhline(copy_ceiling(data), color="gray", lw=0.8)
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_title(f"{op} (bf16 -> int8)")
+        ax.set_title(f"{op} (bf16)")
         ax.set_xlabel("MiB moved per call")
         ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(ops):]:
+        ax.axis("off")
     for row in axes:
         row[0].set_ylabel("GB/s (read + write)")
     axes[0][0].legend(loc="upper left", fontsize=8)

@@ -4,11 +4,13 @@
 //
 // Every format F provides, with g the op's grid parameters (qmin, qmax, zero
 // point) and p the row's parameters:
-//   F::saturate(g, p, v)  the value stored, still in M
+//   F::saturate(g, p, v)  the value to store, still in M
 //                           integer: clamp(round_half_even(v) + zp, qmin, qmax), NaN -> zp
-//                           float8:  clamp(v, -fmax, fmax), NaN stays NaN
+//                           float8:  v itself (encode saturates)
 //   F::round(m)           that value as stored, read back in M (integer: m; float8: m rounded)
-//   F::encode(m)          M -> storage (integer: an exact cast; float8: one round to nearest even)
+//   F::encode(m)          M -> storage (integer: an exact cast; float8: clamp to [-fmax, fmax],
+//                         NaN staying NaN, then one round to nearest even: the hardware's
+//                         saturating conversion, cvt.rn.satfinite)
 //   F::decode(q)          storage -> float, exact
 //   F::passes(g, p, v)    the straight-through mask: g passes where saturation did not move v
 // and `grid`, the type that carries the rounding rule alone (int8 and uint8
@@ -75,15 +77,16 @@ template <int kMan, int kBias>
 struct Minifloat {
   static constexpr int kMinExp = 1 - kBias;  // exponent of the smallest normal
 
-  // One round to nearest even of a value that is NaN or within [-fmax, fmax].
+  // Clamps |v| to fmax (NaN stays NaN), then rounds to nearest even: a saturating conversion.
   template <class M>
-  BJ_HD static uint8_t encode_bits(M v, uint8_t nan) {
+  BJ_HD static uint8_t encode_bits(M v, M fmax, uint8_t max_bits, uint8_t nan) {
     using U = typename FloatBits<M>::uint;
     constexpr int kSrcMan = FloatBits<M>::kMan, kSrcBias = FloatBits<M>::kBias;
     const U u = bit_cast<U>(v);
     const uint8_t sign = uint8_t(u >> (8 * sizeof(U) - 8)) & 0x80u;
     const M a = v < 0 ? -v : v;
     if (a != a) return sign | nan;
+    if (a >= fmax) return sign | max_bits;
     if (a < pow2<M>(kMinExp)) {  // the format's subnormals (and zero): multiples of 2^(kMinExp - kMan)
       return sign | uint8_t(round_half_even(a * pow2<M>(kMan - kMinExp)));
     }
@@ -115,9 +118,7 @@ struct Float8Format {
   static constexpr bool kFloat = true;
 
   template <class G, class P, class M>
-  BJ_HD static M saturate(const G& g, const P&, M v) {
-    return v < g.qmin ? g.qmin : (v > g.qmax ? g.qmax : v);  // NaN compares false: stays NaN
-  }
+  BJ_HD static M saturate(const G&, const P&, M v) { return v; }  // encode() saturates
   template <class G, class P, class M>
   BJ_HD static bool passes(const G&, const P&, M v) { return S::in_range(v < 0 ? -v : v); }
   template <class M> BJ_HD static M round(M m) { return M(decode(encode(m))); }
@@ -136,7 +137,7 @@ struct E4M3 : Float8Format<E4M3>, Minifloat<3, 7> {
 #if defined(__CUDA_ARCH__)
     if constexpr (sizeof(M) == 4) return __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3);
 #endif
-    return encode_bits(v, 0x7F);
+    return encode_bits(v, M(kMax), 0x7E, 0x7F);
   }
   BJ_HD static float from_bits(uint8_t b) {
 #if defined(__CUDA_ARCH__)
@@ -158,7 +159,7 @@ struct E5M2 : Float8Format<E5M2>, Minifloat<2, 15> {
 #if defined(__CUDA_ARCH__)
     if constexpr (sizeof(M) == 4) return __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E5M2);
 #endif
-    return encode_bits(v, 0x7E);
+    return encode_bits(v, M(kMax), 0x7B, 0x7E);
   }
   BJ_HD static float from_bits(uint8_t b) {
 #if defined(__CUDA_ARCH__)

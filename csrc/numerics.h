@@ -8,6 +8,7 @@
 //   q     = F::saturate(v), stored by F::encode (formats.h):
 //             integer: t = round_half_even(v) + M(zp); NaN -> M(zp); clamp to [qmin, qmax]
 //             float8:  clamp(v, -fmax, fmax) (NaN stays NaN), one round to nearest even
+//                      (a saturating conversion: the hardware's on the GPU)
 //   deq   = (M(q) - M(zp)) * M(scale)          then rounded once to the output type
 //   ste   = F::passes(v) ? g : 0               integer: qmin <= t <= qmax (NaN -> 0)
 //                                              float8: v rounds to a finite value unsaturated
@@ -36,7 +37,7 @@ struct QParams {
   const M* scale;             // static ops: one per row
   const int32_t* zero_point;  // static ops: one per row, or nullptr
   bool has_zp;                // false: symmetric, no zero-point add or subtract
-  M qmin, qmax;               // the integer grid, or -fmax and fmax for a float8 format
+  M qmin, qmax;               // the integer grid (a float8 format's is fixed: -fmax, fmax)
 
   BJ_HD RowParams<M> row(int64_t r) const {
     const M s = scale[r];
