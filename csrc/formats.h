@@ -44,9 +44,8 @@ struct IntegerGrid {
   }
   template <class G, class P, class M>
   BJ_HD static M saturate(const G& g, const P& p, M v) {
-    M t = shifted(g, p, v);
-    if (t != t) t = p.zp;  // NaN never reaches a float->int cast
-    return g.clamp(t);
+    const M t = shifted(g, p, v);
+    return g.clamp(t != t ? p.zp : t);  // NaN never reaches a float->int cast
   }
   template <class G, class P, class M>
   BJ_HD static bool passes(const G& g, const P& p, M v) {
@@ -78,33 +77,33 @@ struct Minifloat {
   static constexpr int kMinExp = 1 - kBias;  // exponent of the smallest normal
 
   // Clamps |v| to fmax (NaN stays NaN), then rounds to nearest even: a saturating conversion.
+  // Every case is computed and one selected, so that a loop over it vectorizes.
   template <class M>
   BJ_HD static uint8_t encode_bits(M v, M fmax, uint8_t max_bits, uint8_t nan) {
     using U = typename FloatBits<M>::uint;
-    constexpr int kSrcMan = FloatBits<M>::kMan, kSrcBias = FloatBits<M>::kBias;
+    constexpr int kSrcMan = FloatBits<M>::kMan, kSrcBias = FloatBits<M>::kBias, kShift = kSrcMan - kMan;
     const U u = bit_cast<U>(v);
     const uint8_t sign = uint8_t(u >> (8 * sizeof(U) - 8)) & 0x80u;
-    const M a = v < 0 ? -v : v;
-    if (a != a) return sign | nan;
-    if (a >= fmax) return sign | max_bits;
-    if (a < pow2<M>(kMinExp)) {  // the format's subnormals (and zero): multiples of 2^(kMinExp - kMan)
-      return sign | uint8_t(round_half_even(a * pow2<M>(kMan - kMinExp)));
-    }
+    const M a = bit_cast<M>(u & ~(U(1) << (8 * sizeof(U) - 1)));  // |v|
+    const bool is_nan = a != a, saturated = a >= fmax;
+    const M in_range = (is_nan | saturated) ? M(0) : a;
+    // The format's subnormals (and zero): multiples of 2^(kMinExp - kMan).
+    const uint8_t sub = uint8_t(round_half_even(in_range * pow2<M>(kMan - kMinExp)));
     // Normal: keep kMan mantissa bits, rounding half to even (a carry moves into the exponent).
-    U b = bit_cast<U>(a);
-    constexpr int shift = kSrcMan - kMan;
-    b += (U(1) << (shift - 1)) - 1 + ((b >> shift) & 1);
-    b >>= shift;
-    return sign | uint8_t(b - (U(kSrcBias - kBias) << kMan));
+    const U b = bit_cast<U>(in_range);
+    const U rounded = (b + (U(1) << (kShift - 1)) - 1 + ((b >> kShift) & 1)) >> kShift;
+    const uint8_t normal = uint8_t(rounded - (U(kSrcBias - kBias) << kMan));
+    const uint8_t bits = is_nan ? nan : saturated ? max_bits : in_range < pow2<M>(kMinExp) ? sub : normal;
+    return sign | bits;
   }
 
   BJ_HD static float decode_bits(uint8_t b, bool is_nan, bool is_inf) {
-    const float sign = (b & 0x80u) ? -1.0f : 1.0f;
-    if (is_nan) return std::numeric_limits<float>::quiet_NaN();
-    if (is_inf) return sign * std::numeric_limits<float>::infinity();
     const int e = (b & 0x7Fu) >> kMan, m = b & ((1 << kMan) - 1);
-    return e == 0 ? sign * float(m) * pow2<float>(kMinExp - kMan)
-                  : sign * float((1 << kMan) + m) * pow2<float>(e - kBias - kMan);
+    const float finite = e == 0 ? float(m) * pow2<float>(kMinExp - kMan)
+                                : float((1 << kMan) + m) * pow2<float>(e - kBias - kMan);
+    const float magnitude = is_nan ? std::numeric_limits<float>::quiet_NaN()
+                                   : is_inf ? std::numeric_limits<float>::infinity() : finite;
+    return bit_cast<float>(bit_cast<uint32_t>(magnitude) | (uint32_t(b & 0x80u) << 24));
   }
 };
 

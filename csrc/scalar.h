@@ -69,8 +69,8 @@ template <> struct From<bf16> {
     return {__bfloat16_as_ushort(__float2bfloat16_rn(v))};
 #else
     const uint32_t u = bit_cast<uint32_t>(v);
-    if (std::isnan(v)) return {uint16_t((u >> 16) | 0x0040u)};  // stay quiet
-    return {uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16)};
+    const uint16_t quiet_nan = uint16_t((u >> 16) | 0x0040u), rounded = uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    return {v != v ? quiet_nan : rounded};  // a select, not a branch: the CPU loops vectorize
 #endif
   }
 };

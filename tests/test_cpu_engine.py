@@ -1,0 +1,26 @@
+"""The CPU row engine: rows split over XLA's thread pool give the bits of rows run one at a time."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from baracuda_jax import specs
+import cases
+from test_bitexact import assert_same_bits
+
+CPU = jax.devices("cpu")[0]
+
+
+@pytest.mark.parametrize("q_dtype", [jnp.int8, jnp.float8_e4m3fn], ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("spec", specs.SPECS.values(), ids=lambda s: s.name)
+def test_threaded_rows_equal_single_rows(spec, q_dtype):
+    """96 rows of 4097 are a dozen chunks for the pool's threads; one row alone is run inline."""
+    case = specs.case(jnp.float32, q_dtype)
+    args = jax.device_put(spec.args(specs.inputs(cases.key(cases.rng()), (96, 4097), case)), CPU)
+    f = jax.jit(spec.ours(case))
+    whole = jax.tree.leaves(f(*args))
+    for i in range(0, 96, 7):
+        row = jax.tree.leaves(f(*(None if a is None else a[i:i + 1] for a in args)))
+        for w, r in zip(whole, row):
+            assert_same_bits(w[i:i + 1], r)  # LSQ's per-row sum too: its order is fixed within a row
