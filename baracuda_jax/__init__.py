@@ -1,7 +1,7 @@
-"""Per-token (per-row) int8/uint8 quantization for JAX, as XLA FFI custom calls on CPU and CUDA."""
+"""Per-token (per-row) int8/uint8 and float8 quantization for JAX, as XLA FFI custom calls on CPU and CUDA."""
 
 from baracuda_jax import reference
-from baracuda_jax._ffi import HAS_CUDA_KERNELS
+from baracuda_jax._ffi import HAS_CUDA_KERNELS, gpu_kernels_available
 from baracuda_jax.ops import (dequantize_per_token, fake_quantize_per_token, fake_quantize_per_token_dynamic,
                               quantize_per_token, quantize_per_token_dynamic)
 
@@ -10,6 +10,7 @@ __all__ = [
     "dequantize_per_token",
     "fake_quantize_per_token",
     "fake_quantize_per_token_dynamic",
+    "gpu_kernels_available",
     "quantize_per_token",
     "quantize_per_token_dynamic",
     "reference",

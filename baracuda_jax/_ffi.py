@@ -9,7 +9,17 @@ try:  # built only where nvcc was found; links cudart statically, so it imports 
 except ImportError:
     _cuda = None
 
-HAS_CUDA_KERNELS = _cuda is not None
+HAS_CUDA_KERNELS = _cuda is not None  # compiled into this install; see gpu_kernels_available()
+
+
+def gpu_kernels_available() -> bool:
+    """Whether the CUDA kernels will run here: compiled into this install, and JAX sees a CUDA GPU."""
+    if _cuda is None:
+        return False
+    try:
+        return bool(jax.devices("cuda"))
+    except RuntimeError:  # no CUDA backend (no plugin, no GPU or no driver)
+        return False
 TARGETS = frozenset(_cpu.registrations())  # csrc/ops.def: the same names on every platform
 
 for _name, _target in _cpu.registrations().items():

@@ -6,8 +6,8 @@ kernel's end (so gaps between the kernels of one call count, the host's launch g
 do not). This holds for a 1-row decode call as well as for a 1 GB one.
 
 CPU: there are no device records. One jitted program makes K calls in a chain (each ordered after
-the previous one by an optimization barrier, so XLA neither fuses nor overlaps them), a second makes
-2K; the difference of their wall times over K is the time per call, with dispatch cancelled out.
+the previous one by an optimization barrier, so XLA neither fuses nor overlaps them); the best of
+several runs of it, over K, is the time per call (one dispatch spread over K calls).
 """
 
 import pathlib
@@ -60,15 +60,16 @@ def _chain_wall(fn, arg_sets, reps):
         t0 = time.perf_counter()
         jax.block_until_ready(f(arg_sets))
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return min(times)
 
 
 def time_per_call(fn, arg_sets, reps):
-    """Median device seconds per call of fn over the argument tuples in arg_sets, each used reps times.
+    """Device seconds per call of fn over the argument tuples in arg_sets, each used reps times.
 
-    NaN when the CPU method's difference came out non-positive (noise swamped it).
+    GPU: the median over the calls' kernel spans. CPU: the best of `reps` batches of chained calls,
+    over the batch's calls; the other processes of a small machine only ever slow a batch down, so
+    the best one repeats where a median or a difference of two would not.
     """
     if jax.devices()[0].platform == "gpu":
         return statistics.median(_kernel_spans(fn, arg_sets, reps))
-    t = (_chain_wall(fn, arg_sets * 2, reps) - _chain_wall(fn, arg_sets, reps)) / len(arg_sets)
-    return t if t > 0 else float("nan")
+    return _chain_wall(fn, arg_sets, max(reps, 7)) / len(arg_sets)

@@ -101,3 +101,8 @@ def test_empty_shapes_return_empty_arrays():
         for out in (bj.quantize_per_token(x, s), bj.fake_quantize_per_token(x, s),
                     bj.dequantize_per_token(jnp.zeros(shape, jnp.uint8), s)):
             assert out.shape == shape and out.size == 0
+
+
+def test_gpu_kernels_available_means_compiled_and_a_cuda_device():
+    from conftest import GPUS
+    assert bj.gpu_kernels_available() == (bj.HAS_CUDA_KERNELS and bool(GPUS))
