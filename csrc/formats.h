@@ -70,104 +70,103 @@ struct UInt8 : IntegerFormat<uint8_t, ffi::DataType::U8> { static constexpr cons
 // ---- float8 formats: a fixed grid, saturating at +-fmax, no zero point ------
 struct f8_bits { uint8_t bits; };  // storage only
 
-// IEEE-style minifloat with kMan mantissa bits and exponent bias kBias, no
-// infinities of its own where kInf is false (e4m3fn: the all-ones pattern is NaN).
-template <int kMan, int kBias>
-struct Minifloat {
-  static constexpr int kMinExp = 1 - kBias;  // exponent of the smallest normal
+// A float8 format F over its constants S: kMan mantissa bits, exponent bias
+// kBias, fmax = kMax (bits kMaxBits), kNanBits, whether it has infinities, and
+// kOverflow, the midpoint between fmax and the next step, where rounding
+// without saturation leaves the format. The device converts floats with the
+// hardware's instructions, which the tests hold to the portable code bit for bit.
+template <class S>
+struct Float8Format : S {
+  using grid = Float8Format;
+  using storage = f8_bits;
+  static constexpr bool kFloat = true;
+  static constexpr int64_t kLowest = -S::kMax;
+  static constexpr int kMinExp = 1 - S::kBias;  // exponent of the smallest normal
+
+  template <class G, class P, class M>
+  BJ_HD static M saturate(const G&, const P&, M v) { return v; }  // encode() saturates
+  // Rounding v unsaturated stays finite: below kOverflow, or at it when fmax is even (ties to even).
+  template <class G, class P, class M>
+  BJ_HD static bool passes(const G&, const P&, M v) {
+    const M a = v < 0 ? -v : v;
+    return (S::kMaxBits & 1) ? a < M(S::kOverflow) : a <= M(S::kOverflow);
+  }
+  template <class M> BJ_HD static M round(M m) { return M(decode(encode(m))); }
+
+  template <class M> BJ_HD static f8_bits encode(M v) {
+#if defined(__CUDA_ARCH__)
+    if constexpr (sizeof(M) == 4) return {__nv_cvt_float_to_fp8(v, __NV_SATFINITE, S::kInterp)};
+#endif
+    return {encode_bits(v)};
+  }
+  BJ_HD static float decode(f8_bits q) {
+#if defined(__CUDA_ARCH__)
+    return __half2float(__half(__nv_cvt_fp8_to_halfraw(q.bits, S::kInterp)));
+#else
+    return decode_bits(q.bits);
+#endif
+  }
 
   // Clamps |v| to fmax (NaN stays NaN), then rounds to nearest even: a saturating conversion.
   // Every case is computed and one selected, so that a loop over it vectorizes.
   template <class M>
-  BJ_HD static uint8_t encode_bits(M v, M fmax, uint8_t max_bits, uint8_t nan) {
+  BJ_HD static uint8_t encode_bits(M v) {
     using U = typename FloatBits<M>::uint;
-    constexpr int kSrcMan = FloatBits<M>::kMan, kSrcBias = FloatBits<M>::kBias, kShift = kSrcMan - kMan;
+    constexpr int kMan = S::kMan, kShift = FloatBits<M>::kMan - kMan;
     const U u = bit_cast<U>(v);
     const uint8_t sign = uint8_t(u >> (8 * sizeof(U) - 8)) & 0x80u;
     const M a = bit_cast<M>(u & ~(U(1) << (8 * sizeof(U) - 1)));  // |v|
-    const bool is_nan = a != a, saturated = a >= fmax;
+    const bool is_nan = a != a, saturated = a >= M(S::kMax);
     const M in_range = (is_nan | saturated) ? M(0) : a;
     // The format's subnormals (and zero): multiples of 2^(kMinExp - kMan).
     const uint8_t sub = uint8_t(round_half_even(in_range * pow2<M>(kMan - kMinExp)));
     // Normal: keep kMan mantissa bits, rounding half to even (a carry moves into the exponent).
     const U b = bit_cast<U>(in_range);
     const U rounded = (b + (U(1) << (kShift - 1)) - 1 + ((b >> kShift) & 1)) >> kShift;
-    const uint8_t normal = uint8_t(rounded - (U(kSrcBias - kBias) << kMan));
-    const uint8_t bits = is_nan ? nan : saturated ? max_bits : in_range < pow2<M>(kMinExp) ? sub : normal;
+    const uint8_t normal = uint8_t(rounded - (U(FloatBits<M>::kBias - S::kBias) << kMan));
+    const uint8_t bits = is_nan ? S::kNanBits : saturated ? S::kMaxBits : in_range < pow2<M>(kMinExp) ? sub : normal;
     return sign | bits;
   }
 
-  BJ_HD static float decode_bits(uint8_t b, bool is_nan, bool is_inf) {
+  BJ_HD static float decode_bits(uint8_t b) {
+    constexpr int kMan = S::kMan;
     const int e = (b & 0x7Fu) >> kMan, m = b & ((1 << kMan) - 1);
     const float finite = e == 0 ? float(m) * pow2<float>(kMinExp - kMan)
-                                : float((1 << kMan) + m) * pow2<float>(e - kBias - kMan);
-    const float magnitude = is_nan ? std::numeric_limits<float>::quiet_NaN()
-                                   : is_inf ? std::numeric_limits<float>::infinity() : finite;
+                                : float((1 << kMan) + m) * pow2<float>(e - S::kBias - kMan);
+    const unsigned past_max = (b & 0x7Fu) - S::kMaxBits;  // 1 is infinity where the format has it
+    const float magnitude = past_max == 0 || past_max > 0x80u ? finite
+                            : S::kInf && past_max == 1 ? std::numeric_limits<float>::infinity()
+                                                       : std::numeric_limits<float>::quiet_NaN();
     return bit_cast<float>(bit_cast<uint32_t>(magnitude) | (uint32_t(b & 0x80u) << 24));
   }
 };
 
-// The float8 rules shared by both formats, over a spec S (S::in_range, S::to_bits,
-// S::from_bits). The device converts floats with the hardware's instructions,
-// which the tests hold to the host's portable code bit for bit.
-template <class S>
-struct Float8Format {
-  using grid = S;
-  using storage = f8_bits;
-  static constexpr bool kFloat = true;
-
-  template <class G, class P, class M>
-  BJ_HD static M saturate(const G&, const P&, M v) { return v; }  // encode() saturates
-  template <class G, class P, class M>
-  BJ_HD static bool passes(const G&, const P&, M v) { return S::in_range(v < 0 ? -v : v); }
-  template <class M> BJ_HD static M round(M m) { return M(decode(encode(m))); }
-  template <class M> BJ_HD static f8_bits encode(M m) { return {S::to_bits(m)}; }
-  BJ_HD static float decode(f8_bits q) { return S::from_bits(q.bits); }
-};
-
-// float8_e4m3fn: bias 7, 3 mantissa bits, fmax 448, no infinity (0x7F is NaN).
-struct E4M3 : Float8Format<E4M3>, Minifloat<3, 7> {
+// float8_e4m3fn: no infinity (0x7F is NaN); 448 < |v| <= 464 rounds to 448 (464 is a tie, and 448 is even).
+struct E4M3Constants {
   static constexpr ffi::DataType kDtype = ffi::DataType::F8E4M3FN;
   static constexpr const char* kName = "float8_e4m3fn";
-  static constexpr int64_t kLowest = -448, kMax = 448;
-  // 448 < |v| <= 464 rounds to 448 (464 is a tie, and 448 is even); past it, NaN.
-  template <class M> BJ_HD static bool in_range(M a) { return a <= M(464); }
-  template <class M> BJ_HD static uint8_t to_bits(M v) {
-#if defined(__CUDA_ARCH__)
-    if constexpr (sizeof(M) == 4) return __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3);
+  static constexpr int kMan = 3, kBias = 7;
+  static constexpr int64_t kMax = 448, kOverflow = 464;
+  static constexpr uint8_t kMaxBits = 0x7E, kNanBits = 0x7F;
+  static constexpr bool kInf = false;
+#if defined(__CUDACC__)
+  static constexpr __nv_fp8_interpretation_t kInterp = __NV_E4M3;
 #endif
-    return encode_bits(v, M(kMax), 0x7E, 0x7F);
-  }
-  BJ_HD static float from_bits(uint8_t b) {
-#if defined(__CUDA_ARCH__)
-    return __half2float(__half(__nv_cvt_fp8_to_halfraw(b, __NV_E4M3)));
-#else
-    return decode_bits(b, (b & 0x7Fu) == 0x7Fu, false);
-#endif
-  }
 };
-
-// float8_e5m2: bias 15, 2 mantissa bits, fmax 57344, with infinities (the top byte of an IEEE half).
-struct E5M2 : Float8Format<E5M2>, Minifloat<2, 15> {
+// float8_e5m2: the top byte of an IEEE half; 61440 is the tie between 57344 (odd) and infinity: it overflows.
+struct E5M2Constants {
   static constexpr ffi::DataType kDtype = ffi::DataType::F8E5M2;
   static constexpr const char* kName = "float8_e5m2";
-  static constexpr int64_t kLowest = -57344, kMax = 57344;
-  // 61440 is the tie between 57344 (odd mantissa) and 65536 (even, infinity): it overflows.
-  template <class M> BJ_HD static bool in_range(M a) { return a < M(61440); }
-  template <class M> BJ_HD static uint8_t to_bits(M v) {
-#if defined(__CUDA_ARCH__)
-    if constexpr (sizeof(M) == 4) return __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E5M2);
+  static constexpr int kMan = 2, kBias = 15;
+  static constexpr int64_t kMax = 57344, kOverflow = 61440;
+  static constexpr uint8_t kMaxBits = 0x7B, kNanBits = 0x7E;
+  static constexpr bool kInf = true;
+#if defined(__CUDACC__)
+  static constexpr __nv_fp8_interpretation_t kInterp = __NV_E5M2;
 #endif
-    return encode_bits(v, M(kMax), 0x7B, 0x7E);
-  }
-  BJ_HD static float from_bits(uint8_t b) {
-#if defined(__CUDA_ARCH__)
-    return __half2float(__ushort_as_half(uint16_t(uint16_t(b) << 8)));
-#else
-    return decode_bits(b, (b & 0x7Fu) > 0x7Cu, (b & 0x7Fu) == 0x7Cu);
-#endif
-  }
 };
+using E4M3 = Float8Format<E4M3Constants>;
+using E5M2 = Float8Format<E5M2Constants>;
 
 template <class... Fs> struct FormatList {};
 // Every output format. A new one is a struct above and an entry here (and in _formats.py).
