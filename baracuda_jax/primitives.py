@@ -126,14 +126,10 @@ def define(decl: OpDecl) -> Primitive:
 
 # ---- abstract evals: the checks a direct bind gets too ------------------------------------------
 
-def _static(op, data_name, data, scale, zero_point, math_dtype):
-    _checks.row_operands(op, data_name, data, scale, zero_point, math_dtype)
-
-
 def _quantize_aval(x, scale, zero_point=None, *, qmin, qmax, dtype):
     op = "quantize_per_token"
     _checks.float_dtype(op, "x", x.dtype)
-    _static(op, "x", x, scale, zero_point, _checks.math_dtype(x.dtype))
+    _checks.row_operands(op, "x", x, scale, zero_point, _checks.math_dtype(x.dtype))
     _checks.resolved_grid(op, dtype, qmin, qmax, zero_point)
     return like(x, x.shape, dtype)
 
@@ -142,7 +138,7 @@ def _dequantize_aval(q, scale, zero_point=None, *, dtype):
     op = "dequantize_per_token"
     fmt = _checks.format_of(op, "q", q.dtype)
     dtype = _checks.float_dtype(op, "dtype", dtype)
-    _static(op, "q", q, scale, zero_point, _checks.math_dtype(dtype))
+    _checks.row_operands(op, "q", q, scale, zero_point, _checks.math_dtype(dtype))
     if fmt.is_float and zero_point is not None:
         raise ValueError(f"{op}: {fmt.name} takes no zero_point")
     return like(q, q.shape, dtype)
@@ -153,7 +149,7 @@ def _fake_quantize_aval(*operands, qmin, qmax, dtype, n_grads=0):
     grads, (x, scale, *zp) = operands[:n_grads], operands[n_grads:]
     zero_point = zp[0] if zp else None
     _checks.float_dtype(op, "x", x.dtype)
-    _static(op, "x", x, scale, zero_point, _checks.math_dtype(x.dtype))
+    _checks.row_operands(op, "x", x, scale, zero_point, _checks.math_dtype(x.dtype))
     _checks.resolved_grid(op, dtype, qmin, qmax, zero_point)
     for g in grads:  # the backward's cotangent
         if g.shape != x.shape or g.dtype != x.dtype:

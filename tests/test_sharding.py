@@ -87,7 +87,8 @@ def test_inside_shard_map():
     assert_same_bits(grad(x), jax.grad(lambda x: bj.fake_quantize_per_token_dynamic(x).astype(jnp.float32).sum())(x))
 
 
-@pytest.mark.parametrize("q_dtype,symmetric", [(jnp.int8, True), (jnp.int8, False), (jnp.uint8, False)])
+@pytest.mark.parametrize("q_dtype,symmetric", [(jnp.int8, True), (jnp.int8, False), (jnp.uint8, False),
+                                               (jnp.float8_e4m3fn, True)])
 @pytest.mark.parametrize("x_dtype", [jnp.bfloat16, jnp.float32], ids=lambda d: jnp.dtype(d).name)
 def test_dynamic_with_axis_name_over_a_split_d(x_dtype, q_dtype, symmetric):
     """D split four ways inside shard_map: local ranges + pmin/pmax give the whole row's bits, no gather."""
