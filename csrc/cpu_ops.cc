@@ -90,6 +90,15 @@ class ParallelRows {
   };
 };
 
+// The row loops are compiled twice on x86 (GCC's function multiversioning):
+// for AVX-512 CPUs (x86-64-v4), chosen when the module loads, and for the
+// module's AVX2 baseline. The same IEEE operations either way.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define BJ_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "default")))
+#else
+#define BJ_VECTOR_CLONES
+#endif
+
 // The storage types as the compiler can vectorize them: a 16-bit float or a
 // float8 value moves as its integer bits (a struct has no vector type).
 template <class T> struct Raw {
@@ -111,8 +120,8 @@ template <> struct Raw<f16> : RawBits<f16, uint16_t> {};
 template <> struct Raw<f8_bits> : RawBits<f8_bits, uint8_t> {};
 
 // The row engine of handlers.h. Each row's inner loop is written so that the
-// compiler vectorizes it (AVX, F16C on x86): no calls, branches it can turn
-// into selects, and row ranges reduced in fixed lanes.
+// compiler vectorizes it (AVX2, F16C on x86): no calls, branches it can turn
+// into selects, and row reductions in fixed lanes.
 struct CpuExec {
   ffi::ThreadPool pool;
   CpuExec(ffi::ThreadPool p) : pool(p) {}
@@ -156,16 +165,16 @@ struct CpuExec {
   // op and p by value, restrict pointers: nothing the loop stores (int8 stores may alias
   // anything) can change what it reads, so the loop vectorizes.
   template <class Out, class... In, class Op, class P>
-  static void map_raw(const Op op, const P p, int64_t cols, typename Raw<Out>::type* __restrict__ out,
+  BJ_VECTOR_CLONES static void map_raw(const Op op, const P p, int64_t cols, typename Raw<Out>::type* __restrict__ out,
                       const typename Raw<In>::type* __restrict__... in) {
     for (int64_t c = 0; c < cols; ++c) out[c] = Raw<Out>::bits(op(p, Raw<In>::value(in[c])...));
   }
 
   // The row's sum in kLanes interleaved lanes, added in lane order, then the
-  // tail: a fixed order (so the same on every run and for any split) that
-  // vectorizes.
+  // tail: a fixed order (the same on every run and for any split), laid out
+  // for vectors (GCC 12 still keeps LsqGradOp's loop scalar).
   template <class Out, class... In, class Op, class P>
-  static auto reduce_raw(const Op op, const P p, int64_t cols, typename Raw<Out>::type* __restrict__ out,
+  BJ_VECTOR_CLONES static typename Op::M reduce_raw(const Op op, const P p, int64_t cols, typename Raw<Out>::type* __restrict__ out,
                          const typename Raw<In>::type* __restrict__... in) {
     using M = typename Op::M;
     constexpr int kLanes = 8;
@@ -179,10 +188,11 @@ struct CpuExec {
     return sum;
   }
 
-  // The row's range in kLanes interleaved lanes, merged at the end: a fixed
-  // order (min and max are exact, so it equals the sequential range).
+  // The row's range in kLanes interleaved lanes, merged at the end: min and
+  // max are exact, so it is the sequential range (but for the sign of a zero
+  // bound, which no output depends on).
   template <class M, class T>
-  static RowRange<M> row_range(const T* __restrict__ x, int64_t cols) {
+  BJ_VECTOR_CLONES static RowRange<M> row_range(const T* __restrict__ x, int64_t cols) {
     constexpr int kLanes = 16;
     M lo[kLanes] = {}, hi[kLanes] = {};
     int64_t c = 0;

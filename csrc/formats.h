@@ -130,9 +130,9 @@ struct Float8Format : S {
 
   BJ_HD static float decode_bits(uint8_t b) {
     constexpr int kMan = S::kMan;
-    const int e = (b & 0x7Fu) >> kMan, m = b & ((1 << kMan) - 1);
-    const float finite = e == 0 ? float(m) * pow2<float>(kMinExp - kMan)
-                                : float((1 << kMan) + m) * pow2<float>(e - S::kBias - kMan);
+    const uint32_t e = (b & 0x7Fu) >> kMan, m = b & ((1u << kMan) - 1);
+    const float normal = bit_cast<float>(((e + 127 - S::kBias) << 23) | (m << (23 - kMan)));  // exact
+    const float finite = e == 0 ? float(int(m)) * pow2<float>(kMinExp - kMan) : normal;
     const unsigned past_max = (b & 0x7Fu) - S::kMaxBits;  // 1 is infinity where the format has it
     const float magnitude = past_max == 0 || past_max > 0x80u ? finite
                             : S::kInf && past_max == 1 ? std::numeric_limits<float>::infinity()
