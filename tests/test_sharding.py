@@ -2,7 +2,6 @@
 
 import re
 
-import numpy as np
 import jax
 import jax.numpy as jnp
 import pytest
