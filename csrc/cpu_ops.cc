@@ -172,7 +172,7 @@ struct CpuExec {
 
   // The row's sum in kLanes interleaved lanes, added in lane order, then the
   // tail: a fixed order (the same on every run and for any split), laid out
-  // for vectors (GCC 12 still keeps LsqGradOp's loop scalar).
+  // for vectors.
   template <class Out, class... In, class Op, class P>
   BJ_VECTOR_CLONES static typename Op::M reduce_raw(const Op op, const P p, int64_t cols, typename Raw<Out>::type* __restrict__ out,
                          const typename Raw<In>::type* __restrict__... in) {
@@ -181,6 +181,7 @@ struct CpuExec {
     M lanes[kLanes] = {};
     int64_t c = 0;
     for (; c + kLanes <= cols; c += kLanes)
+#pragma GCC unroll 8  // one vector's worth of lanes, for the straight-line (SLP) vectorizer
       for (int k = 0; k < kLanes; ++k) out[c + k] = Raw<Out>::bits(op(p, Raw<In>::value(in[c + k])..., lanes[k]));
     M sum = 0;
     for (int k = 0; k < kLanes; ++k) sum += lanes[k];
