@@ -91,7 +91,29 @@ struct Float8Format : S {
     const M a = v < 0 ? -v : v;
     return (S::kMaxBits & 1) ? a < M(S::kOverflow) : a <= M(S::kOverflow);
   }
-  template <class M> BJ_HD static M round(M m) { return M(decode(encode(m))); }
+  template <class M> BJ_HD static M round(M m) {
+#if defined(__CUDA_ARCH__)
+    return M(decode(encode(m)));  // the hardware's conversions, both ways
+#else
+    return round_to_grid(m);
+#endif
+  }
+
+  // The value decode(encode(m)) gives, computed in M without the 8-bit round trip (so that the
+  // CPU's loops vectorize): saturate, then round to a multiple of the binade's step, ties to even.
+  template <class M>
+  BJ_HD static M round_to_grid(M m) {
+    using U = typename FloatBits<M>::uint;
+    constexpr U kSign = U(1) << (8 * sizeof(U) - 1), kExponent = (kSign - 1) & ~((U(1) << FloatBits<M>::kMan) - 1);
+    const U u = bit_cast<U>(m);
+    const M a = bit_cast<M>(u & ~kSign);
+    const M binade = bit_cast<M>(u & kExponent);  // 2^floor(log2 |m|); 0 for M's subnormals
+    const M normal_step = binade * pow2<M>(-S::kMan), subnormal_step = pow2<M>(kMinExp - S::kMan);
+    const M step = normal_step > subnormal_step ? normal_step : subnormal_step;
+    const M rounded = round_half_even(a * (M(1) / step)) * step;  // exact but for the rounding itself
+    const M saturated = a >= M(S::kMax) ? M(S::kMax) : rounded;  // NaN compares false and stays NaN
+    return bit_cast<M>(bit_cast<U>(saturated) | (u & kSign));
+  }
 
   template <class M> BJ_HD static f8_bits encode(M v) {
 #if defined(__CUDA_ARCH__)
