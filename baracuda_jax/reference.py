@@ -70,10 +70,7 @@ def _prepare(op, x, scale, zero_point, qmin, qmax, dtype):
 
 def quantize_per_token(x, scale, zero_point=None, *, qmin=None, qmax=None, dtype=jnp.int8):
     x, scale, zp, fmt, qmin, qmax = _prepare("quantize_per_token", x, scale, zero_point, qmin, qmax, dtype)
-    v = _scaled(x, scale)
-    if fmt.is_float:  # one rounding, from the math type
-        return _clamp(v, qmin, qmax).astype(fmt.dtype)
-    return _saturate(v, fmt, zp, qmin, qmax).astype(fmt.dtype)
+    return _saturate(_scaled(x, scale), fmt, zp, qmin, qmax).astype(fmt.dtype)  # float8: already on its grid
 
 
 def dequantize_per_token(q, scale, zero_point=None, *, dtype=None):
