@@ -2,6 +2,8 @@
 
 from baracuda_jax import reference
 from baracuda_jax._ffi import HAS_CUDA_KERNELS, gpu_kernels_available
+from baracuda_jax.fused import (rms_norm_fake_quantize_per_token, rms_norm_quantize_per_token,
+                                silu_mul_fake_quantize_per_token, silu_mul_quantize_per_token)
 from baracuda_jax.ops import (dequantize_per_token, fake_quantize_per_token, fake_quantize_per_token_dynamic,
                               quantize_per_token, quantize_per_token_dynamic)
 
@@ -14,5 +16,9 @@ __all__ = [
     "quantize_per_token",
     "quantize_per_token_dynamic",
     "reference",
+    "rms_norm_fake_quantize_per_token",
+    "rms_norm_quantize_per_token",
+    "silu_mul_fake_quantize_per_token",
+    "silu_mul_quantize_per_token",
 ]
 __version__ = "0.1.0"

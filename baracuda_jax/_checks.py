@@ -131,3 +131,33 @@ def row_operands(op: str, data_name: str, data, scale, zero_point, scale_dtype=N
                              f"{rows + (1,)}, one value per row of {data_name} (shape {tuple(data.shape)})")
         if zero_point.dtype != np.int32:
             raise TypeError(f"{op}: zero_point has dtype {zero_point.dtype}; expected int32")
+
+
+FUSED_FLOAT_DTYPES = FLOAT_DTYPES[:3]
+
+
+def fused_float_dtype(op: str, dtype, name: str = "x") -> np.dtype:
+    """The fused ops' data: float16, bfloat16 or float32 (they compute in float32)."""
+    dtype = _as_dtype(op, name, dtype, FUSED_FLOAT_DTYPES)
+    if dtype not in FUSED_FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} has dtype {dtype.name}; expected one of {_names(FUSED_FLOAT_DTYPES)}")
+    return dtype
+
+
+def same_as(op: str, name: str, a, ref_name: str, ref) -> None:
+    if tuple(a.shape) != tuple(ref.shape) or a.dtype != ref.dtype:
+        raise ValueError(f"{op}: {name} has shape {tuple(a.shape)} and dtype {a.dtype}; expected {ref_name}'s, "
+                         f"{tuple(ref.shape)} {ref.dtype}")
+
+
+def norm_operands(op: str, x, weight, residual, eps) -> None:
+    """RMSNorm's operands: x [..., D], weight [D] of x's dtype, residual like x, eps > 0."""
+    if x.ndim < 1:
+        raise ValueError(f"{op}: x must have rank >= 1 (one token per row of the last axis), got a scalar")
+    if tuple(weight.shape) != (x.shape[-1],) or weight.dtype != x.dtype:
+        raise ValueError(f"{op}: weight has shape {tuple(weight.shape)} and dtype {weight.dtype}; expected "
+                         f"[D] = {(x.shape[-1],)} with x's dtype {x.dtype}")
+    if residual is not None:
+        same_as(op, "residual", residual, "x", x)
+    if not isinstance(eps, (float, int, np.floating)) or isinstance(eps, bool) or not eps > 0:
+        raise ValueError(f"{op}: eps must be a positive Python float, got {eps!r}")

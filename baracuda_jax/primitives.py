@@ -5,6 +5,7 @@ A role says how an operand lines up with the rows ([..., D], one token per row o
   ROWS        [..., D]  the data (x, q, g)
   PER_ROW     [...]     one value per row (scale, zero_point)
   PER_COLUMN  [D]       one value per column (a norm's weight)
+  GROUPS      [G, D]    per-column partial sums over groups of rows (a weight gradient's)
 
 The batching rule and the sharding rule come from the roles: a batch axis of a ROWS or PER_ROW
 operand is more rows (so the batched op is still one kernel), and the leading dims are batch dims
@@ -24,7 +25,7 @@ from jax.interpreters import batching, mlir
 
 from baracuda_jax import _checks, _ffi
 
-ROWS, PER_ROW, PER_COLUMN = "rows", "per_row", "per_column"
+ROWS, PER_ROW, PER_COLUMN, GROUPS = "rows", "per_row", "per_column", "groups"
 _PLATFORMS = ("cpu", "cuda")
 
 
@@ -36,9 +37,18 @@ class OpDecl:
     attrs: tuple[str, ...]  # the params passed to the handler as FFI attributes
     abstract_eval: Callable  # (*operand avals, **params) -> result aval(s)
     optional: tuple[str, ...] = ()  # roles of trailing operands that may be left out (a zero point)
+    # (params) -> (operand roles, result roles), for ops whose optional operands and results
+    # depend on their params; replaces operands/optional/results when given
+    layout: Callable | None = None
 
-    def roles(self, n_operands):
-        return self.operands + self.optional[:n_operands - len(self.operands)]
+    def roles(self, n_operands, params):
+        if self.layout is not None:
+            return self.layout(params)
+        return self.operands + self.optional[:n_operands - len(self.operands)], self.results
+
+    def row_local(self, params):
+        """Whether every result is per row: the op then batches and partitions over the rows."""
+        return all(r in (ROWS, PER_ROW) for r in self.roles(0, params)[1])
 
 
 def _attr(name, params):
@@ -52,7 +62,7 @@ def _attr(name, params):
     return np.float64(value) if isinstance(value, float) else np.int32(value)
 
 
-def _partitioning_attributes(decl, ctx):
+def _partitioning_attributes(decl, ctx, params):
     """Marks the custom call as batch-partitionable over the leading (token) dims.
 
     XLA's batch partitioner (every target is registered with
@@ -61,7 +71,9 @@ def _partitioning_attributes(decl, ctx):
     be replicated: the dynamic ops reduce over it, and the batch partitioner gathers it for the
     others too.
     """
-    roles = decl.roles(len(ctx.avals_in))
+    roles, results = decl.roles(len(ctx.avals_in), params)
+    if not decl.row_local(params):
+        return None  # a sum over the rows (a weight's gradient): XLA gathers the rows
     data = ctx.avals_in[roles.index(ROWS)]
     avals = (*ctx.avals_in, *ctx.avals_out)
     if not all(isinstance(d, int) for a in avals for d in a.shape):
@@ -74,7 +86,7 @@ def _partitioning_attributes(decl, ctx):
         spec = lambda role: "[" + ", ".join(factors[role]) + "]"
         sizes = ", ".join(f"{f}={n}" for f, n in zip([*batch, d], data.shape))
         rule = (f"#sdy.op_sharding_rule<({', '.join(spec(r) for r in roles)})->"
-                f"({', '.join(spec(r) for r in decl.results)}) {{{sizes}}} need_replication={{{d}}}>")
+                f"({', '.join(spec(r) for r in results)}) {{{sizes}}} need_replication={{{d}}}>")
         attrs["sdy.sharding_rule"] = mlir.ir.Attribute.parse(rule)
     return attrs
 
@@ -90,14 +102,23 @@ def like(aval, shape, dtype):
 
 def _batch(decl, prim, args, dims, **params):
     """vmap: a batch axis of a ROWS or PER_ROW operand moves to the front (unbatched ones of those
-    roles are broadcast): it is more rows. PER_COLUMN operands are passed as they are."""
+    roles are broadcast): it is more rows. PER_COLUMN operands are passed as they are. An op with
+    a sum over its rows (or a batched PER_COLUMN operand) runs once per batch element instead."""
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    roles = decl.roles(len(args), params)[0]
+    if not decl.row_local(params) or any(r == PER_COLUMN and d is not None for r, d in zip(roles, dims)):
+        batched = [i for i, d in enumerate(dims) if d is not None]
+
+        def one(xs):
+            full = list(args)
+            for i, x in zip(batched, xs):
+                full[i] = x
+            return prim.bind(*full, **params)
+        out = jax.lax.map(one, [jax.numpy.moveaxis(args[i], dims[i], 0) for i in batched])
+        return (out, [0] * len(out)) if prim.multiple_results else (out, 0)
     moved = []
-    for arg, dim, role in zip(args, dims, decl.roles(len(args))):
+    for arg, dim, role in zip(args, dims, roles):
         if role == PER_COLUMN:
-            if dim is not None:
-                raise NotImplementedError(f"{decl.name}: vmap over a per-column operand (one per batch "
-                                          f"element) is not supported; map over it with jax.lax.map")
             moved.append(arg)
         else:
             moved.append(jax.numpy.broadcast_to(arg, (size, *arg.shape)) if dim is None
@@ -109,13 +130,13 @@ def _batch(decl, prim, args, dims, **params):
 def define(decl: OpDecl) -> Primitive:
     """The primitive of one declaration, lowering to its FFI target on every platform."""
     prim = Primitive(decl.name)
-    prim.multiple_results = len(decl.results) > 1
+    prim.multiple_results = decl.layout is not None or len(decl.results) > 1
     prim.def_impl(lambda *args, **params: jax.jit(partial(prim.bind, **params))(*args))
     prim.def_abstract_eval(decl.abstract_eval)
     target = f"baracuda_{decl.name}"
 
     def lowering(ctx, *operands, **params):
-        rule = jax.ffi.ffi_lowering(target, extra_attributes=_partitioning_attributes(decl, ctx))
+        rule = jax.ffi.ffi_lowering(target, extra_attributes=_partitioning_attributes(decl, ctx, params))
         return rule(ctx, *operands, **{k: _attr(k, params) for k in decl.attrs})
 
     for platform in _PLATFORMS:
@@ -173,6 +194,86 @@ def _dynamic_aval(x, *, symmetric, qmin, qmax, dtype, scale_ub, fake):
             like(x, rows, np.int32))
 
 
+def _symmetric_format(op, dtype, qmin, qmax):
+    fmt = _checks.resolved_grid(op, dtype, qmin, qmax)
+    if not fmt.is_float and fmt.lowest >= 0:
+        raise ValueError(f"{op}: {fmt.name} has no symmetric grid; use int8 or a float8 dtype")
+    return fmt
+
+
+def _fused_output(op, data, dtype, fake, qmin, qmax):
+    """The quantized output ([..., D] in the format, or in data's dtype when fake)."""
+    _checks.fused_float_dtype(op, data.dtype)
+    fmt = _symmetric_format(op, dtype, qmin, qmax)
+    return like(data, data.shape, data.dtype if fake else fmt.dtype)
+
+
+def _rms_norm_layout(params):
+    """(x, weight, [residual], [scale]) -> (out, inv_rms, [scale], [residual_out])"""
+    res, dyn = params["has_residual"], params["dynamic"]
+    return ((ROWS, PER_COLUMN) + (ROWS,) * res + (PER_ROW,) * (not dyn),
+            (ROWS, PER_ROW) + (PER_ROW,) * dyn + (ROWS,) * res)
+
+
+def _rms_norm_aval(x, weight, *rest, dtype, fake, qmin, qmax, eps, has_residual, dynamic, scale_ub):
+    op = "rms_norm_quantize_per_token"
+    out = _fused_output(op, x, dtype, fake, qmin, qmax)
+    _checks.norm_operands(op, x, weight, rest[0] if has_residual else None, eps)
+    rows = x.shape[:-1]
+    if not dynamic:
+        _checks.row_operands(op, "x", x, rest[-1], None, np.float32)
+    return (out, like(x, rows, np.float32), *((like(x, rows, np.float32),) if dynamic else ()),
+            *((like(x, x.shape, x.dtype),) if has_residual else ()))
+
+
+def _rms_norm_grad_layout(params):
+    """(g, r, weight, scale, inv_rms, [g_residual]) -> (dx, dw, dw_groups)"""
+    return (ROWS, ROWS, PER_COLUMN, PER_ROW, PER_ROW) + (ROWS,) * params["has_residual"], (ROWS, PER_COLUMN, GROUPS)
+
+
+def dw_groups(rows):
+    """How many groups of rows the norm backward sums d(weight) over, then sums in order."""
+    return max(1, min(rows, 256))
+
+
+def _rms_norm_grad_aval(g, r, weight, scale, inv_rms, *g_residual, dtype, qmin, qmax, has_residual):
+    op = "rms_norm_fake_quantize_per_token_grad"
+    _fused_output(op, r, dtype, True, qmin, qmax)
+    _checks.norm_operands(op, r, weight, g_residual[0] if g_residual else None, 1.0)
+    for name, a in (("g", g),):
+        if a.shape != r.shape or a.dtype != r.dtype:
+            raise TypeError(f"{op}: {name} {a.str_short()} must match r {r.str_short()}")
+    _checks.row_operands(op, "r", r, scale, None, np.float32)
+    _checks.row_operands(op, "r", r, inv_rms, None, np.float32)
+    rows = int(np.prod(r.shape[:-1]))
+    return (like(r, r.shape, r.dtype), weight.update(weak_type=False),
+            weight.update(shape=(dw_groups(rows), r.shape[-1]), dtype=np.dtype(np.float32), weak_type=False))
+
+
+def _silu_mul_layout(params):
+    """(a, b, [scale]) -> (out, [scale])"""
+    dyn = params["dynamic"]
+    return (ROWS, ROWS) + (PER_ROW,) * (not dyn), (ROWS,) + (PER_ROW,) * dyn
+
+
+def _silu_mul_aval(a, b, *scale, dtype, fake, qmin, qmax, dynamic, scale_ub):
+    op = "silu_mul_quantize_per_token"
+    out = _fused_output(op, a, dtype, fake, qmin, qmax)
+    _checks.same_as(op, "b", b, "a", a)
+    if not dynamic:
+        _checks.row_operands(op, "a", a, scale[0], None, np.float32)
+    return (out, *((like(a, a.shape[:-1], np.float32),) if dynamic else ()))
+
+
+def _silu_mul_grad_aval(g, a, b, scale, *, dtype, qmin, qmax):
+    op = "silu_mul_fake_quantize_per_token_grad"
+    _fused_output(op, a, dtype, True, qmin, qmax)
+    _checks.same_as(op, "b", b, "a", a)
+    _checks.same_as(op, "g", g, "a", a)
+    _checks.row_operands(op, "a", a, scale, None, np.float32)
+    return like(a, a.shape, a.dtype), like(a, a.shape, a.dtype)
+
+
 # ---- the declarations ---------------------------------------------------------------------------
 
 _GRID = ("qmin", "qmax")
@@ -190,6 +291,16 @@ quantize_dynamic_p = define(OpDecl("quantize_per_token_dynamic", (ROWS,), (ROWS,
 fake_quantize_dynamic_p = define(OpDecl("fake_quantize_per_token_dynamic", (ROWS,), (ROWS, PER_ROW, PER_ROW),
                                         ("format", *_DYNAMIC), partial(_dynamic_aval, fake=True)))
 
+rms_norm_quantize_p = define(OpDecl("rms_norm_quantize_per_token", (), (), ("format", *_GRID, "eps", "has_residual",
+                                   "scale_ub"), _rms_norm_aval, layout=_rms_norm_layout))
+rms_norm_grad_p = define(OpDecl("rms_norm_fake_quantize_per_token_grad", (), (), ("format", *_GRID),
+                                _rms_norm_grad_aval, layout=_rms_norm_grad_layout))
+silu_mul_quantize_p = define(OpDecl("silu_mul_quantize_per_token", (), (), ("format", *_GRID, "scale_ub"),
+                                    _silu_mul_aval, layout=_silu_mul_layout))
+silu_mul_grad_p = define(OpDecl("silu_mul_fake_quantize_per_token_grad", (ROWS, ROWS, ROWS, PER_ROW), (ROWS, ROWS),
+                                ("format", *_GRID), _silu_mul_grad_aval))
+
 PRIMITIVES = (quantize_p, dequantize_p, fake_quantize_p, fake_quantize_grad_p, fake_quantize_lsq_grad_p,
-              quantize_dynamic_p, fake_quantize_dynamic_p)
+              quantize_dynamic_p, fake_quantize_dynamic_p, rms_norm_quantize_p, rms_norm_grad_p,
+              silu_mul_quantize_p, silu_mul_grad_p)
 _ffi.check_targets({f"baracuda_{p.name}" for p in PRIMITIVES})

@@ -12,6 +12,7 @@ division to an approximate `div.full` unless XLA_FLAGS has
 `--xla_backend_extra_options=-nvptx-prec-divf32=2`; with it, these match the kernels bit for bit.
 """
 
+import numpy as np
 import jax.numpy as jnp
 
 from baracuda_jax import _checks, _range
@@ -119,3 +120,55 @@ def quantize_per_token_dynamic(x, *, dtype=jnp.int8, symmetric=True, scale_ub=No
 def fake_quantize_per_token_dynamic(x, *, dtype=jnp.int8, symmetric=True, scale_ub=None):
     x, fmt, s, zp, _ = _dynamic("fake_quantize_per_token_dynamic", x, dtype, symmetric, scale_ub)
     return fake_quantize_per_token(x, s, zp, dtype=fmt.dtype)
+
+
+# ---- the fused producers (csrc/producers.h): the jnp composition, then the per-token op ---------
+
+def rms_norm(x, weight, residual=None, eps=1e-6):
+    """(h, r): r = x + residual rounded to x's dtype, h = r * rsqrt(mean(r^2) + eps) * weight in
+    float32, rounded to x's dtype. XLA sums in its own order (the kernels in theirs)."""
+    x = jnp.asarray(x)
+    f32 = jnp.float32
+    r = x if residual is None else (x.astype(f32) + jnp.asarray(residual).astype(f32)).astype(x.dtype)
+    rf = r.astype(f32)
+    inv_d = np.float32(1) / np.float32(x.shape[-1])
+    inv_rms = 1 / jnp.sqrt(jnp.sum(rf * rf, axis=-1, keepdims=True) * inv_d + np.float32(eps))
+    return (rf * inv_rms * jnp.asarray(weight).astype(f32)).astype(x.dtype), r
+
+
+def silu_mul(a, b):
+    """h = a / (1 + exp(-a)) * b in float32, rounded to a's dtype."""
+    a = jnp.asarray(a)
+    af = a.astype(jnp.float32)
+    return (af / (1 + jnp.exp(-af)) * jnp.asarray(b).astype(jnp.float32)).astype(a.dtype)
+
+
+def _quantize_h(h, scale, dtype, scale_ub, fake):
+    """The per-token quantizer of the fused ops: static (scale given) or dynamic, symmetric."""
+    if scale is None:
+        if fake:
+            return fake_quantize_per_token_dynamic(h, dtype=dtype, scale_ub=scale_ub), None
+        q, s, _ = quantize_per_token_dynamic(h, dtype=dtype, scale_ub=scale_ub)
+        return q, s
+    op = fake_quantize_per_token if fake else quantize_per_token
+    return op(h, scale, dtype=dtype), jnp.asarray(scale).astype(jnp.float32).reshape(h.shape[:-1])
+
+
+def rms_norm_quantize_per_token(x, weight, *, residual=None, eps=1e-6, scale=None, dtype=jnp.int8, scale_ub=None):
+    h, r = rms_norm(x, weight, residual, eps)
+    q, s = _quantize_h(h, scale, dtype, scale_ub, False)
+    return q, s, r
+
+
+def rms_norm_fake_quantize_per_token(x, weight, *, residual=None, eps=1e-6, scale=None, dtype=jnp.int8,
+                                     scale_ub=None):
+    h, r = rms_norm(x, weight, residual, eps)
+    return _quantize_h(h, scale, dtype, scale_ub, True)[0], r
+
+
+def silu_mul_quantize_per_token(a, b, *, scale=None, dtype=jnp.int8, scale_ub=None):
+    return _quantize_h(silu_mul(a, b), scale, dtype, scale_ub, False)
+
+
+def silu_mul_fake_quantize_per_token(a, b, *, scale=None, dtype=jnp.int8, scale_ub=None):
+    return _quantize_h(silu_mul(a, b), scale, dtype, scale_ub, True)[0]

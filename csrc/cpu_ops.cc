@@ -7,7 +7,9 @@
 #include <mutex>
 #include <stdexcept>
 
-#include "handlers.h"
+#include <vector>
+
+#include "producer_handlers.h"
 #include "registrations.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -126,8 +128,8 @@ struct CpuExec {
   ffi::ThreadPool pool;
   CpuExec(ffi::ThreadPool p) : pool(p) {}
 
-  template <class Op, class Out, class... In>
-  ffi::Error map_rows(const Op& op, int64_t rows, int64_t cols, Out* out, const In*... in) {
+  template <class Op, class OutPtr, class... In>
+  ffi::Error map_rows(const Op& op, int64_t rows, int64_t cols, OutPtr out, const In*... in) {
     ParallelRows::run(pool, rows, cols, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) map_row(op, op.row(r), cols, out + r * cols, (in + r * cols)...);
     });
@@ -144,23 +146,109 @@ struct CpuExec {
     return ffi::Error::Success();
   }
 
-  template <class Op, class Out, class T, class M>
-  ffi::Error dynamic_rows(const Op& op, int64_t rows, int64_t cols, Out* out, const T* x, M* scale, int32_t* zp) {
+  template <class Op, class Out, class M, class... In>
+  ffi::Error dynamic_rows(const Op& op, int64_t rows, int64_t cols, Out* out, M* scale, int32_t* zp,
+                          const In*... in) {
+    using T = decltype(op.value(in[0]...));
     ParallelRows::run(pool, rows, cols, [&](int64_t r0, int64_t r1) {
+      std::vector<T> produced(sizeof...(In) > 1 ? cols : 0);
       for (int64_t r = r0; r < r1; ++r) {
-        const auto p = op.params(row_range<M>(x + r * cols, cols));
-        scale[r] = p.scale;
-        zp[r] = static_cast<int32_t>(p.zp);
-        map_row(op, p, cols, out + r * cols, x + r * cols);
+        const T* h = row_values(op, cols, produced.data(), (in + r * cols)...);
+        const auto p = op.params(row_range<M>(h, cols));
+        if (scale) scale[r] = p.scale;
+        if (zp) zp[r] = static_cast<int32_t>(p.zp);
+        map_row(QuantizeValue<Op>{op}, p, cols, out + r * cols, h);
       }
     });
     return ffi::Error::Success();
   }
 
+  template <class T, class Q, class Out>
+  ffi::Error norm_rows(const NormQuantizeRows<T, Q, Out>& io, int64_t rows, int64_t cols) {
+    using M = math_t<T>;
+    ParallelRows::run(pool, rows, cols, [&](int64_t r0, int64_t r1) {
+      std::vector<T> h(cols);
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t at = r * cols;
+        const T* rv = io.x + at;
+        if (io.residual) {
+          map_raw<T, T, T>(Residual{}, 0, cols, Raw<T>::of(io.r_out + at), Raw<T>::of(io.x + at),
+                           Raw<T>::of(io.residual + at));
+          rv = io.r_out + at;
+        }
+        const M inv = io.norm.inv_rms(square_sum<T, M>(cols, Raw<T>::of(rv)));
+        io.inv_rms[r] = inv;
+        map_raw<T, T, T>(Normed<M>{}, inv, cols, Raw<T>::of(h.data()), Raw<T>::of(rv), Raw<T>::of(io.weight));
+        RowParams<M> p;
+        if constexpr (Q::kDynamic) {
+          p = io.quant.params(row_range<M>(h.data(), cols));
+          io.scale_out[r] = p.scale;
+        } else {
+          p = io.quant.row(r);
+        }
+        map_row(io.quant, p, cols, io.out + at, h.data());
+      }
+    });
+    return ffi::Error::Success();
+  }
+
+  // dw: each group's rows in order into its row of dw_groups (groups run in parallel), then the
+  // groups in order.
+  template <class T, class G>
+  ffi::Error norm_grad_rows(const NormGradRows<T, G>& io, int64_t rows, int64_t cols) {
+    using M = math_t<T>;
+    const int64_t per_group = io.rows_per_group(rows);
+    ParallelRows::run(pool, io.groups, cols * per_group, [&](int64_t g0, int64_t g1) {
+      std::vector<M> dh(cols);
+      for (int64_t k = g0; k < g1; ++k) {
+        M* dw = io.dw_groups + k * cols;
+        std::fill(dw, dw + cols, M(0));
+        for (int64_t r = k * per_group; r < std::min(rows, (k + 1) * per_group); ++r)
+          norm_grad_row(io, r, cols, dh.data(), dw);
+      }
+    });
+    std::vector<M> sum(cols, M(0));
+    for (int64_t k = 0; k < io.groups; ++k) add_row(sum.data(), io.dw_groups + k * cols, cols);
+    for (int64_t c = 0; c < cols; ++c) io.dw[c] = From<T>::math(sum[c]);
+    return ffi::Error::Success();
+  }
+
  private:
+  // Function objects for the loops below (a lambda cannot carry target_clones' attributes).
+  template <class Op>
+  struct QuantizeValue {  // a Produced op's quantizer applied to h
+    Op op;
+    template <class P, class T> auto operator()(const P& p, T h) const { return op.quantize(p, h); }
+  };
+  template <class Op>
+  struct Value {  // a Produced op's h
+    Op op;
+    template <class... In> auto operator()(int, In... in) const { return op.value(in...); }
+  };
+  struct Residual {
+    template <class T> T operator()(int, T x, T res) const { return RmsNorm<T>::residual(x, res); }
+  };
+  template <class M>
+  struct Normed {
+    template <class T> T operator()(M inv, T r, T w) const { return RmsNorm<T>::normed(r, inv, w); }
+  };
+
+  // h of one row: the input itself, or the producer's values written into `buffer`.
+  template <class Op, class T>
+  static const T* row_values(const Op&, int64_t, T*, const T* x) { return x; }
+  template <class Op, class T, class... In>
+  static const T* row_values(const Op& op, int64_t cols, T* buffer, const In*... in) {
+    map_raw<T, In...>(Value<Op>{op}, 0, cols, Raw<T>::of(buffer), Raw<In>::of(in)...);
+    return buffer;
+  }
+
   template <class Op, class P, class Out, class... In>
   static void map_row(const Op& op, const P& p, int64_t cols, Out* out, const In*... in) {
     map_raw<Out, In...>(op, p, cols, Raw<Out>::of(out), Raw<In>::of(in)...);
+  }
+  template <class Op, class P, class T, class... In>
+  static void map_row(const Op& op, const P& p, int64_t cols, Split<T> out, const In*... in) {
+    map_pair_raw<T, In...>(op, p, cols, Raw<T>::of(out.first), Raw<T>::of(out.second), Raw<In>::of(in)...);
   }
   // op and p by value, restrict pointers: nothing the loop stores (int8 stores may alias
   // anything) can change what it reads, so the loop vectorizes.
@@ -168,6 +256,81 @@ struct CpuExec {
   BJ_VECTOR_CLONES static void map_raw(const Op op, const P p, int64_t cols, typename Raw<Out>::type* __restrict__ out,
                       const typename Raw<In>::type* __restrict__... in) {
     for (int64_t c = 0; c < cols; ++c) out[c] = Raw<Out>::bits(op(p, Raw<In>::value(in[c])...));
+  }
+  template <class T, class... In, class Op, class P>
+  BJ_VECTOR_CLONES static void map_pair_raw(const Op op, const P p, int64_t cols,
+                                            typename Raw<T>::type* __restrict__ first,
+                                            typename Raw<T>::type* __restrict__ second,
+                                            const typename Raw<In>::type* __restrict__... in) {
+    for (int64_t c = 0; c < cols; ++c) {
+      const Pair<T> d = op(p, Raw<In>::value(in[c])...);
+      first[c] = Raw<T>::bits(d.first);
+      second[c] = Raw<T>::bits(d.second);
+    }
+  }
+
+  // The row's sum of squares in kLanes interleaved lanes, added in lane order, then the tail.
+  template <class T, class M>
+  BJ_VECTOR_CLONES static M square_sum(int64_t cols, const typename Raw<T>::type* __restrict__ r) {
+    constexpr int kLanes = 8;
+    M lanes[kLanes] = {};
+    int64_t c = 0;
+    for (; c + kLanes <= cols; c += kLanes)
+#pragma GCC unroll 8
+      for (int k = 0; k < kLanes; ++k) lanes[k] += RmsNorm<T>::square(Raw<T>::value(r[c + k]));
+    M sum = 0;
+    for (int k = 0; k < kLanes; ++k) sum += lanes[k];
+    for (; c < cols; ++c) sum += RmsNorm<T>::square(Raw<T>::value(r[c]));
+    return sum;
+  }
+
+  BJ_VECTOR_CLONES static void add_row(float* __restrict__ sum, const float* __restrict__ part, int64_t cols) {
+    for (int64_t c = 0; c < cols; ++c) sum[c] += part[c];
+  }
+
+  // One row of the norm backward: dh and the row's sum c (lanes as above), dw's terms added
+  // into `dw`, then dx.
+  template <class T, class G, class M>
+  static void norm_grad_row(const NormGradRows<T, G>& io, int64_t r, int64_t cols, M* dh, M* dw) {
+    const int64_t at = r * cols;
+    const auto p = io.mask.row(r);
+    const M inv = io.inv_rms[r];
+    const M c = grad_terms<T>(io, p, inv, cols, Raw<T>::of(io.g + at), Raw<T>::of(io.r + at),
+                              Raw<T>::of(io.weight), dh, dw);
+    grad_dx<T>(inv, io.grad.mean(c), cols, Raw<T>::of(io.dx + at), Raw<T>::of(io.r + at), Raw<T>::of(io.weight),
+               dh, io.g_residual ? Raw<T>::of(io.g_residual + at) : nullptr);
+  }
+  template <class T, class IO, class P, class M, class B>
+  BJ_VECTOR_CLONES static M grad_terms(const IO& io, const P p, const M inv, int64_t cols, const B* __restrict__ g,
+                                       const B* __restrict__ r, const B* __restrict__ w, M* __restrict__ dh,
+                                       M* __restrict__ dw) {
+    constexpr int kLanes = 8;
+    M lanes[kLanes] = {};
+    const auto term = [&](int64_t c, M& acc) {
+      const T rc = Raw<T>::value(r[c]), wc = Raw<T>::value(w[c]);
+      dh[c] = io.dh(p, Raw<T>::value(g[c]), RmsNorm<T>::normed(rc, inv, wc));
+      const auto t = RmsNormGrad<T>::terms(dh[c], rc, inv, wc);
+      acc += t.dn * t.n;
+      dw[c] += dh[c] * t.n;
+    };
+    int64_t c = 0;
+    for (; c + kLanes <= cols; c += kLanes)
+#pragma GCC unroll 8
+      for (int k = 0; k < kLanes; ++k) term(c + k, lanes[k]);
+    M sum = 0;
+    for (int k = 0; k < kLanes; ++k) sum += lanes[k];
+    for (; c < cols; ++c) term(c, sum);
+    return sum;
+  }
+  template <class T, class M, class B>
+  BJ_VECTOR_CLONES static void grad_dx(const M inv, const M mean, int64_t cols, B* __restrict__ dx,
+                                       const B* __restrict__ r, const B* __restrict__ w, const M* __restrict__ dh,
+                                       const B* __restrict__ g_residual) {
+    for (int64_t c = 0; c < cols; ++c) {
+      const auto t = RmsNormGrad<T>::terms(dh[c], Raw<T>::value(r[c]), inv, Raw<T>::value(w[c]));
+      const M gr = g_residual ? to_math(Raw<T>::value(g_residual[c])) : M(0);
+      dx[c] = Raw<T>::bits(RmsNormGrad<T>::dr(t, inv, mean, gr));
+    }
   }
 
   // The row's sum in kLanes interleaved lanes, added in lane order, then the

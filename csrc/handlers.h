@@ -5,9 +5,10 @@
 //   map_rows(op, rows, cols, out, in...)          out[r, c] = op(op.row(r), in[r, c]...)
 //   reduce_rows(op, rows, cols, out, sums, in...) the same, with op adding each element's term
 //                                                 to its row's sum (type M): sums[r]
-//   dynamic_rows(op, rows, cols, out, x, scale, zp)
-//                                                 p = op.params(RowRange of x[r, :]);
-//                                                 out[r, c] = op(p, x[r, c]); scale[r], zp[r] from p
+//   dynamic_rows(op, rows, cols, out, scale, zp, in...)
+//                                                 h = op.value(in[r, c]...); p = op.params(RowRange
+//                                                 of h[r, :]); out[r, c] = op.quantize(p, h[r, c]);
+//                                                 scale[r], zp[r] (when not null) from p
 // Each row's result depends on that row alone, and a sum on a fixed order.
 #pragma once
 
@@ -19,7 +20,7 @@
 #include <type_traits>
 #include <utility>
 
-#include "numerics.h"
+#include "producers.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace baracuda {
@@ -331,9 +332,9 @@ ffi::Error check_dynamic(const char* op, bool symmetric, int32_t qmin, int32_t q
   return check_grid<F>(op, qmin, qmax, !symmetric);
 }
 
-template <class Base, class M>
-Dynamic<Base> make_dynamic_op(bool symmetric, int32_t qmin, int32_t qmax, double scale_ub) {
-  Dynamic<Base> op;
+template <class Op, class M>
+Op make_dynamic_op(bool symmetric, int32_t qmin, int32_t qmax, double scale_ub) {
+  Op op;
   op.scale = nullptr;
   op.zero_point = nullptr;
   op.has_zp = !symmetric;
@@ -357,9 +358,10 @@ ffi::Error quantize_dynamic(Exec exec, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuf
       Rows s;
       if (auto e = check_qparam_outputs<M>(op, x, *q, *scale, *zp, s); !e.success()) return e;
       if (auto e = check_dynamic<F>(op, symmetric, qmin, qmax, scale_ub); !e.success()) return e;
-      return exec.dynamic_rows(make_dynamic_op<QuantizeOp<T, F>, M>(symmetric, qmin, qmax, scale_ub), s.rows,
-                               s.cols, data_of<typename F::storage>(*q), data_of<const T>(x), data_of<M>(*scale),
-                               data_of<int32_t>(*zp));
+      using Op = Produced<Dynamic<QuantizeOp<T, F>>, Identity>;
+      return exec.dynamic_rows(make_dynamic_op<Op, M>(symmetric, qmin, qmax, scale_ub), s.rows, s.cols,
+                               data_of<typename F::storage>(*q), data_of<M>(*scale), data_of<int32_t>(*zp),
+                               data_of<const T>(x));
     });
   });
 }
@@ -380,9 +382,9 @@ ffi::Error fake_quantize_dynamic(Exec exec, ffi::AnyBuffer x, ffi::Result<ffi::A
       if (auto e = check_qparam_outputs<M>(op, x, *y, *scale, *zp, s); !e.success()) return e;
       if (x.element_type() != y->element_type()) return invalid(op, "the output must have x's dtype");
       if (auto e = check_dynamic<F>(op, symmetric, qmin, qmax, scale_ub); !e.success()) return e;
-      return exec.dynamic_rows(
-          make_dynamic_op<FakeQuantizeOp<T, typename F::grid>, M>(symmetric, qmin, qmax, scale_ub), s.rows,
-          s.cols, data_of<T>(*y), data_of<const T>(x), data_of<M>(*scale), data_of<int32_t>(*zp));
+      using Op = Produced<Dynamic<FakeQuantizeOp<T, typename F::grid>>, Identity>;
+      return exec.dynamic_rows(make_dynamic_op<Op, M>(symmetric, qmin, qmax, scale_ub), s.rows, s.cols,
+                               data_of<T>(*y), data_of<M>(*scale), data_of<int32_t>(*zp), data_of<const T>(x));
     });
   });
 }

@@ -34,6 +34,7 @@ struct RowParams {
 template <class M>
 struct QParams {
   using math = M;
+  static constexpr bool kDynamic = false;  // the row parameters come from `scale`, not the row's range
   const M* scale;             // static ops: one per row
   const int32_t* zero_point;  // static ops: one per row, or nullptr
   bool has_zp;                // false: symmetric, no zero-point add or subtract
@@ -138,6 +139,7 @@ struct RowRange {
 template <class Base>
 struct Dynamic : Base {
   using M = typename Base::math;
+  static constexpr bool kDynamic = true;
   M scale_ub;  // the symmetric ops' bound on the row's amax (vLLM's scale_ub); +inf for none
 
   BJ_HD RowParams<M> params(const RowRange<M>& r) const {

@@ -1,0 +1,166 @@
+"""The fused producer + quantizer ops: RMSNorm (with a residual add) or a SiLU-gated product, then the
+per-token quantizer, in one pass over each row, forward and backward (csrc/producers.h).
+
+Inside a jitted step a custom call is a fusion barrier: XLA fuses jnp quantization into the norm or
+activation that produces its input, which an unfused kernel cannot. These ops take the producer in.
+Symmetric grids (int8, float8_e4m3fn, float8_e5m2), float16/bfloat16/float32 data, a static per-row
+`scale` or a dynamic one (each row's amax, bounded by `scale_ub`).
+"""
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from baracuda_jax import _checks
+from baracuda_jax.primitives import rms_norm_grad_p, rms_norm_quantize_p, silu_mul_grad_p, silu_mul_quantize_p
+
+
+def _grid(op, dtype, scale, scale_ub):
+    """(format, qmin, qmax, scale_ub attribute) of a symmetric grid, static or dynamic."""
+    fmt, qmin, qmax, ub = _checks.dynamic_grid(op, dtype, True, scale_ub)
+    if scale is not None and scale_ub is not None:
+        raise ValueError(f"{op}: scale_ub bounds a dynamic scale; it does not apply with a static scale")
+    return fmt, qmin, qmax, ub
+
+
+def _static_scale(op, name, data, scale):
+    """A static scale: one per row (shape data.shape[:-1], or with a trailing 1), as float32."""
+    if scale is None:
+        return ()
+    scale = jnp.asarray(scale)
+    rows = tuple(data.shape[:-1])
+    if scale.shape == rows + (1,):
+        scale = scale[..., 0]
+    _checks.row_operands(op, name, data, scale, None)
+    return (scale.astype(jnp.float32),)
+
+
+def _norm_call(op, x, weight, residual, eps, scale, dtype, scale_ub, fake):
+    x, weight = jnp.asarray(x), jnp.asarray(weight)
+    residual = None if residual is None else jnp.asarray(residual)
+    _checks.fused_float_dtype(op, x.dtype)
+    _checks.norm_operands(op, x, weight, residual, eps)
+    fmt, qmin, qmax, ub = _grid(op, dtype, scale, scale_ub)
+    params = dict(dtype=fmt.dtype, fake=fake, qmin=qmin, qmax=qmax, eps=float(eps),
+                  has_residual=residual is not None, dynamic=scale is None, scale_ub=ub)
+    return x, weight, () if residual is None else (residual,), _static_scale(op, "x", x, scale), params
+
+
+def _norm_forward(x, weight, residual, scale, params):
+    """(out, scale, residual_out, inv_rms): the primitive's results in a fixed order."""
+    out, inv, *more = rms_norm_quantize_p.bind(x, weight, *residual, *scale, **params)
+    s = more.pop(0) if params["dynamic"] else scale[0]
+    return out, s, more[0] if residual else x, inv
+
+
+def rms_norm_quantize_per_token(x, weight, *, residual=None, eps=1e-6, scale=None, dtype=jnp.int8, scale_ub=None):
+    """(q, scale, residual_out): r = x + residual (rounded to x's dtype; x when residual is None),
+    h = r * rsqrt(mean(r^2) + eps) * weight (in float32, rounded to x's dtype), then the per-token
+    quantization of h: by the given per-row `scale`, or dynamic (scale = min(amax, scale_ub) / qmax).
+
+    x: [..., D] float16/bfloat16/float32; weight: [D] of x's dtype; residual like x. dtype: int8 or a
+    float8 format (symmetric). One pass over each row (vLLM's rms_norm_dynamic_per_token_quant).
+    An inference op: to train, use rms_norm_fake_quantize_per_token.
+    """
+    op = "rms_norm_quantize_per_token"
+    x, weight, residual, scale, params = _norm_call(op, x, weight, residual, eps, scale, dtype, scale_ub, False)
+    return _norm_forward(x, weight, residual, scale, params)[:3]
+
+
+def rms_norm_fake_quantize_per_token(x, weight, *, residual=None, eps=1e-6, scale=None, dtype=jnp.int8,
+                                     scale_ub=None):
+    """(y, residual_out), y = dequantize(quantize(h)) in x's dtype, h and residual_out as in
+    rms_norm_quantize_per_token.
+
+    Differentiable in x, weight and residual: exact through the add and the norm, straight-through
+    for the quantizer (g passes where h was not clipped), no gradient to the scale. The backward is
+    one pass over the rows; d(weight) sums each group of rows in order, then the groups in order.
+    """
+    op = "rms_norm_fake_quantize_per_token"
+    x, weight, residual, scale, params = _norm_call(op, x, weight, residual, eps, scale, dtype, scale_ub, True)
+    return _rms_norm_fake(x, weight, residual, scale, tuple(sorted(params.items())))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _rms_norm_fake(x, weight, residual, scale, params):
+    y, _, r, _ = _norm_forward(x, weight, residual, scale, dict(params))
+    return y, r
+
+
+def _rms_norm_fake_fwd(x, weight, residual, scale, params):
+    # symbolic_zeros: an unused residual_out passes no zeros to the backward kernel.
+    x, weight = x.value, weight.value
+    residual = tuple(r.value for r in residual)
+    scale = tuple(s.value for s in scale)
+    y, s, r, inv = _norm_forward(x, weight, residual, scale, dict(params))
+    return (y, r), (r, weight, s, inv, residual != ())
+
+
+def _rms_norm_fake_bwd(params, res, cotangents):
+    r, weight, s, inv, has_residual = res
+    gy, gr = cotangents
+    p = dict(params)
+    if isinstance(gy, jax.custom_derivatives.SymbolicZero):
+        gy = jnp.zeros(gy.shape, gy.dtype)
+    g_residual = () if isinstance(gr, jax.custom_derivatives.SymbolicZero) else (gr,)
+    dx, dw, _ = rms_norm_grad_p.bind(gy, r, weight, s, inv, *g_residual, dtype=p["dtype"], qmin=p["qmin"],
+                                     qmax=p["qmax"], has_residual=bool(g_residual))
+    scale_grad = () if p["dynamic"] else (jnp.zeros_like(s),)
+    return dx, dw, (dx,) if has_residual else (), scale_grad
+
+
+_rms_norm_fake.defvjp(_rms_norm_fake_fwd, _rms_norm_fake_bwd, symbolic_zeros=True)
+
+
+def _silu_call(op, a, b, scale, dtype, scale_ub, fake):
+    a, b = jnp.asarray(a), jnp.asarray(b)
+    _checks.fused_float_dtype(op, a.dtype, "a")
+    if a.ndim < 1:
+        raise ValueError(f"{op}: a must have rank >= 1 (one token per row of the last axis), got a scalar")
+    _checks.same_as(op, "b", b, "a", a)
+    fmt, qmin, qmax, ub = _grid(op, dtype, scale, scale_ub)
+    params = dict(dtype=fmt.dtype, fake=fake, qmin=qmin, qmax=qmax, dynamic=scale is None, scale_ub=ub)
+    return a, b, _static_scale(op, "a", a, scale), params
+
+
+def _silu_forward(a, b, scale, params):
+    out, *s = silu_mul_quantize_p.bind(a, b, *scale, **params)
+    return out, s[0] if s else scale[0]
+
+
+def silu_mul_quantize_per_token(a, b, *, scale=None, dtype=jnp.int8, scale_ub=None):
+    """(q, scale): h = silu(a) * b (in float32, silu(a) = a / (1 + exp(-a)), rounded to a's dtype),
+    then the per-token quantization of h, static or dynamic as in rms_norm_quantize_per_token.
+    The gated activation of a SwiGLU FFN and the quantizer before its down projection, one pass."""
+    op = "silu_mul_quantize_per_token"
+    a, b, scale, params = _silu_call(op, a, b, scale, dtype, scale_ub, False)
+    return _silu_forward(a, b, scale, params)
+
+
+def silu_mul_fake_quantize_per_token(a, b, *, scale=None, dtype=jnp.int8, scale_ub=None):
+    """dequantize(quantize(silu(a) * b)) in a's dtype. Differentiable in a and b: exact through
+    silu * b, straight-through for the quantizer; the backward is one pass over the elements."""
+    op = "silu_mul_fake_quantize_per_token"
+    a, b, scale, params = _silu_call(op, a, b, scale, dtype, scale_ub, True)
+    return _silu_mul_fake(a, b, scale, tuple(sorted(params.items())))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _silu_mul_fake(a, b, scale, params):
+    return _silu_forward(a, b, scale, dict(params))[0]
+
+
+def _silu_mul_fake_fwd(a, b, scale, params):
+    y, s = _silu_forward(a, b, scale, dict(params))
+    return y, (a, b, s)
+
+
+def _silu_mul_fake_bwd(params, res, g):
+    a, b, s = res
+    p = dict(params)
+    da, db = silu_mul_grad_p.bind(g, a, b, s, dtype=p["dtype"], qmin=p["qmin"], qmax=p["qmax"])
+    return da, db, () if p["dynamic"] else (jnp.zeros_like(s),)
+
+
+_silu_mul_fake.defvjp(_silu_mul_fake_fwd, _silu_mul_fake_bwd)

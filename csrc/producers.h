@@ -1,0 +1,148 @@
+// The fused producers' contract: the value h that a per-token quantizer of
+// numerics.h receives when the op also computes what feeds it, and the
+// backward through that producer. T is float16, bfloat16 or float32; M = float.
+//
+// RMSNorm with a residual add:
+//   r       = T(M(x) + M(residual))            the new residual stream (x itself without one)
+//   ss      = sum over the row of M(r)^2, in a fixed order per backend (run to run the same)
+//   inv_rms = 1 / sqrt(ss * (1/D) + eps)       IEEE sqrt and division (XLA turns a mean's
+//                                              division into this multiply)
+//   h       = T(M(r) * inv_rms * M(w))
+// SiLU-gated product:
+//   h       = T(M(a) / (1 + exp(-M(a))) * M(b))  exp: the platform's expf
+//
+// Backward, with dh = the quantizer's straight-through mask of h ? g : 0 (numerics.h):
+//   norm:  n = M(r) * inv_rms, dn = dh * M(w), c = sum over the row of dn * n, in a fixed order
+//          dr = inv_rms * (dn - n * (c * (1/D))) + M(g_residual)   -> dx and d(residual)
+//          dw = sum over the rows of dh * n, in row order within fixed groups of rows, then
+//               over the groups in order
+//   silu:  s = 1 / (1 + exp(-a)),  da = dh * M(b) * (s * (1 + a * (1 - s))),  db = dh * silu(a)
+#pragma once
+
+#include "numerics.h"
+
+namespace baracuda {
+
+BJ_HD float ieee_sqrt(float v) { return sqrtf(v); }
+BJ_HD float platform_exp(float v) { return expf(v); }
+
+template <class T>
+struct RmsNorm {
+  using M = math_t<T>;
+  M eps, inv_cols;  // eps, 1/D
+
+  BJ_HD static T residual(T x, T res) { return From<T>::math(to_math(x) + to_math(res)); }
+  BJ_HD static M square(T r) {
+    const M v = to_math(r);
+    return v * v;
+  }
+  BJ_HD M inv_rms(M ss) const { return M(1) / ieee_sqrt(ss * inv_cols + eps); }
+  BJ_HD static T normed(T r, M inv, T w) { return From<T>::math(to_math(r) * inv * to_math(w)); }
+};
+
+// The norm backward's element terms: row_term (to c) and column_term (to dw) before the row's c
+// is known; then dr.
+template <class T>
+struct RmsNormGrad {
+  using M = math_t<T>;
+  M inv_cols;
+
+  struct Terms {
+    M n, dn;
+  };
+  BJ_HD static Terms terms(M dh, T r, M inv, T w) { return {to_math(r) * inv, dh * to_math(w)}; }
+  BJ_HD M mean(M c) const { return c * inv_cols; }
+  BJ_HD static T dr(const Terms& t, M inv, M mean_c, M g_residual) {
+    return From<T>::math(inv * (t.dn - t.n * mean_c) + g_residual);
+  }
+};
+
+template <class T>
+struct SiluMul {
+  using M = math_t<T>;
+  BJ_HD static T value(T a, T b) {
+    const M v = to_math(a);
+    return From<T>::math(v / (M(1) + platform_exp(-v)) * to_math(b));
+  }
+  // dh -> (da, db)
+  BJ_HD static void grad(M dh, T a, T b, T& da, T& db) {
+    const M v = to_math(a), e = platform_exp(-v), s = M(1) / (M(1) + e);
+    da = From<T>::math(dh * to_math(b) * (s * (M(1) + v * (M(1) - s))));
+    db = From<T>::math(dh * (v / (M(1) + e)));
+  }
+};
+
+// The plain ops' producer: h = x.
+struct Identity {
+  template <class T> BJ_HD static T value(T x) { return x; }
+};
+
+// A quantizer (QuantizeOp, FakeQuantizeOp, or Dynamic of one) fed by a producer of h: the row
+// engines take h = value(inputs...) and apply quantize(p, h).
+template <class Base, class Source>
+struct Produced : Base {
+  using M = typename Base::math;
+  template <class... In>
+  BJ_HD static auto value(In... in) { return Source::value(in...); }
+  template <class T>
+  BJ_HD auto quantize(const RowParams<M>& p, T h) const { return Base::operator()(p, h); }
+  template <class... In>
+  BJ_HD auto operator()(const RowParams<M>& p, In... in) const { return quantize(p, value(in...)); }
+};
+
+template <class T> struct Pair { T first, second; };  // an op's two outputs
+// Where a Pair-valued op writes: two outputs, moved together.
+template <class T> struct Split {
+  T *first, *second;
+  BJ_HD Split operator+(int64_t i) const { return {first + i, second + i}; }
+};
+
+// ---- what the fused engines receive (handlers.h documents the engine calls) ----
+
+// The forward of RMSNorm -> quantizer Q (QuantizeOp/FakeQuantizeOp read a per-row scale; a
+// Dynamic one derives it). [N, D]: x, residual and r_out (both null without a residual), out;
+// [D]: weight; [N]: scale_out (the row's scale, written) and inv_rms (written).
+template <class T, class Q, class Out>
+struct NormQuantizeRows {
+  using M = math_t<T>;
+  RmsNorm<T> norm;
+  Q quant;
+  const T *x, *residual, *weight;
+  T* r_out;
+  Out* out;
+  M *scale_out, *inv_rms;
+};
+
+// The backward of RMSNorm -> fake-quantizer over grid G. [N, D]: g, r, dx, g_residual (or null);
+// [D]: weight, dw; [N]: the forward's scale and inv_rms; [groups, D]: each group of rows' dw.
+// Group k holds rows [k * R, (k + 1) * R), R = ceil(N / groups).
+template <class T, class G>
+struct NormGradRows {
+  using M = math_t<T>;
+  RmsNormGrad<T> grad;
+  FakeQuantizeGradOp<T, G> mask;  // holds the forward's scale
+  const T *g, *r, *weight, *g_residual;
+  const M* inv_rms;
+  T *dx, *dw;
+  M* dw_groups;
+  int64_t groups;
+
+  BJ_HD int64_t rows_per_group(int64_t rows) const { return (rows + groups - 1) / groups; }
+  // dh of one element: the upstream gradient where h's quantization did not saturate.
+  BJ_HD M dh(const RowParams<M>& p, T g_, T h) const { return to_math(mask(p, g_, h)); }
+};
+
+// The silu backward: (g, a, b) -> (da, db), the mask recomputed from h.
+template <class T, class G>
+struct SiluMulGradOp : QParams<math_t<T>> {
+  using M = math_t<T>;
+  BJ_HD Pair<T> operator()(const RowParams<M>& p, T g, T a, T b) const {
+    const T h = SiluMul<T>::value(a, b);
+    const M dh = G::passes(*this, p, to_math(h) * p.inv) ? to_math(g) : M(0);
+    Pair<T> d;
+    SiluMul<T>::grad(dh, a, b, d.first, d.second);
+    return d;
+  }
+};
+
+}  // namespace baracuda
