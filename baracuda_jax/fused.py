@@ -130,7 +130,7 @@ def _silu_forward(a, b, scale, params):
 
 
 def silu_mul_quantize_per_token(a, b, *, scale=None, dtype=jnp.int8, scale_ub=None):
-    """(q, scale): h = silu(a) * b (in float32, silu(a) = a / (1 + exp(-a)), rounded to a's dtype),
+    """(q, scale): h = silu(a) * b (in float32, silu(a) = a * (1 / (1 + exp(-a))), rounded to a's dtype),
     then the per-token quantization of h, static or dynamic as in rms_norm_quantize_per_token.
     The gated activation of a SwiGLU FFN and the quantizer before its down projection, one pass."""
     op = "silu_mul_quantize_per_token"

@@ -233,7 +233,7 @@ def _rms_norm_grad_layout(params):
 
 def dw_groups(rows):
     """How many groups of rows the norm backward sums d(weight) over, then sums in order."""
-    return max(1, min(rows, 256))
+    return max(1, min(rows, 512))
 
 
 def _rms_norm_grad_aval(g, r, weight, scale, inv_rms, *g_residual, dtype, qmin, qmax, has_residual):

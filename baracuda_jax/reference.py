@@ -13,6 +13,7 @@ division to an approximate `div.full` unless XLA_FLAGS has
 """
 
 import numpy as np
+import jax
 import jax.numpy as jnp
 
 from baracuda_jax import _checks, _range
@@ -132,15 +133,19 @@ def rms_norm(x, weight, residual=None, eps=1e-6):
     r = x if residual is None else (x.astype(f32) + jnp.asarray(residual).astype(f32)).astype(x.dtype)
     rf = r.astype(f32)
     inv_d = np.float32(1) / np.float32(x.shape[-1])
-    inv_rms = 1 / jnp.sqrt(jnp.sum(rf * rf, axis=-1, keepdims=True) * inv_d + np.float32(eps))
+    # The barrier keeps an IEEE sqrt and an IEEE division: XLA would fuse them into its rsqrt,
+    # which is not correctly rounded. XLA may still contract `* inv_d + eps` into an FMA (exact
+    # when D is a power of two and the sum exact: the tests' bit-for-bit case).
+    mean = jnp.sum(rf * rf, axis=-1, keepdims=True) * inv_d
+    inv_rms = 1 / jax.lax.optimization_barrier(jnp.sqrt(mean + np.float32(eps)))
     return (rf * inv_rms * jnp.asarray(weight).astype(f32)).astype(x.dtype), r
 
 
 def silu_mul(a, b):
-    """h = a / (1 + exp(-a)) * b in float32, rounded to a's dtype."""
+    """h = a * sigmoid(a) * b in float32, sigmoid(a) = 1 / (1 + exp(-a)), rounded to a's dtype."""
     a = jnp.asarray(a)
     af = a.astype(jnp.float32)
-    return (af / (1 + jnp.exp(-af)) * jnp.asarray(b).astype(jnp.float32)).astype(a.dtype)
+    return (af * (1 / (1 + jnp.exp(-af))) * jnp.asarray(b).astype(jnp.float32)).astype(a.dtype)
 
 
 def _quantize_h(h, scale, dtype, scale_ub, fake):

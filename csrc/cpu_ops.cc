@@ -193,7 +193,7 @@ struct CpuExec {
   }
 
   // dw: each group's rows in order into its row of dw_groups (groups run in parallel), then the
-  // groups in order.
+  // groups in slices (producers.h).
   template <class T, class G>
   ffi::Error norm_grad_rows(const NormGradRows<T, G>& io, int64_t rows, int64_t cols) {
     using M = math_t<T>;
@@ -207,8 +207,13 @@ struct CpuExec {
           norm_grad_row(io, r, cols, dh.data(), dw);
       }
     });
-    std::vector<M> sum(cols, M(0));
-    for (int64_t k = 0; k < io.groups; ++k) add_row(sum.data(), io.dw_groups + k * cols, cols);
+    std::vector<M> sum(cols, M(0)), slice(cols);
+    const int64_t per_slice = io.groups_per_slice();
+    for (int64_t k0 = 0; k0 < io.groups; k0 += per_slice) {
+      std::fill(slice.begin(), slice.end(), M(0));
+      for (int64_t k = k0; k < std::min(io.groups, k0 + per_slice); ++k) add_row(slice.data(), io.dw_groups + k * cols, cols);
+      add_row(sum.data(), slice.data(), cols);
+    }
     for (int64_t c = 0; c < cols; ++c) io.dw[c] = From<T>::math(sum[c]);
     return ffi::Error::Success();
   }

@@ -12,7 +12,7 @@
 #include <string>
 
 #include "cuda_ops.h"
-#include "handlers.h"
+#include "producer_handlers.h"
 
 namespace baracuda {
 namespace {
@@ -70,17 +70,38 @@ __device__ __forceinline__ void store_vec(T* p, const Vec<T, W>& v) {
   __stcs(reinterpret_cast<WordOf<T, W>*>(p), w);  // streaming: the output is not read again here
 }
 
+// An op writes one output (T*), or two (Split<T>, for a Pair-valued op).
+template <int W, class T>
+__device__ __forceinline__ void store_out(T* out, int64_t i, const Vec<T, W>& v) {
+  store_vec<W>(out + i, v);
+}
+template <int W, class T>
+__device__ __forceinline__ void store_out(Split<T> out, int64_t i, const Vec<Pair<T>, W>& v) {
+  Vec<T, W> a, b;
+#pragma unroll
+  for (int k = 0; k < W; ++k) a.v[k] = v.v[k].first, b.v[k] = v.v[k].second;
+  store_vec<W>(out.first + i, a);
+  store_vec<W>(out.second + i, b);
+}
+template <class T> __device__ __forceinline__ void put(T* out, int64_t i, T v) { out[i] = v; }
+template <class T> __device__ __forceinline__ void put(Split<T> out, int64_t i, Pair<T> v) {
+  out.first[i] = v.first;
+  out.second[i] = v.second;
+}
+template <class P> struct OutElem { using type = std::remove_pointer_t<P>; };
+template <class T> struct OutElem<Split<T>> { using type = T; };
+
 template <class... Ts> constexpr int max_size() { return std::max({int(sizeof(Ts))...}); }
 
 // Elements per vector: the widest operand moves 16 bytes at a time.
 template <class Out, class... In> constexpr int vec_width() { return 16 / max_size<Out, In...>(); }
 
-template <int W, class Op, class P, class Out, class... In>
-__device__ __forceinline__ void apply_vec(const Op& op, const P& p, Out* out, const Vec<In, W>&... v) {
-  Vec<Out, W> r;
+template <int W, class Op, class P, class OutPtr, class... In>
+__device__ __forceinline__ void apply_vec(const Op& op, const P& p, OutPtr out, int64_t i, const Vec<In, W>&... v) {
+  Vec<decltype(op(p, v.v[0]...)), W> r;
 #pragma unroll
   for (int k = 0; k < W; ++k) r.v[k] = op(p, v.v[k]...);
-  store_vec<W>(out, r);
+  store_out<W>(out, i, r);
 }
 
 // A row's layout for W-element vectors: `head` elements up to the first aligned
@@ -106,9 +127,9 @@ struct RowSpan {
 
 // grid-stride over tiles; a tile is (row, chunk of kThreads * per_thread vectors),
 // per_thread <= U.
-template <int W, int U, class Op, class Out, class... In>
+template <int W, int U, class Op, class OutPtr, class... In>
 __global__ void __launch_bounds__(kThreads)
-row_map_kernel(Op op, int64_t cols, int64_t chunks, int64_t tiles, int per_thread, Out* __restrict__ out,
+row_map_kernel(Op op, int64_t cols, int64_t chunks, int64_t tiles, int per_thread, OutPtr out,
                const In* __restrict__... in) {
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const int64_t row = tile / chunks, chunk = tile - row * chunks;
@@ -124,12 +145,12 @@ row_map_kernel(Op op, int64_t cols, int64_t chunks, int64_t tiles, int per_threa
       if (u < per_thread && v < nvec) buf[u] = cuda::std::make_tuple(load_vec<W>(in + body + v * W)...);
     }
     const auto p = op.row(row);
-    if (chunk == 0) span.ends(cols, threadIdx.x, [&](int64_t i) { out[i] = op(p, in[i]...); });
+    if (chunk == 0) span.ends(cols, threadIdx.x, [&](int64_t i) { put(out, i, op(p, in[i]...)); });
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int64_t v = v0 + u * kThreads;
       if (u < per_thread && v < nvec)
-        cuda::std::apply([&](const auto&... x) { apply_vec<W>(op, p, out + body + v * W, x...); }, buf[u]);
+        cuda::std::apply([&](const auto&... x) { apply_vec<W>(op, p, out, body + v * W, x...); }, buf[u]);
     }
   }
 }
@@ -172,10 +193,28 @@ __device__ V block_reduce(V v, V* partial) {
   return all;
 }
 
-template <int W, class Op, class Out, class T, class M>
+// h of the W elements from `at`: the op's producer over its inputs.
+template <int W, class Op, class... In>
+__device__ __forceinline__ auto produce_vec(const Op& op, int64_t at, const In*... in) {
+  const auto loaded = cuda::std::make_tuple(load_vec<W>(in + at)...);
+  Vec<decltype(op.value(in[0]...)), W> h;
+#pragma unroll
+  for (int k = 0; k < W; ++k) h.v[k] = cuda::std::apply([&](const auto&... x) { return op.value(x.v[k]...); }, loaded);
+  return h;
+}
+
+template <int W, class Op, class P, class Out, class T>
+__device__ __forceinline__ void quantize_vec(const Op& op, const P& p, Out* out, const Vec<T, W>& h) {
+  Vec<Out, W> q;
+#pragma unroll
+  for (int k = 0; k < W; ++k) q.v[k] = op.quantize(p, h.v[k]);
+  store_vec<W>(out, q);
+}
+
+template <int W, class Op, class Out, class M, class... In>
 __global__ void __launch_bounds__(kMaxThreads)
-dynamic_row_kernel(Op op, int64_t rows, int64_t cols, Out* __restrict__ out, const T* __restrict__ x,
-                   M* __restrict__ scale, int32_t* __restrict__ zp) {
+dynamic_row_kernel(Op op, int64_t rows, int64_t cols, Out* __restrict__ out, M* __restrict__ scale,
+                   int32_t* __restrict__ zp, const In* __restrict__... in) {
   __shared__ RowRange<M> partial[kMaxThreads / 32];
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const RowSpan<W> span(row, cols);
@@ -183,11 +222,11 @@ dynamic_row_kernel(Op op, int64_t rows, int64_t cols, Out* __restrict__ out, con
     const int64_t streamed = int64_t{kCache} * blockDim.x;  // vectors past this are read twice
 
     RowRange<M> range;
-    Vec<T, W> cache[kCache];
+    decltype(produce_vec<W>(op, 0, in...)) cache[kCache];
 #pragma unroll
     for (int c = 0; c < kCache; ++c) {
       const int64_t v = threadIdx.x + c * int64_t{blockDim.x};
-      if (v < nvec) cache[c] = load_vec<W>(x + body + v * W);
+      if (v < nvec) cache[c] = produce_vec<W>(op, body + v * W, in...);
     }
 #pragma unroll
     for (int c = 0; c < kCache; ++c) {
@@ -197,25 +236,215 @@ dynamic_row_kernel(Op op, int64_t rows, int64_t cols, Out* __restrict__ out, con
       }
     }
     for (int64_t v = streamed + threadIdx.x; v < nvec; v += blockDim.x) {
-      const auto vec = load_vec<W>(x + body + v * W);
+      const auto h = produce_vec<W>(op, body + v * W, in...);
 #pragma unroll
-      for (int k = 0; k < W; ++k) range.add(to_math(vec.v[k]));
+      for (int k = 0; k < W; ++k) range.add(to_math(h.v[k]));
     }
-    span.ends(cols, threadIdx.x, [&](int64_t i) { range.add(to_math(x[i])); });
+    span.ends(cols, threadIdx.x, [&](int64_t i) { range.add(to_math(op.value(in[i]...))); });
 
     const auto p = op.params(block_reduce(range, partial));
     if (threadIdx.x == 0) {
-      scale[row] = p.scale;
-      zp[row] = static_cast<int32_t>(p.zp);
+      if (scale) scale[row] = p.scale;
+      if (zp) zp[row] = static_cast<int32_t>(p.zp);
     }
 #pragma unroll
     for (int c = 0; c < kCache; ++c) {
       const int64_t v = threadIdx.x + c * int64_t{blockDim.x};
-      if (v < nvec) apply_vec<W>(op, p, out + body + v * W, cache[c]);
+      if (v < nvec) quantize_vec<W>(op, p, out + body + v * W, cache[c]);
     }
     for (int64_t v = streamed + threadIdx.x; v < nvec; v += blockDim.x)
-      apply_vec<W>(op, p, out + body + v * W, load_vec<W>(x + body + v * W));
-    span.ends(cols, threadIdx.x, [&](int64_t i) { out[i] = op(p, x[i]); });
+      quantize_vec<W>(op, p, out + body + v * W, produce_vec<W>(op, body + v * W, in...));
+    span.ends(cols, threadIdx.x, [&](int64_t i) { out[i] = op.quantize(p, op.value(in[i]...)); });
+  }
+}
+
+// ---- the fused norm: one block per row, the row cached in registers --------
+// A row of whole vectors (W divides D, else W = 1), so that each thread owns the
+// same columns in every row: the weight is read at the row's offsets, and the
+// backward keeps its d(weight) terms in registers.
+
+// Threads for a fused row of `nvec` vectors, `per_thread` vectors each: a function of D alone,
+// so that a row's sums are added in the same order whatever the number of rows. Small blocks
+// leave room for many rows per SM, whose loads overlap each other's reductions.
+constexpr int kNormCache = 4;
+inline int fused_threads(int64_t nvec, int per_thread) {
+  return static_cast<int>(std::clamp<int64_t>((nvec / per_thread + 31) / 32 * 32, 32, kMaxThreads));
+}
+
+template <int W, class T, class Q, class Out>
+__global__ void __launch_bounds__(kMaxThreads)
+norm_row_kernel(NormQuantizeRows<T, Q, Out> io, int64_t rows, int64_t cols) {
+  using M = math_t<T>;
+  __shared__ RowSum<M> sums[kMaxThreads / 32];
+  __shared__ RowRange<M> ranges[kMaxThreads / 32];
+  const int64_t nvec = cols / W, cached = int64_t{kNormCache} * blockDim.x;
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const int64_t base = row * cols;
+    const auto r_vec = [&](int64_t v) {  // r of vector v, from memory
+      const auto x = load_vec<W>(io.x + base + v * W);
+      if (!io.residual) return x;
+      const auto res = load_vec<W>(io.residual + base + v * W);
+      Vec<T, W> r;
+#pragma unroll
+      for (int k = 0; k < W; ++k) r.v[k] = RmsNorm<T>::residual(x.v[k], res.v[k]);
+      return r;
+    };
+    Vec<T, W> cache[kNormCache];
+#pragma unroll
+    for (int c = 0; c < kNormCache; ++c) {
+      const int64_t v = threadIdx.x + c * int64_t{blockDim.x};
+      if (v < nvec) cache[c] = r_vec(v);
+    }
+    RowSum<M> ss;
+    const auto first = [&](int64_t v, const Vec<T, W>& r) {  // store r, add its squares
+      if (io.r_out) store_vec<W>(io.r_out + base + v * W, r);
+#pragma unroll
+      for (int k = 0; k < W; ++k) ss.sum += RmsNorm<T>::square(r.v[k]);
+    };
+#pragma unroll
+    for (int c = 0; c < kNormCache; ++c) {
+      const int64_t v = threadIdx.x + c * int64_t{blockDim.x};
+      if (v < nvec) first(v, cache[c]);
+    }
+    for (int64_t v = cached + threadIdx.x; v < nvec; v += blockDim.x) first(v, r_vec(v));
+    const M inv = io.norm.inv_rms(block_reduce(ss, sums).sum);
+
+    // f(v, h) for each of this thread's vectors of h, from the cache or recomputed.
+    const auto each_h = [&](auto&& f) {
+      const auto h_vec = [&](int64_t v, const Vec<T, W>& r) {
+        const auto w = load_vec<W>(io.weight + v * W);
+        Vec<T, W> h;
+#pragma unroll
+        for (int k = 0; k < W; ++k) h.v[k] = RmsNorm<T>::normed(r.v[k], inv, w.v[k]);
+        return h;
+      };
+#pragma unroll
+      for (int c = 0; c < kNormCache; ++c) {
+        const int64_t v = threadIdx.x + c * int64_t{blockDim.x};
+        if (v < nvec) f(v, h_vec(v, cache[c]));
+      }
+      for (int64_t v = cached + threadIdx.x; v < nvec; v += blockDim.x) f(v, h_vec(v, r_vec(v)));
+    };
+    RowParams<M> p;
+    if constexpr (Q::kDynamic) {
+      RowRange<M> range;
+      each_h([&](int64_t, const Vec<T, W>& h) {
+#pragma unroll
+        for (int k = 0; k < W; ++k) range.add(to_math(h.v[k]));
+      });
+      p = io.quant.params(block_reduce(range, ranges));
+    } else {
+      p = io.quant.row(row);
+    }
+    if (threadIdx.x == 0) {
+      io.inv_rms[row] = inv;
+      if (io.scale_out) io.scale_out[row] = p.scale;
+    }
+    each_h([&](int64_t v, const Vec<T, W>& h) { quantize_vec<W>(io.quant, p, io.out + base + v * W, h); });
+  }
+}
+
+// The norm backward over one group of rows a block (producers.h): dx a row, and the group's
+// d(weight) in registers (smem for columns past the register cache), written to dw_groups.
+constexpr int kGradCache = 4;
+
+template <int W, class T, class G>
+__global__ void __launch_bounds__(kMaxThreads)
+norm_grad_kernel(NormGradRows<T, G> io, int64_t rows, int64_t cols) {
+  using M = math_t<T>;
+  extern __shared__ float dw_streamed[];  // [W][nvec - cached], for long rows
+  __shared__ RowSum<M> sums[kMaxThreads / 32];
+  const int64_t nvec = cols / W, cached = int64_t{kGradCache} * blockDim.x;
+  const int64_t n_streamed = nvec > cached ? nvec - cached : 0;
+  const int64_t group = blockIdx.x, per_group = io.rows_per_group(rows);
+  M dw[kGradCache][W] = {};
+  for (int64_t v = cached + threadIdx.x; v < nvec; v += blockDim.x)
+    for (int k = 0; k < W; ++k) dw_streamed[k * n_streamed + v - cached] = 0;
+
+  const int64_t end = (group + 1) * per_group < rows ? (group + 1) * per_group : rows;
+  for (int64_t row = group * per_group; row < end; ++row) {
+    const int64_t base = row * cols;
+    const auto p = io.mask.row(row);
+    const M inv = io.inv_rms[row];
+    // f(k, dh, terms) for the W elements of vector v
+    const auto terms = [&](int64_t v, const Vec<T, W>& g, const Vec<T, W>& r, auto&& f) {
+      const auto w = load_vec<W>(io.weight + v * W);
+#pragma unroll
+      for (int k = 0; k < W; ++k) {
+        const M dh = io.dh(p, g.v[k], RmsNorm<T>::normed(r.v[k], inv, w.v[k]));
+        f(k, dh, RmsNormGrad<T>::terms(dh, r.v[k], inv, w.v[k]));
+      }
+    };
+    Vec<T, W> gc[kGradCache], rc[kGradCache];
+#pragma unroll
+    for (int c = 0; c < kGradCache; ++c) {
+      const int64_t v = threadIdx.x + c * int64_t{blockDim.x};
+      if (v < nvec) gc[c] = load_vec<W>(io.g + base + v * W), rc[c] = load_vec<W>(io.r + base + v * W);
+    }
+    RowSum<M> sum;
+#pragma unroll
+    for (int c = 0; c < kGradCache; ++c) {
+      const int64_t v = threadIdx.x + c * int64_t{blockDim.x};
+      if (v < nvec) terms(v, gc[c], rc[c], [&](int k, M dh, const auto& t) {
+        sum.sum += t.dn * t.n;
+        dw[c][k] += dh * t.n;
+      });
+    }
+    for (int64_t v = cached + threadIdx.x; v < nvec; v += blockDim.x)
+      terms(v, load_vec<W>(io.g + base + v * W), load_vec<W>(io.r + base + v * W), [&](int k, M dh, const auto& t) {
+        sum.sum += t.dn * t.n;
+        dw_streamed[k * n_streamed + v - cached] += dh * t.n;
+      });
+    const M mean = io.grad.mean(block_reduce(sum, sums).sum);
+    const auto dx_vec = [&](int64_t v, const Vec<T, W>& g, const Vec<T, W>& r) {
+      Vec<T, W> gr, dx;
+      if (io.g_residual) gr = load_vec<W>(io.g_residual + base + v * W);
+      terms(v, g, r, [&](int k, M, const auto& t) {
+        dx.v[k] = RmsNormGrad<T>::dr(t, inv, mean, io.g_residual ? to_math(gr.v[k]) : M(0));
+      });
+      store_vec<W>(io.dx + base + v * W, dx);
+    };
+#pragma unroll
+    for (int c = 0; c < kGradCache; ++c) {
+      const int64_t v = threadIdx.x + c * int64_t{blockDim.x};
+      if (v < nvec) dx_vec(v, gc[c], rc[c]);
+    }
+    for (int64_t v = cached + threadIdx.x; v < nvec; v += blockDim.x)
+      dx_vec(v, load_vec<W>(io.g + base + v * W), load_vec<W>(io.r + base + v * W));
+  }
+  M* out = io.dw_groups + group * cols;
+#pragma unroll
+  for (int c = 0; c < kGradCache; ++c) {
+    const int64_t v = threadIdx.x + c * int64_t{blockDim.x};
+    if (v < nvec)
+      for (int k = 0; k < W; ++k) out[v * W + k] = dw[c][k];
+  }
+  for (int64_t v = cached + threadIdx.x; v < nvec; v += blockDim.x)
+    for (int k = 0; k < W; ++k) out[v * W + k] = dw_streamed[k * n_streamed + v - cached];
+}
+
+// dw = the groups' sums added in slices (producers.h): thread (column, slice) adds its slice's
+// groups in order, then the slices are added in order.
+constexpr int kSumColumns = 32;
+
+template <class T, class G>
+__global__ void __launch_bounds__(kSumColumns * NormGradRows<T, G>::kDwSlices)
+dw_sum_kernel(NormGradRows<T, G> io, int64_t cols) {
+  using M = math_t<T>;
+  constexpr int kSlices = NormGradRows<T, G>::kDwSlices;
+  __shared__ M partial[kSlices][kSumColumns];
+  const int lane = threadIdx.x % kSumColumns, slice = threadIdx.x / kSumColumns;
+  const int64_t col = blockIdx.x * int64_t{kSumColumns} + lane, per_slice = io.groups_per_slice();
+  M sum = 0;
+  const int64_t end = (slice + 1) * per_slice < io.groups ? (slice + 1) * per_slice : io.groups;
+  if (col < cols)
+    for (int64_t k = slice * per_slice; k < end; ++k) sum += io.dw_groups[k * cols + col];
+  partial[slice][lane] = sum;
+  __syncthreads();
+  if (slice == 0 && col < cols) {
+    M total = 0;
+    for (int s = 0; s < kSlices; ++s) total += partial[s][lane];
+    io.dw[col] = From<T>::math(total);
   }
 }
 
@@ -245,10 +474,9 @@ reduce_row_kernel(Op op, int64_t rows, int64_t cols, Out* __restrict__ out, M* _
 }
 
 // True when every pointer can be read or written in W-element vectors.
-template <int W, class... Ts>
-bool vector_aligned(const Ts*... ptrs) {
-  return ((reinterpret_cast<uintptr_t>(ptrs) % (W * sizeof(Ts)) == 0) && ...);
-}
+template <int W, class T> bool aligned(const T* p) { return reinterpret_cast<uintptr_t>(p) % (W * sizeof(T)) == 0; }
+template <int W, class T> bool aligned(Split<T> p) { return aligned<W>(p.first) && aligned<W>(p.second); }
+template <int W, class... Ps> bool vector_aligned(const Ps&... ptrs) { return (aligned<W>(ptrs) && ...); }
 
 // Host-side entries into the handlers: a command buffer replays the kernels
 // without them, which is how the tests see that XLA captured the custom call.
@@ -258,8 +486,8 @@ struct CudaExec {
   cudaStream_t stream;
   CudaExec(cudaStream_t s) : stream(s) {}
 
-  template <int W, class Op, class Out, class... In>
-  ffi::Error launch(const Op& op, int64_t rows, int64_t cols, Out* out, const In*... in) const {
+  template <int W, class Op, class OutPtr, class... In>
+  ffi::Error launch(const Op& op, int64_t rows, int64_t cols, OutPtr out, const In*... in) const {
     const int64_t nvec = cols / W;  // the most whole vectors any row holds
     const int per_thread = vectors_per_thread(rows * nvec, kUnroll);
     const int64_t chunk = int64_t{kThreads} * per_thread;
@@ -268,43 +496,96 @@ struct CudaExec {
     const int grid = static_cast<int>(std::min<int64_t>(tiles, int64_t{1} << 20));
     // One vector a thread gets its own kernel, 40 % of the four-vector one's instructions:
     // small shapes are bound by the length of each thread's instruction stream.
-    const auto kernel =
-        per_thread == 1 ? row_map_kernel<W, 1, Op, Out, In...> : row_map_kernel<W, kUnroll, Op, Out, In...>;
+    const auto kernel = per_thread == 1 ? row_map_kernel<W, 1, Op, OutPtr, In...>
+                                        : row_map_kernel<W, kUnroll, Op, OutPtr, In...>;
     kernel<<<grid, kThreads, 0, stream>>>(op, cols, chunks, tiles, per_thread, out, in...);
     return launch_error();
   }
 
-  template <class Op, class Out, class... In>
-  ffi::Error map_rows(const Op& op, int64_t rows, int64_t cols, Out* out, const In*... in) const {
+  template <class Op, class OutPtr, class... In>
+  ffi::Error map_rows(const Op& op, int64_t rows, int64_t cols, OutPtr out, const In*... in) const {
     handler_calls.fetch_add(1, std::memory_order_relaxed);
     if (rows == 0 || cols == 0) return ffi::Error::Success();
-    constexpr int W = vec_width<Out, In...>();
+    constexpr int W = vec_width<typename OutElem<OutPtr>::type, In...>();
     // XLA's buffers are aligned; the scalar kernel covers any that are not.
     if (vector_aligned<W>(out, in...))
       return launch<W>(op, rows, cols, out, in...);
     return launch<1>(op, rows, cols, out, in...);
   }
 
-  template <int W, class Op, class Out, class T, class M>
-  ffi::Error launch_dynamic(const Op& op, int64_t rows, int64_t cols, Out* out, const T* x, M* scale,
-                            int32_t* zp) const {
+  template <int W, class Op, class Out, class M, class... In>
+  ffi::Error launch_dynamic(const Op& op, int64_t rows, int64_t cols, Out* out, M* scale, int32_t* zp,
+                            const In*... in) const {
     // Up to eight vectors a thread: fewer threads per row leave room for more rows per SM, whose
     // loads overlap the others' reductions; rows past kMaxThreads * kCache vectors stream.
     const int64_t nvec = cols / W;
     const int threads = row_threads(nvec, vectors_per_thread(rows * nvec, kCache));
     const int grid = static_cast<int>(std::min<int64_t>(rows, int64_t{1} << 20));
-    dynamic_row_kernel<W><<<grid, threads, 0, stream>>>(op, rows, cols, out, x, scale, zp);
+    dynamic_row_kernel<W><<<grid, threads, 0, stream>>>(op, rows, cols, out, scale, zp, in...);
     return launch_error();
   }
 
-  template <class Op, class Out, class T, class M>
-  ffi::Error dynamic_rows(const Op& op, int64_t rows, int64_t cols, Out* out, const T* x, M* scale,
-                          int32_t* zp) const {
+  template <class Op, class Out, class M, class... In>
+  ffi::Error dynamic_rows(const Op& op, int64_t rows, int64_t cols, Out* out, M* scale, int32_t* zp,
+                          const In*... in) const {
+    handler_calls.fetch_add(1, std::memory_order_relaxed);
+    if (rows == 0) return ffi::Error::Success();
+    constexpr int W = vec_width<Out, In...>();
+    if (vector_aligned<W>(out, in...)) return launch_dynamic<W>(op, rows, cols, out, scale, zp, in...);
+    return launch_dynamic<1>(op, rows, cols, out, scale, zp, in...);
+  }
+
+  // The fused rows use W-vectors when W divides D (and the buffers are aligned), else W = 1.
+  template <int W, class... Ps>
+  static bool whole_vectors(int64_t cols, const Ps&... ptrs) {
+    return cols % W == 0 && vector_aligned<W>(ptrs...);
+  }
+
+  template <class T, class Q, class Out>
+  ffi::Error norm_rows(const NormQuantizeRows<T, Q, Out>& io, int64_t rows, int64_t cols) const {
     handler_calls.fetch_add(1, std::memory_order_relaxed);
     if (rows == 0) return ffi::Error::Success();
     constexpr int W = vec_width<Out, T>();
-    if (vector_aligned<W>(out, x)) return launch_dynamic<W>(op, rows, cols, out, x, scale, zp);
-    return launch_dynamic<1>(op, rows, cols, out, x, scale, zp);
+    const int grid = static_cast<int>(std::min<int64_t>(rows, int64_t{1} << 20));
+    if (whole_vectors<W>(cols, io.x, io.residual, io.weight, io.r_out, io.out))
+      norm_row_kernel<W><<<grid, fused_threads(cols / W, kNormCache), 0, stream>>>(io, rows, cols);
+    else
+      norm_row_kernel<1><<<grid, fused_threads(cols, kNormCache), 0, stream>>>(io, rows, cols);
+    return launch_error();
+  }
+
+  template <class T, class G>
+  ffi::Error norm_grad_rows(const NormGradRows<T, G>& io, int64_t rows, int64_t cols) const {
+    handler_calls.fetch_add(1, std::memory_order_relaxed);
+    if (cols == 0) return ffi::Error::Success();
+    constexpr int W = vec_width<T>();
+    if (rows > 0) {
+      const bool whole = whole_vectors<W>(cols, io.g, io.r, io.weight, io.g_residual, io.dx);
+      if (auto err = whole ? launch_norm_grad<W>(io, rows, cols) : launch_norm_grad<1>(io, rows, cols);
+          !err.success())
+        return err;
+    }
+    const int64_t groups_of_columns = (cols + kSumColumns - 1) / kSumColumns;
+    dw_sum_kernel<<<static_cast<int>(groups_of_columns), kSumColumns * NormGradRows<T, G>::kDwSlices, 0, stream>>>(
+        io, cols);
+    return launch_error();
+  }
+
+  template <int W, class T, class G>
+  ffi::Error launch_norm_grad(const NormGradRows<T, G>& io, int64_t rows, int64_t cols) const {
+    const int64_t nvec = cols / W;
+    const int threads = fused_threads(nvec, kGradCache);
+    const int64_t streamed = std::max<int64_t>(0, nvec - int64_t{kGradCache} * threads);
+    const size_t smem = static_cast<size_t>(streamed) * W * sizeof(math_t<T>);
+    const auto kernel = norm_grad_kernel<W, T, G>;
+    if (smem > 48 * 1024 && cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 static_cast<int>(smem)) != cudaSuccess) {
+      cudaGetLastError();
+      return ffi::Error::InvalidArgument("baracuda rms_norm_fake_quantize_per_token_grad: rows of " +
+                                         std::to_string(cols) + " values are too long for this GPU's shared memory");
+    }
+    kernel<<<static_cast<int>(io.groups), threads, smem, stream>>>(io, rows, cols);
+    return launch_error();
   }
 
   template <class Op, class Out, class M, class... In>

@@ -151,9 +151,9 @@ ffi::Error rms_norm_quantize(Exec exec, ffi::AnyBuffer x, ffi::AnyBuffer weight,
       }
       const RmsNorm<T> norm{M(eps), M(1) / M(s.cols)};
       return with_quantizer<T, F>(op, scale_in, fake, *out, qmin, qmax, scale_ub, [&](auto quant, auto* out_ptr) {
-        using Q = decltype(quant);
+        using Q = Produced<decltype(quant), Identity>;
         using Out = std::remove_pointer_t<decltype(out_ptr)>;
-        NormQuantizeRows<T, Q, Out> io{norm, quant, data_of<const T>(x), residual, data_of<const T>(weight),
+        NormQuantizeRows<T, Q, Out> io{norm, Q{quant}, data_of<const T>(x), residual, data_of<const T>(weight),
                                        r_out, out_ptr, scale_out, data_of<M>(*inv_rms)};
         return exec.norm_rows(io, s.rows, s.cols);
       });

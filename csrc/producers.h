@@ -8,20 +8,22 @@
 //   inv_rms = 1 / sqrt(ss * (1/D) + eps)       IEEE sqrt and division (XLA turns a mean's
 //                                              division into this multiply)
 //   h       = T(M(r) * inv_rms * M(w))
-// SiLU-gated product:
-//   h       = T(M(a) / (1 + exp(-M(a))) * M(b))  exp: the platform's expf
+// SiLU-gated product, with s = 1 / (1 + exp(-M(a))) (exp: the platform's expf; one division):
+//   h       = T(M(a) * s * M(b))
 //
 // Backward, with dh = the quantizer's straight-through mask of h ? g : 0 (numerics.h):
 //   norm:  n = M(r) * inv_rms, dn = dh * M(w), c = sum over the row of dn * n, in a fixed order
 //          dr = inv_rms * (dn - n * (c * (1/D))) + M(g_residual)   -> dx and d(residual)
-//          dw = sum over the rows of dh * n, in row order within fixed groups of rows, then
-//               over the groups in order
-//   silu:  s = 1 / (1 + exp(-a)),  da = dh * M(b) * (s * (1 + a * (1 - s))),  db = dh * silu(a)
+//          dw = sum over the rows of dh * n: in row order within each of G groups of rows, then
+//               in group order within each of kDwSlices slices of groups, then the slices in order
+//   silu:  da = dh * M(b) * (s * (1 + a * (1 - s))),  db = dh * (a * s)
 #pragma once
 
 #include "numerics.h"
 
 namespace baracuda {
+
+template <class T> struct Pair { T first, second; };  // an op's two outputs
 
 BJ_HD float ieee_sqrt(float v) { return sqrtf(v); }
 BJ_HD float platform_exp(float v) { return expf(v); }
@@ -60,15 +62,15 @@ struct RmsNormGrad {
 template <class T>
 struct SiluMul {
   using M = math_t<T>;
+  BJ_HD static M sigmoid(M v) { return M(1) / (M(1) + platform_exp(-v)); }
+  BJ_HD static T product(M v, M s, T b) { return From<T>::math(v * s * to_math(b)); }
   BJ_HD static T value(T a, T b) {
     const M v = to_math(a);
-    return From<T>::math(v / (M(1) + platform_exp(-v)) * to_math(b));
+    return product(v, sigmoid(v), b);
   }
-  // dh -> (da, db)
-  BJ_HD static void grad(M dh, T a, T b, T& da, T& db) {
-    const M v = to_math(a), e = platform_exp(-v), s = M(1) / (M(1) + e);
-    da = From<T>::math(dh * to_math(b) * (s * (M(1) + v * (M(1) - s))));
-    db = From<T>::math(dh * (v / (M(1) + e)));
+  // dh -> (da, db), with v = M(a) and s = sigmoid(v)
+  BJ_HD static Pair<T> grad(M dh, M v, M s, T b) {
+    return {From<T>::math(dh * to_math(b) * (s * (M(1) + v * (M(1) - s)))), From<T>::math(dh * (v * s))};
   }
 };
 
@@ -90,7 +92,6 @@ struct Produced : Base {
   BJ_HD auto operator()(const RowParams<M>& p, In... in) const { return quantize(p, value(in...)); }
 };
 
-template <class T> struct Pair { T first, second; };  // an op's two outputs
 // Where a Pair-valued op writes: two outputs, moved together.
 template <class T> struct Split {
   T *first, *second;
@@ -127,21 +128,22 @@ struct NormGradRows {
   M* dw_groups;
   int64_t groups;
 
+  static constexpr int kDwSlices = 8;
   BJ_HD int64_t rows_per_group(int64_t rows) const { return (rows + groups - 1) / groups; }
+  BJ_HD int64_t groups_per_slice() const { return (groups + kDwSlices - 1) / kDwSlices; }
   // dh of one element: the upstream gradient where h's quantization did not saturate.
   BJ_HD M dh(const RowParams<M>& p, T g_, T h) const { return to_math(mask(p, g_, h)); }
 };
 
-// The silu backward: (g, a, b) -> (da, db), the mask recomputed from h.
+// The silu backward: (g, a, b) -> (da, db), the mask recomputed from h (one exp, one division).
 template <class T, class G>
 struct SiluMulGradOp : QParams<math_t<T>> {
   using M = math_t<T>;
   BJ_HD Pair<T> operator()(const RowParams<M>& p, T g, T a, T b) const {
-    const T h = SiluMul<T>::value(a, b);
+    const M v = to_math(a), s = SiluMul<T>::sigmoid(v);
+    const T h = SiluMul<T>::product(v, s, b);
     const M dh = G::passes(*this, p, to_math(h) * p.inv) ? to_math(g) : M(0);
-    Pair<T> d;
-    SiluMul<T>::grad(dh, a, b, d.first, d.second);
-    return d;
+    return SiluMul<T>::grad(dh, v, s, b);
   }
 };
 

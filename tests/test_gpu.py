@@ -84,3 +84,73 @@ def test_cpu_and_gpu_dynamic_kernels_agree(shape, x_dtype):
         for fn in (bj.quantize_per_token_dynamic, bj.fake_quantize_per_token_dynamic):
             for g, c in zip(jax.tree.leaves(on("gpu", fn, x, **kw)), jax.tree.leaves(on("cpu", fn, x, **kw))):
                 assert_same_bits(g, c)
+
+
+# D odd (W = 1), past the register cache (the rows stream), and one vector a thread.
+FUSED_SHAPES = [(2, 8), (5, 4097), (1100, 4096), (3, 40000)]
+
+
+@pytest.mark.parametrize("x_dtype", [jnp.bfloat16, jnp.float32], ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("shape", FUSED_SHAPES, ids=str)
+def test_cpu_and_gpu_fused_norm_agree(shape, x_dtype):
+    """Integer-valued rows (exact sums of squares): the forward, and d(weight), bit for bit on both
+    devices; dx to the rounding of its row sum (the two backends add it in different orders)."""
+    from test_fused import integer_valued, weight_of
+    r = cases.rng()
+    x, res = integer_valued(r, shape, x_dtype), integer_valued(r, shape, x_dtype, specials=False)
+    w = weight_of(r, shape[-1], x_dtype)
+    for fmt in (jnp.int8, jnp.float8_e4m3fn):
+        for fn in (bj.rms_norm_quantize_per_token, bj.rms_norm_fake_quantize_per_token):
+            for g, c in zip(jax.tree.leaves(on("gpu", fn, x, w, residual=res, dtype=fmt)),
+                            jax.tree.leaves(on("cpu", fn, x, w, residual=res, dtype=fmt))):
+                assert_same_bits(g, c)
+    gy = jnp.asarray(r.normal(size=shape).astype(np.float32)).astype(x_dtype)
+    loss = lambda x, w, res: jnp.sum((bj.rms_norm_fake_quantize_per_token(x, w, residual=res)[0] * gy)
+                                     .astype(jnp.float32))
+    clean = jnp.where(jnp.isfinite(x), x, 1).astype(x_dtype)
+    (dx_g, dw_g), (dx_c, dw_c) = (on(d, jax.grad(loss, (0, 1)), clean, w, res) for d in ("gpu", "cpu"))
+    assert_same_bits(dw_g, dw_c)
+    np.testing.assert_allclose(np.asarray(dx_g, np.float32), np.asarray(dx_c, np.float32), rtol=2e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("shape", FUSED_SHAPES, ids=str)
+def test_cpu_and_gpu_silu_mul_agree(shape):
+    """Each backend's expf: the quantized values agree but at rounding boundaries (test_fused's bound)."""
+    from test_fused import assert_close_quantized
+    r = cases.rng()
+    a, b = (jnp.asarray(r.normal(0, 3, shape).astype(np.float32)).astype(jnp.bfloat16) for _ in range(2))
+    for fmt in (jnp.int8, jnp.float8_e4m3fn):
+        q_g, s_g = on("gpu", bj.silu_mul_quantize_per_token, a, b, dtype=fmt)
+        q_c, s_c = on("cpu", bj.silu_mul_quantize_per_token, a, b, dtype=fmt)
+        assert_close_quantized(q_g, q_c, fmt, "q")
+        np.testing.assert_allclose(np.asarray(s_g), np.asarray(s_c), rtol=1e-2)
+    g = jnp.asarray(r.normal(size=shape).astype(np.float32)).astype(jnp.bfloat16)
+    grad = jax.grad(lambda a, b: jnp.sum((bj.silu_mul_fake_quantize_per_token(a, b) * g).astype(jnp.float32)), (0, 1))
+    for u, v in zip(on("gpu", grad, a, b), on("cpu", grad, a, b)):
+        np.testing.assert_allclose(np.asarray(u, np.float32), np.asarray(v, np.float32), rtol=2e-2, atol=1e-2)
+
+
+def test_fused_handlers_are_captured_in_command_buffers():
+    from baracuda_jax import _cuda
+
+    x = jax.device_put(jax.random.normal(jax.random.key(2), (64, 4096), jnp.bfloat16), GPUS[0])
+    w = jax.device_put(jnp.ones((4096,), jnp.bfloat16), GPUS[0])
+
+    @jax.jit
+    def step(x, w):
+        def loss(x, w):
+            h = x
+            for _ in range(4):
+                y, h = bj.rms_norm_fake_quantize_per_token(h, w, residual=x)
+                h = bj.silu_mul_fake_quantize_per_token(y, h)
+            return jnp.sum(h.astype(jnp.float32))
+        return jax.grad(loss, (0, 1))(x, w)
+
+    jax.block_until_ready(step(x, w))
+    jax.block_until_ready(step(x, w))
+    before, runs = _cuda.handler_calls(), 10
+    for _ in range(runs):
+        jax.block_until_ready(step(x, w))
+    calls = _cuda.handler_calls() - before
+    print(f"fused handler calls over {runs} runs of 16 custom calls: {calls}")
+    assert calls < 16 * runs

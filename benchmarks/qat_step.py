@@ -1,0 +1,78 @@
+"""The ops inside a model step: the QAT step of a SwiGLU FFN block, three ways, side by side.
+
+    x -> RMSNorm -> fake-quant -> @w1, @w3 -> silu * mul -> fake-quant -> @w2 -> + x
+
+float: no quantizer; jnp: dynamic int8 fake-quant in natural jnp with a straight-through gradient
+(XLA fuses it into the norm and the activation); fused: rms_norm_fake_quantize_per_token and
+silu_mul_fake_quantize_per_token. Each is one jitted value_and_grad of a loss in the parameters and
+x (bf16 parameters and activations), timed as device time per step (timing.py: the span from the
+step's first kernel to its last, median of many steps).
+
+    python benchmarks/qat_step.py [--quick] [--json benchmarks/results/qat_step_<device>.json]
+"""
+
+import argparse
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+
+import baracuda_jax as bj
+from bench import device_name
+from fused import F32, fake_quant_ste, rms_norm
+from timing import time_per_call
+
+SIZES = ((8192, 4096, 14336), (8192, 2048, 2048), (32768, 1024, 1024))
+
+
+def ffn(params, x, way):
+    w_norm, w1, w3, w2 = params
+    if way == "fused":
+        h, _ = bj.rms_norm_fake_quantize_per_token(x, w_norm)
+        g = bj.silu_mul_fake_quantize_per_token(h @ w1, h @ w3)
+    else:
+        q = fake_quant_ste if way == "jnp" else (lambda v: v)
+        h = q(rms_norm(x, w_norm))
+        a, b = h @ w1, h @ w3
+        g = q((jax.nn.silu(a.astype(F32)) * b.astype(F32)).astype(x.dtype))
+    return x + g @ w2
+
+
+def step(way):
+    def loss(params, x):
+        return jnp.mean(jnp.square(ffn(params, x, way).astype(F32)))
+    return jax.value_and_grad(loss, argnums=(0, 1))
+
+
+def inputs(t, d, f, seed):
+    k = jax.random.split(jax.random.key(seed), 5)
+    params = (jnp.ones((d,), jnp.bfloat16), jax.random.normal(k[0], (d, f), jnp.bfloat16) * d ** -0.5,
+              jax.random.normal(k[1], (d, f), jnp.bfloat16) * d ** -0.5,
+              jax.random.normal(k[2], (f, d), jnp.bfloat16) * f ** -0.5)
+    return params, jax.random.normal(k[3], (t, d), jnp.bfloat16)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="one small size")
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--json", type=pathlib.Path, default=None)
+    args = p.parse_args(argv)
+    sizes = ((512, 256, 512),) if args.quick else SIZES
+    print(f"device: {device_name()}, jax {jax.__version__}; device time per step, us")
+    print(f"{'T x D x F':>18}{'float':>10}{'jnp':>10}{'fused':>10}{'fused/jnp':>11}{'fused/float':>13}")
+    results = []
+    for t, d, f in sizes:
+        sets = [inputs(t, d, f, seed) for seed in range(2)]
+        us = {way: 1e6 * time_per_call(step(way), sets, args.reps) for way in ("float", "jnp", "fused")}
+        results.append(dict(t=t, d=d, f=f, **{f"us_{k}": v for k, v in us.items()}))
+        print(f"{f'{t}x{d}x{f}':>18}{us['float']:>10.0f}{us['jnp']:>10.0f}{us['fused']:>10.0f}"
+              f"{us['jnp'] / us['fused']:>10.2f}x{us['float'] / us['fused']:>12.2f}x", flush=True)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(dict(device=device_name(), jax=jax.__version__, results=results), indent=1))
+
+
+if __name__ == "__main__":
+    main()
