@@ -231,9 +231,10 @@ def _rms_norm_grad_layout(params):
     return (ROWS, ROWS, PER_COLUMN, PER_ROW, PER_ROW) + (ROWS,) * params["has_residual"], (ROWS, PER_COLUMN, GROUPS)
 
 
-def dw_groups(rows):
-    """How many groups of rows the norm backward sums d(weight) over, then sums in order."""
-    return max(1, min(rows, 512))
+def dw_groups(rows, d):
+    """How many groups of rows the norm backward sums d(weight) over (a block each on the GPU),
+    then sums in order: at least 512 (or one per row), more for short rows, up to 8 MiB of sums."""
+    return max(1, min(rows, max(512, (2 << 20) // max(d, 1))))
 
 
 def _rms_norm_grad_aval(g, r, weight, scale, inv_rms, *g_residual, dtype, qmin, qmax, has_residual):
@@ -247,7 +248,7 @@ def _rms_norm_grad_aval(g, r, weight, scale, inv_rms, *g_residual, dtype, qmin, 
     _checks.row_operands(op, "r", r, inv_rms, None, np.float32)
     rows = int(np.prod(r.shape[:-1]))
     return (like(r, r.shape, r.dtype), weight.update(weak_type=False),
-            weight.update(shape=(dw_groups(rows), r.shape[-1]), dtype=np.dtype(np.float32), weak_type=False))
+            weight.update(shape=(dw_groups(rows, r.shape[-1]), r.shape[-1]), dtype=np.dtype(np.float32), weak_type=False))
 
 
 def _silu_mul_layout(params):

@@ -53,11 +53,34 @@ def inputs(t, d, f, seed):
     return params, jax.random.normal(k[3], (t, d), jnp.bfloat16)
 
 
+def kernel_table(fn, args, top=12):
+    """Device time per kernel name over one step (the --profile view of where a step's time goes)."""
+    import collections, pathlib as pl, tempfile
+    f = jax.jit(fn)
+    jax.block_until_ready(f(*args))
+    with tempfile.TemporaryDirectory() as tmp:
+        jax.profiler.start_trace(tmp)
+        jax.block_until_ready(f(*args))
+        jax.profiler.stop_trace()
+        (trace,) = pl.Path(tmp).rglob("*.xplane.pb")
+        profile = jax.profiler.ProfileData.from_file(str(trace))
+    total = collections.Counter()
+    for plane in profile.planes:
+        if plane.name.startswith("/device:GPU"):
+            for line in plane.lines:
+                if line.name.startswith("Stream"):
+                    for e in line.events:
+                        total[e.name[:70]] += (e.end_ns - e.start_ns) / 1e3
+    for name, us in total.most_common(top):
+        print(f"    {us:9.1f} us  {name}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="one small size")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--json", type=pathlib.Path, default=None)
+    p.add_argument("--profile", action="store_true", help="also list each way's kernels (GPU)")
     args = p.parse_args(argv)
     sizes = ((512, 256, 512),) if args.quick else SIZES
     print(f"device: {device_name()}, jax {jax.__version__}; device time per step, us")
@@ -69,6 +92,10 @@ def main(argv=None):
         results.append(dict(t=t, d=d, f=f, **{f"us_{k}": v for k, v in us.items()}))
         print(f"{f'{t}x{d}x{f}':>18}{us['float']:>10.0f}{us['jnp']:>10.0f}{us['fused']:>10.0f}"
               f"{us['jnp'] / us['fused']:>10.2f}x{us['float'] / us['fused']:>12.2f}x", flush=True)
+        if args.profile:
+            for way in ("jnp", "fused"):
+                print(f"  {way}:")
+                kernel_table(step(way), sets[0])
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(dict(device=device_name(), jax=jax.__version__, results=results), indent=1))

@@ -156,11 +156,11 @@ row_map_kernel(Op op, int64_t cols, int64_t chunks, int64_t tiles, int per_threa
 }
 
 // ---- dynamic ops: one block per row ----------------------------------------
-// The block reads its row once into registers (up to kCache vectors a thread),
+// The block reads its row once into registers (up to C vectors a thread),
 // reduces the range, derives the row's scale and zero point, then quantizes
-// from registers. A row longer than kMaxThreads * kCache vectors (64 KiB:
-// 32768 bf16, 16384 f32 or 8192 f64 values) streams its remainder from memory
-// a second time.
+// from registers. A row longer than kMaxThreads * C vectors (C = kCache for one
+// input: 64 KiB, 32768 bf16 values) streams its remainder from memory a second
+// time.
 constexpr int kMaxThreads = 512;
 constexpr int kCache = 8;
 
@@ -211,7 +211,7 @@ __device__ __forceinline__ void quantize_vec(const Op& op, const P& p, Out* out,
   store_vec<W>(out, q);
 }
 
-template <int W, class Op, class Out, class M, class... In>
+template <int W, int C, class Op, class Out, class M, class... In>
 __global__ void __launch_bounds__(kMaxThreads)
 dynamic_row_kernel(Op op, int64_t rows, int64_t cols, Out* __restrict__ out, M* __restrict__ scale,
                    int32_t* __restrict__ zp, const In* __restrict__... in) {
@@ -219,17 +219,17 @@ dynamic_row_kernel(Op op, int64_t rows, int64_t cols, Out* __restrict__ out, M* 
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const RowSpan<W> span(row, cols);
     const int64_t nvec = span.nvec, body = span.body;
-    const int64_t streamed = int64_t{kCache} * blockDim.x;  // vectors past this are read twice
+    const int64_t streamed = int64_t{C} * blockDim.x;  // vectors past this are read twice
 
     RowRange<M> range;
-    decltype(produce_vec<W>(op, 0, in...)) cache[kCache];
+    decltype(produce_vec<W>(op, 0, in...)) cache[C];
 #pragma unroll
-    for (int c = 0; c < kCache; ++c) {
+    for (int c = 0; c < C; ++c) {
       const int64_t v = threadIdx.x + c * int64_t{blockDim.x};
       if (v < nvec) cache[c] = produce_vec<W>(op, body + v * W, in...);
     }
 #pragma unroll
-    for (int c = 0; c < kCache; ++c) {
+    for (int c = 0; c < C; ++c) {
       if (threadIdx.x + c * int64_t{blockDim.x} < nvec) {
 #pragma unroll
         for (int k = 0; k < W; ++k) range.add(to_math(cache[c].v[k]));
@@ -248,7 +248,7 @@ dynamic_row_kernel(Op op, int64_t rows, int64_t cols, Out* __restrict__ out, M* 
       if (zp) zp[row] = static_cast<int32_t>(p.zp);
     }
 #pragma unroll
-    for (int c = 0; c < kCache; ++c) {
+    for (int c = 0; c < C; ++c) {
       const int64_t v = threadIdx.x + c * int64_t{blockDim.x};
       if (v < nvec) quantize_vec<W>(op, p, out + body + v * W, cache[c]);
     }
@@ -267,8 +267,10 @@ dynamic_row_kernel(Op op, int64_t rows, int64_t cols, Out* __restrict__ out, M* 
 // so that a row's sums are added in the same order whatever the number of rows. Small blocks
 // leave room for many rows per SM, whose loads overlap each other's reductions.
 constexpr int kNormCache = 4;
-inline int fused_threads(int64_t nvec, int per_thread) {
-  return static_cast<int>(std::clamp<int64_t>((nvec / per_thread + 31) / 32 * 32, 32, kMaxThreads));
+inline int fused_threads(int64_t nvec, int per_thread, int at_least = 32) {
+  const int64_t most_useful = std::max<int64_t>(32, (nvec + 31) / 32 * 32);
+  const int64_t lower = std::min<int64_t>(at_least, most_useful);
+  return static_cast<int>(std::clamp<int64_t>((nvec / per_thread + 31) / 32 * 32, lower, kMaxThreads));
 }
 
 template <int W, class T, class Q, class Out>
@@ -488,8 +490,11 @@ struct CudaExec {
 
   template <int W, class Op, class OutPtr, class... In>
   ffi::Error launch(const Op& op, int64_t rows, int64_t cols, OutPtr out, const In*... in) const {
+    // Ops of three inputs (the SiLU backward) keep two vectors of each in flight, not four: their
+    // registers would otherwise limit the threads per SM.
+    constexpr int U = sizeof...(In) >= 3 ? 2 : kUnroll;
     const int64_t nvec = cols / W;  // the most whole vectors any row holds
-    const int per_thread = vectors_per_thread(rows * nvec, kUnroll);
+    const int per_thread = vectors_per_thread(rows * nvec, U);
     const int64_t chunk = int64_t{kThreads} * per_thread;
     const int64_t chunks = std::max<int64_t>(1, (nvec + chunk - 1) / chunk);
     const int64_t tiles = rows * chunks;
@@ -497,7 +502,7 @@ struct CudaExec {
     // One vector a thread gets its own kernel, 40 % of the four-vector one's instructions:
     // small shapes are bound by the length of each thread's instruction stream.
     const auto kernel = per_thread == 1 ? row_map_kernel<W, 1, Op, OutPtr, In...>
-                                        : row_map_kernel<W, kUnroll, Op, OutPtr, In...>;
+                                        : row_map_kernel<W, U, Op, OutPtr, In...>;
     kernel<<<grid, kThreads, 0, stream>>>(op, cols, chunks, tiles, per_thread, out, in...);
     return launch_error();
   }
@@ -516,12 +521,14 @@ struct CudaExec {
   template <int W, class Op, class Out, class M, class... In>
   ffi::Error launch_dynamic(const Op& op, int64_t rows, int64_t cols, Out* out, M* scale, int32_t* zp,
                             const In*... in) const {
-    // Up to eight vectors a thread: fewer threads per row leave room for more rows per SM, whose
-    // loads overlap the others' reductions; rows past kMaxThreads * kCache vectors stream.
+    // Up to eight vectors a thread (four with a producer of several inputs, whose loads are all
+    // in flight together): fewer threads per row leave room for more rows per SM, whose loads
+    // overlap the others' reductions; rows past kMaxThreads * C vectors stream.
+    constexpr int C = kCache / (sizeof...(In) > 1 ? 2 : 1);
     const int64_t nvec = cols / W;
-    const int threads = row_threads(nvec, vectors_per_thread(rows * nvec, kCache));
+    const int threads = row_threads(nvec, vectors_per_thread(rows * nvec, C));
     const int grid = static_cast<int>(std::min<int64_t>(rows, int64_t{1} << 20));
-    dynamic_row_kernel<W><<<grid, threads, 0, stream>>>(op, rows, cols, out, scale, zp, in...);
+    dynamic_row_kernel<W, C><<<grid, threads, 0, stream>>>(op, rows, cols, out, scale, zp, in...);
     return launch_error();
   }
 
@@ -574,7 +581,8 @@ struct CudaExec {
   template <int W, class T, class G>
   ffi::Error launch_norm_grad(const NormGradRows<T, G>& io, int64_t rows, int64_t cols) const {
     const int64_t nvec = cols / W;
-    const int threads = fused_threads(nvec, kGradCache);
+    // a block works through its group's rows one after another: at least four warps a block
+    const int threads = fused_threads(nvec, kGradCache, 128);
     const int64_t streamed = std::max<int64_t>(0, nvec - int64_t{kGradCache} * threads);
     const size_t smem = static_cast<size_t>(streamed) * W * sizeof(math_t<T>);
     const auto kernel = norm_grad_kernel<W, T, G>;
