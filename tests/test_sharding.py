@@ -2,6 +2,8 @@
 
 import re
 
+import numpy as np
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -108,3 +110,28 @@ def test_dynamic_with_axis_name_over_a_split_d(x_dtype, q_dtype, symmetric):
     y = jax.jit(jax.shard_map(lambda x: bj.fake_quantize_per_token_dynamic(x, axis_name="d", **kw), mesh=mesh,
                               in_specs=P(None, "d"), out_specs=P(None, "d")))(x)
     assert_same_bits(y, bj.fake_quantize_per_token_dynamic(x, **kw))
+
+
+def test_fused_ops_token_sharded():
+    """The fused forward ops run locally on token shards (the [D] weight replicated); the norm's
+    backward sums d(weight) over every row, so XLA gathers its rows: correct, with a collective."""
+    mesh = jax.make_mesh((2, 2), ("a", "b"), devices=CPUS[:4])
+    r = cases.rng()
+    x, res = (jnp.asarray(r.normal(size=(4, 6, 64)).astype(np.float32)).astype(jnp.bfloat16) for _ in range(2))
+    w = jnp.asarray(r.uniform(0.5, 1.5, 64).astype(np.float32)).astype(jnp.bfloat16)
+    rows = NamedSharding(mesh, P("a", "b", None))
+    xs, rs = jax.device_put(x, rows), jax.device_put(res, rows)
+    forward = [lambda x, r: bj.rms_norm_quantize_per_token(x, w, residual=r, dtype=jnp.float8_e4m3fn),
+               lambda x, r: bj.rms_norm_fake_quantize_per_token(x, w, residual=r),
+               lambda x, r: bj.silu_mul_quantize_per_token(x, r),
+               lambda x, r: bj.silu_mul_fake_quantize_per_token(x, r, scale=jnp.full(x.shape[:-1], 0.05))]
+    for fn in forward:
+        f = jax.jit(fn)
+        assert not COLLECTIVES.search(f.lower(xs, rs).compile().as_text())
+        for got, want in zip(jax.tree.leaves(f(xs, rs)), jax.tree.leaves(f(x, res))):
+            assert_same_bits(got, want)
+    loss = lambda x, w, r: sum(jnp.sum(t.astype(jnp.float32) ** 2)
+                               for t in bj.rms_norm_fake_quantize_per_token(x, w, residual=r))
+    grad = jax.jit(jax.grad(loss, (0, 1, 2)))
+    for got, want in zip(grad(xs, w, rs), grad(x, w, res)):
+        assert_same_bits(got, want)
