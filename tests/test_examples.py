@@ -9,6 +9,7 @@ pytest.importorskip("sklearn")
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "examples"))
 
 import qat  # noqa: E402
+import qat_ffn  # noqa: E402
 import w8a8  # noqa: E402
 
 
@@ -18,6 +19,15 @@ def test_qat_trains_all_three_ways():
         params, losses, acc = qat.train(mode, 200, data=data)
         assert losses[-1] < losses[0] / 3, mode
         assert acc > 0.85, (mode, acc)  # chance is 0.1
+
+
+def test_qat_with_the_fused_ops_trains():
+    import jax.numpy as jnp
+    data = qat.load()
+    for dtype in (None, jnp.int8, jnp.float8_e4m3fn):
+        losses, acc = qat_ffn.train(dtype, 150, data=data)
+        assert losses[-1] < losses[0] / 3, dtype
+        assert acc > 0.85, (dtype, acc)
 
 
 def test_w8a8_inference_keeps_the_accuracy():
