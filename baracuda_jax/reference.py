@@ -125,12 +125,22 @@ def fake_quantize_per_token_dynamic(x, *, dtype=jnp.int8, symmetric=True, scale_
 
 # ---- the fused producers (csrc/producers.h): the jnp composition, then the per-token op ---------
 
+def _rounded(h, dtype):
+    """float32 h rounded to the data's dtype. XLA may drop a round trip float32 -> bfloat16 ->
+    float32 (its "excess precision"), here where the quantizer converts h back; a reduce-precision
+    to the dtype's bits first keeps the rounding either way."""
+    info = jnp.finfo(dtype)
+    if info.bits < 32:
+        h = jax.lax.reduce_precision(h, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+    return h.astype(dtype)
+
+
 def rms_norm(x, weight, residual=None, eps=1e-6):
     """(h, r): r = x + residual rounded to x's dtype, h = r * rsqrt(mean(r^2) + eps) * weight in
     float32, rounded to x's dtype. XLA sums in its own order (the kernels in theirs)."""
     x = jnp.asarray(x)
     f32 = jnp.float32
-    r = x if residual is None else (x.astype(f32) + jnp.asarray(residual).astype(f32)).astype(x.dtype)
+    r = x if residual is None else _rounded(x.astype(f32) + jnp.asarray(residual).astype(f32), x.dtype)
     rf = r.astype(f32)
     inv_d = np.float32(1) / np.float32(x.shape[-1])
     # The barrier keeps an IEEE sqrt and an IEEE division: XLA would fuse them into its rsqrt,
@@ -138,14 +148,14 @@ def rms_norm(x, weight, residual=None, eps=1e-6):
     # when D is a power of two and the sum exact: the tests' bit-for-bit case).
     mean = jnp.sum(rf * rf, axis=-1, keepdims=True) * inv_d
     inv_rms = 1 / jax.lax.optimization_barrier(jnp.sqrt(mean + np.float32(eps)))
-    return (rf * inv_rms * jnp.asarray(weight).astype(f32)).astype(x.dtype), r
+    return _rounded(rf * inv_rms * jnp.asarray(weight).astype(f32), x.dtype), r
 
 
 def silu_mul(a, b):
     """h = a * sigmoid(a) * b in float32, sigmoid(a) = 1 / (1 + exp(-a)), rounded to a's dtype."""
     a = jnp.asarray(a)
     af = a.astype(jnp.float32)
-    return (af * (1 / (1 + jnp.exp(-af))) * jnp.asarray(b).astype(jnp.float32)).astype(a.dtype)
+    return _rounded(af * (1 / (1 + jnp.exp(-af))) * jnp.asarray(b).astype(jnp.float32), a.dtype)
 
 
 def _quantize_h(h, scale, dtype, scale_ub, fake):

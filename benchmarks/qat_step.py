@@ -29,7 +29,9 @@ SIZES = ((8192, 4096, 14336), (8192, 2048, 2048), (32768, 1024, 1024))
 def ffn(params, x, way):
     w_norm, w1, w3, w2 = params
     if way == "fused":
-        h, _ = bj.rms_norm_fake_quantize_per_token(x, w_norm)
+        # the skip connection takes the op's residual_out (x itself here): its gradient is then
+        # added inside the norm's backward kernel, as XLA would fuse the add into its own
+        h, x = bj.rms_norm_fake_quantize_per_token(x, w_norm)
         g = bj.silu_mul_fake_quantize_per_token(h @ w1, h @ w3)
     else:
         q = fake_quant_ste if way == "jnp" else (lambda v: v)

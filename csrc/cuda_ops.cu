@@ -347,8 +347,9 @@ norm_row_kernel(NormQuantizeRows<T, Q, Out> io, int64_t rows, int64_t cols) {
 }
 
 // The norm backward over one group of rows a block (producers.h): dx a row, and the group's
-// d(weight) in registers (smem for columns past the register cache), written to dw_groups.
-constexpr int kGradCache = 4;
+// d(weight) in registers (smem for columns past the register cache), written to dw_groups. Two
+// vectors a thread are cached, for this row and the next.
+constexpr int kGradCache = 2;
 
 template <int W, class T, class G>
 __global__ void __launch_bounds__(kMaxThreads)
@@ -363,9 +364,28 @@ norm_grad_kernel(NormGradRows<T, G> io, int64_t rows, int64_t cols) {
   for (int64_t v = cached + threadIdx.x; v < nvec; v += blockDim.x)
     for (int k = 0; k < W; ++k) dw_streamed[k * n_streamed + v - cached] = 0;
 
-  const int64_t end = (group + 1) * per_group < rows ? (group + 1) * per_group : rows;
-  for (int64_t row = group * per_group; row < end; ++row) {
+  const int64_t first = group * per_group, end = (group + 1) * per_group < rows ? (group + 1) * per_group : rows;
+  // This thread's cached vectors of g and r (and g_residual) of a row; the next row's are loaded
+  // while this one is reduced, so that a block's rows do not wait on each other's loads.
+  const auto load_row = [&](int64_t row, Vec<T, W>(&g)[kGradCache], Vec<T, W>(&r)[kGradCache]) {
+#pragma unroll
+    for (int c = 0; c < kGradCache; ++c) {
+      const int64_t v = threadIdx.x + c * int64_t{blockDim.x};
+      if (v < nvec) g[c] = load_vec<W>(io.g + row * cols + v * W), r[c] = load_vec<W>(io.r + row * cols + v * W);
+    }
+  };
+  Vec<T, W> gc[kGradCache], rc[kGradCache], gn[kGradCache], rn[kGradCache], grc[kGradCache];
+  if (first < end) load_row(first, gc, rc);
+  for (int64_t row = first; row < end; ++row) {
     const int64_t base = row * cols;
+    if (row + 1 < end) load_row(row + 1, gn, rn);
+    if (io.g_residual) {
+#pragma unroll
+      for (int c = 0; c < kGradCache; ++c) {
+        const int64_t v = threadIdx.x + c * int64_t{blockDim.x};
+        if (v < nvec) grc[c] = load_vec<W>(io.g_residual + base + v * W);
+      }
+    }
     const auto p = io.mask.row(row);
     const M inv = io.inv_rms[row];
     // f(k, dh, terms) for the W elements of vector v
@@ -377,12 +397,6 @@ norm_grad_kernel(NormGradRows<T, G> io, int64_t rows, int64_t cols) {
         f(k, dh, RmsNormGrad<T>::terms(dh, r.v[k], inv, w.v[k]));
       }
     };
-    Vec<T, W> gc[kGradCache], rc[kGradCache];
-#pragma unroll
-    for (int c = 0; c < kGradCache; ++c) {
-      const int64_t v = threadIdx.x + c * int64_t{blockDim.x};
-      if (v < nvec) gc[c] = load_vec<W>(io.g + base + v * W), rc[c] = load_vec<W>(io.r + base + v * W);
-    }
     RowSum<M> sum;
 #pragma unroll
     for (int c = 0; c < kGradCache; ++c) {
@@ -398,9 +412,8 @@ norm_grad_kernel(NormGradRows<T, G> io, int64_t rows, int64_t cols) {
         dw_streamed[k * n_streamed + v - cached] += dh * t.n;
       });
     const M mean = io.grad.mean(block_reduce(sum, sums).sum);
-    const auto dx_vec = [&](int64_t v, const Vec<T, W>& g, const Vec<T, W>& r) {
-      Vec<T, W> gr, dx;
-      if (io.g_residual) gr = load_vec<W>(io.g_residual + base + v * W);
+    const auto dx_vec = [&](int64_t v, const Vec<T, W>& g, const Vec<T, W>& r, const Vec<T, W>& gr) {
+      Vec<T, W> dx;
       terms(v, g, r, [&](int k, M, const auto& t) {
         dx.v[k] = RmsNormGrad<T>::dr(t, inv, mean, io.g_residual ? to_math(gr.v[k]) : M(0));
       });
@@ -409,10 +422,15 @@ norm_grad_kernel(NormGradRows<T, G> io, int64_t rows, int64_t cols) {
 #pragma unroll
     for (int c = 0; c < kGradCache; ++c) {
       const int64_t v = threadIdx.x + c * int64_t{blockDim.x};
-      if (v < nvec) dx_vec(v, gc[c], rc[c]);
+      if (v < nvec) dx_vec(v, gc[c], rc[c], grc[c]);
     }
-    for (int64_t v = cached + threadIdx.x; v < nvec; v += blockDim.x)
-      dx_vec(v, load_vec<W>(io.g + base + v * W), load_vec<W>(io.r + base + v * W));
+    for (int64_t v = cached + threadIdx.x; v < nvec; v += blockDim.x) {
+      Vec<T, W> gr;
+      if (io.g_residual) gr = load_vec<W>(io.g_residual + base + v * W);
+      dx_vec(v, load_vec<W>(io.g + base + v * W), load_vec<W>(io.r + base + v * W), gr);
+    }
+#pragma unroll
+    for (int c = 0; c < kGradCache; ++c) gc[c] = gn[c], rc[c] = rn[c];
   }
   M* out = io.dw_groups + group * cols;
 #pragma unroll

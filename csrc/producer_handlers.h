@@ -54,6 +54,14 @@ inline ffi::Error check_count(const char* op, const char* arg, ffi::AnyBuffer a,
   return ffi::Error::Success();
 }
 
+// A norm's weight: [D], in the data's dtype.
+inline ffi::Error check_weight(const char* op, ffi::AnyBuffer weight, ffi::AnyBuffer data, int64_t cols) {
+  if (weight.element_type() != data.element_type() || weight.dimensions().size() != 1 ||
+      weight.dimensions()[0] != cols)
+    return invalid(op, "weight must be [D] = [" + std::to_string(cols) + "] with the data's dtype");
+  return ffi::Error::Success();
+}
+
 // data [..., D] -> rows and cols.
 inline ffi::Error rows_of(const char* op, const char* arg, ffi::AnyBuffer data, Rows& s) {
   const auto dims = data.dimensions();
@@ -118,9 +126,7 @@ ffi::Error rms_norm_quantize(Exec exec, ffi::AnyBuffer x, ffi::AnyBuffer weight,
       const bool dynamic = rest.size() == n_res;
       if (more.size() != size_t(dynamic) + n_res)
         return invalid(op, "expected the results out, inv_rms, then the scale if dynamic, then residual_out");
-      if (weight.element_type() != x.element_type() || weight.dimensions().size() != 1 ||
-          weight.dimensions()[0] != s.cols)
-        return invalid(op, "weight must be [D] = [" + std::to_string(s.cols) + "] with x's dtype");
+      BJ_TRY(check_weight(op, weight, x, s.cols));
       bool fake;
       BJ_TRY(check_output<F>(op, *out, x, fake));
       BJ_TRY(check_count(op, "inv_rms", *inv_rms, ffi::DataType::F32, s.rows, "one value per row"));
@@ -180,9 +186,7 @@ ffi::Error rms_norm_grad(Exec exec, ffi::AnyBuffer g, ffi::AnyBuffer r, ffi::Any
       BJ_TRY(check_like(op, "g", g, "r", r));
       BJ_TRY(check_like(op, "dx", *dx, "r", r));
       BJ_TRY(check_like(op, "dw", *dw, "weight", weight));
-      if (weight.element_type() != r.element_type() || weight.dimensions().size() != 1 ||
-          weight.dimensions()[0] != s.cols)
-        return invalid(op, "weight must be [D] with r's dtype");
+      BJ_TRY(check_weight(op, weight, r, s.cols));
       BJ_TRY(check_count(op, "scale", scale, ffi::DataType::F32, s.rows, "one value per row"));
       BJ_TRY(check_count(op, "inv_rms", inv_rms, ffi::DataType::F32, s.rows, "one value per row"));
       const auto gd = dw_groups->dimensions();

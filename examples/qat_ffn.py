@@ -41,7 +41,7 @@ def forward(params, x, dtype=None):
             n = rms_norm(h, p["norm"])
             g = jax.nn.silu(n @ p["w1"]) * (n @ p["w3"])
         else:
-            n, _ = bj.rms_norm_fake_quantize_per_token(h, p["norm"], dtype=dtype)
+            n, h = bj.rms_norm_fake_quantize_per_token(h, p["norm"], dtype=dtype)  # h: the skip path
             g = bj.silu_mul_fake_quantize_per_token(n @ p["w1"], n @ p["w3"], dtype=dtype)
         h = h + g @ p["w2"]
     return h @ params["head"] + params["bias"]

@@ -16,7 +16,6 @@ import pytest
 import baracuda_jax as bj
 from baracuda_jax import reference as ref
 import cases
-from conftest import device  # noqa: F401  (fixture)
 from test_bitexact import assert_same_bits, run
 
 X_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
