@@ -126,12 +126,11 @@ def fake_quantize_per_token_dynamic(x, *, dtype=jnp.int8, symmetric=True, scale_
 # ---- the fused producers (csrc/producers.h): the jnp composition, then the per-token op ---------
 
 def _rounded(h, dtype):
-    """float32 h rounded to the data's dtype. XLA may drop a round trip float32 -> bfloat16 ->
-    float32 (its "excess precision"), here where the quantizer converts h back; a reduce-precision
-    to the dtype's bits first keeps the rounding either way."""
-    info = jnp.finfo(dtype)
-    if info.bits < 32:
-        h = jax.lax.reduce_precision(h, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+    """float32 h rounded to the data's dtype. XLA:CPU may drop a round trip float32 -> bfloat16 ->
+    float32 (its "excess precision") where the quantizer converts h back; a reduce-precision to
+    bfloat16's bits first keeps the rounding either way."""
+    if jnp.dtype(dtype) == jnp.bfloat16:  # bfloat16 has float32's exponent range: no subnormal is lost
+        h = jax.lax.reduce_precision(h, exponent_bits=8, mantissa_bits=7)
     return h.astype(dtype)
 
 

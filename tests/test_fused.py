@@ -50,6 +50,15 @@ def static_scale(r, rows, fmt):
     return jnp.asarray(r.uniform(0.5, 3.0, rows).astype(np.float32) / q)
 
 
+def same_scale_rows(q, s, q_ref, s_ref):
+    """A dynamic row whose amax moved across a rounding boundary gets another scale, and then most of
+    its values move by a step: such rows (at most a few) are left out of the comparison."""
+    s, s_ref = np.asarray(s), np.asarray(s_ref)
+    same = s == s_ref
+    assert (~same).sum() <= max(1, same.size // 16), f"{(~same).sum()} of {same.size} rows' scales differ"
+    return np.asarray(q.astype(jnp.float32))[same], np.asarray(q_ref.astype(jnp.float32))[same]
+
+
 def assert_close_quantized(got, want, fmt, what):
     """Equal but for at most MISMATCH of the values, each by one step of the grid."""
     got, want = np.asarray(got).astype(np.float64), np.asarray(want).astype(np.float64)
@@ -97,8 +106,8 @@ def test_rms_norm_on_general_data(device, x_dtype, fmt):
         q_ref, s_ref, r_ref = run(device, lambda x, w: ref.rms_norm_quantize_per_token(x, w, **kw), x, w)
         assert_same_bits(r_out, r_ref)
         np.testing.assert_allclose(np.asarray(s), np.asarray(s_ref), rtol=2e-2 if x_dtype != jnp.float32 else 1e-5)
-        if scale is not None or x_dtype != jnp.float32:  # a dynamic float32 row's scale moves with its amax
-            assert_close_quantized(q, q_ref, fmt, "q")
+        if scale is not None or x_dtype != jnp.float32:  # a dynamic float32 scale moves with its amax's ulp
+            assert_close_quantized(*same_scale_rows(q, s, q_ref, s_ref), fmt, "q")
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda d: jnp.dtype(d).name)
@@ -112,11 +121,11 @@ def test_silu_mul_matches_reference(device, shape, x_dtype, fmt):
         kw = dict(scale=scale, dtype=fmt)
         q, s = run(device, lambda a, b: bj.silu_mul_quantize_per_token(a, b, **kw), a, b)
         q_ref, s_ref = run(device, lambda a, b: ref.silu_mul_quantize_per_token(a, b, **kw), a, b)
-        assert_close_quantized(q, q_ref, fmt, "q")
+        assert_close_quantized(*same_scale_rows(q, s, q_ref, s_ref), fmt, "q")
         np.testing.assert_allclose(np.asarray(s), np.asarray(s_ref), rtol=1e-6 if x_dtype == jnp.float32 else 1e-2)
         y = run(device, lambda a, b: bj.silu_mul_fake_quantize_per_token(a, b, **kw), a, b)
         y_ref = run(device, lambda a, b: ref.silu_mul_fake_quantize_per_token(a, b, **kw), a, b)
-        assert_close_quantized(y, y_ref, x_dtype, "y")
+        assert_close_quantized(*same_scale_rows(y, s, y_ref, s_ref), x_dtype, "y")
 
 
 # ---- gradients: jax.grad of a float32 composition with a straight-through quantizer -------------
