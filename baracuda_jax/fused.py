@@ -75,7 +75,8 @@ def rms_norm_fake_quantize_per_token(x, weight, *, residual=None, eps=1e-6, scal
 
     Differentiable in x, weight and residual: exact through the add and the norm, straight-through
     for the quantizer (g passes where h was not clipped), no gradient to the scale. The backward is
-    one pass over the rows; d(weight) sums each group of rows in order, then the groups in order.
+    one pass over the rows; d(weight) sums each group of rows in order, then the groups in a fixed
+    order (csrc/producers.h).
     """
     op = "rms_norm_fake_quantize_per_token"
     x, weight, residual, scale, params = _norm_call(op, x, weight, residual, eps, scale, dtype, scale_ub, True)
@@ -94,7 +95,7 @@ def _rms_norm_fake_fwd(x, weight, residual, scale, params):
     residual = tuple(r.value for r in residual)
     scale = tuple(s.value for s in scale)
     y, s, r, inv = _norm_forward(x, weight, residual, scale, dict(params))
-    return (y, r), (r, weight, s, inv, residual != ())
+    return (y, r), (r, weight, s, inv, ((),) if residual else ())  # a flag as the residuals' structure
 
 
 def _rms_norm_fake_bwd(params, res, cotangents):

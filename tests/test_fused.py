@@ -2,7 +2,8 @@
 composition, on the CPU and (where present) the GPU.
 
 Bit-exact where the contract allows it: with integer-valued activations every sum of squares is
-exact in float32, in any order, so the norm's results are the reference's bit for bit. On general
+exact in float32, in any order, and with D a power of two so is its mean (whether or not XLA
+contracts `* (1/D) + eps` into an FMA), so the norm's results are the reference's bit for bit. On general
 data the sum orders differ (the kernels' are fixed, XLA's its own): h moves by an ulp of float32 at
 most before its rounding, and the quantized values agree but for the rare ones at a rounding
 boundary, which the tests count and bound. SiLU uses each platform's expf: the same bounds.
