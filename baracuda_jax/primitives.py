@@ -246,9 +246,9 @@ def _rms_norm_grad_aval(g, r, weight, scale, inv_rms, *g_residual, dtype, qmin, 
             raise TypeError(f"{op}: {name} {a.str_short()} must match r {r.str_short()}")
     _checks.row_operands(op, "r", r, scale, None, np.float32)
     _checks.row_operands(op, "r", r, inv_rms, None, np.float32)
-    rows = int(np.prod(r.shape[:-1]))
+    groups = dw_groups(int(np.prod(r.shape[:-1])), r.shape[-1])
     return (like(r, r.shape, r.dtype), weight.update(weak_type=False),
-            weight.update(shape=(dw_groups(rows, r.shape[-1]), r.shape[-1]), dtype=np.dtype(np.float32), weak_type=False))
+            weight.update(shape=(groups, r.shape[-1]), dtype=np.dtype(np.float32), weak_type=False))
 
 
 def _silu_mul_layout(params):

@@ -211,7 +211,8 @@ struct CpuExec {
     const int64_t per_slice = io.groups_per_slice();
     for (int64_t k0 = 0; k0 < io.groups; k0 += per_slice) {
       std::fill(slice.begin(), slice.end(), M(0));
-      for (int64_t k = k0; k < std::min(io.groups, k0 + per_slice); ++k) add_row(slice.data(), io.dw_groups + k * cols, cols);
+      for (int64_t k = k0; k < std::min(io.groups, k0 + per_slice); ++k)
+        add_row(slice.data(), io.dw_groups + k * cols, cols);
       add_row(sum.data(), slice.data(), cols);
     }
     for (int64_t c = 0; c < cols; ++c) io.dw[c] = From<T>::math(sum[c]);

@@ -288,7 +288,7 @@ ffi::Error silu_mul_grad(Exec exec, ffi::AnyBuffer g, ffi::AnyBuffer a, ffi::Any
 #undef BJ_TRY
 
 template <class B> auto bind_rms_norm(B&& b) {
-  return grid_attrs(rets<2>(args<2>(std::move(b)).RemainingArgs()).RemainingRets().template Attr<std::string_view>("format"))
+  return format_attrs(rets<2>(args<2>(std::move(b)).RemainingArgs()).RemainingRets())
       .template Attr<double>("eps")
       .template Attr<bool>("has_residual")
       .template Attr<double>("scale_ub");
@@ -297,8 +297,7 @@ template <class B> auto bind_rms_norm_grad(B&& b) {
   return format_attrs(rets<3>(args<5>(std::move(b)).RemainingArgs()));
 }
 template <class B> auto bind_silu_mul(B&& b) {
-  return grid_attrs(rets<1>(args<2>(std::move(b)).RemainingArgs()).RemainingRets().template Attr<std::string_view>("format"))
-      .template Attr<double>("scale_ub");
+  return format_attrs(rets<1>(args<2>(std::move(b)).RemainingArgs()).RemainingRets()).template Attr<double>("scale_ub");
 }
 template <class B> auto bind_silu_mul_grad(B&& b) { return format_attrs(rets<2>(args<4>(std::move(b)))); }
 
