@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from baracuda_jax import _checks
+from baracuda_jax.ops import _row_operands
 from baracuda_jax.primitives import rms_norm_grad_p, rms_norm_quantize_p, silu_mul_grad_p, silu_mul_quantize_p
 
 
@@ -26,14 +27,7 @@ def _grid(op, dtype, scale, scale_ub):
 
 def _static_scale(op, name, data, scale):
     """A static scale: one per row (shape data.shape[:-1], or with a trailing 1), as float32."""
-    if scale is None:
-        return ()
-    scale = jnp.asarray(scale)
-    rows = tuple(data.shape[:-1])
-    if scale.shape == rows + (1,):
-        scale = scale[..., 0]
-    _checks.row_operands(op, name, data, scale, None)
-    return (scale.astype(jnp.float32),)
+    return () if scale is None else (_row_operands(op, name, data, scale, None, jnp.float32)[0],)
 
 
 def _norm_call(op, x, weight, residual, eps, scale, dtype, scale_ub, fake):
