@@ -62,33 +62,67 @@ def _attr(name, params):
     return np.float64(value) if isinstance(value, float) else np.int32(value)
 
 
-def _partitioning_attributes(decl, ctx, params):
-    """Marks the custom call as batch-partitionable over the leading (token) dims.
+def partition_attributes(num_batch, operand_factors, result_factors, sizes, replicated):
+    """A custom call's attributes for the partitioners, from Shardy factor names per dim.
 
-    XLA's batch partitioner (every target is registered with
-    `jax.ffi.register_ffi_target_as_batch_partitionable`) reads `num_batch_dims`: the leading dims
-    of the ROWS operands. Shardy reads the sharding rule written from the roles, in which D must
-    be replicated: the dynamic ops reduce over it, and the batch partitioner gathers it for the
-    others too.
+    XLA's batch partitioner (the targets are registered with
+    `jax.ffi.register_ffi_target_as_batch_partitionable`) reads `num_batch_dims`: the leading
+    dims of the data operand. Shardy reads the sharding rule; the `replicated` factors must not
+    be split (a reduction runs over them).
     """
+    attrs = {"mhlo.frontend_attributes": mlir.ir.DictAttr.get(
+        {"num_batch_dims": mlir.ir.StringAttr.get(str(num_batch))})}
+    if jax.config.jax_use_shardy_partitioner:
+        spec = lambda factors: "[" + ", ".join(factors) + "]"
+        rule = (f"#sdy.op_sharding_rule<({', '.join(map(spec, operand_factors))})->"
+                f"({', '.join(map(spec, result_factors))}) "
+                f"{{{', '.join(f'{f}={n}' for f, n in sizes.items())}}} need_replication={{{', '.join(replicated)}}}>")
+        attrs["sdy.sharding_rule"] = mlir.ir.Attribute.parse(rule)
+    return attrs
+
+
+def static_shapes(avals):
+    return all(isinstance(d, int) for a in avals for d in a.shape)
+
+
+def _partitioning_attributes(decl, ctx, params):
+    """Marks the custom call as batch-partitionable over the leading (token) dims of its ROWS
+    operands. D must be replicated: the dynamic ops reduce over it, and the batch partitioner
+    gathers it for the others too."""
     roles, results = decl.roles(len(ctx.avals_in), params)
     if not decl.row_local(params):
         return None  # a sum over the rows (a weight's gradient): XLA gathers the rows
-    data = ctx.avals_in[roles.index(ROWS)]
-    avals = (*ctx.avals_in, *ctx.avals_out)
-    if not all(isinstance(d, int) for a in avals for d in a.shape):
+    if not static_shapes((*ctx.avals_in, *ctx.avals_out)):
         return None  # shape polymorphism: leave partitioning to XLA's default
-    attrs = {"mhlo.frontend_attributes": mlir.ir.DictAttr.get(
-        {"num_batch_dims": mlir.ir.StringAttr.get(str(data.ndim - 1))})}
-    if jax.config.jax_use_shardy_partitioner:
-        *batch, d = "ijklmnopqrstuvwxyz"[:data.ndim]  # Shardy's factor names: i, j, ... in order
-        factors = {ROWS: [*batch, d], PER_ROW: batch, PER_COLUMN: [d]}
-        spec = lambda role: "[" + ", ".join(factors[role]) + "]"
-        sizes = ", ".join(f"{f}={n}" for f, n in zip([*batch, d], data.shape))
-        rule = (f"#sdy.op_sharding_rule<({', '.join(spec(r) for r in roles)})->"
-                f"({', '.join(spec(r) for r in results)}) {{{sizes}}} need_replication={{{d}}}>")
-        attrs["sdy.sharding_rule"] = mlir.ir.Attribute.parse(rule)
-    return attrs
+    data = ctx.avals_in[roles.index(ROWS)]
+    *batch, d = FACTORS[:data.ndim]
+    factors = {ROWS: [*batch, d], PER_ROW: batch, PER_COLUMN: [d]}
+    return partition_attributes(len(batch), [factors[r] for r in roles], [factors[r] for r in results],
+                                dict(zip([*batch, d], data.shape)), [d])
+
+
+FACTORS = "ijklmnopqrstuvwxyz"  # Shardy's factor names, used in this order
+
+
+def batch_lift(data_ndim, other_ndims):
+    """Leading unit dims to give the data so that XLA's batch partitioner leaves the operands that
+    are not per row whole. It splits the leading num_batch_dims of every operand and replicates
+    only operands of lower rank: a [D] weight beside 2-D data would be split along its D."""
+    batch = data_ndim - 1
+    if batch < 1 or not other_ndims:
+        return 0
+    return max(0, max(other_ndims) + 1 - batch)
+
+
+def lower_lifted(ctx, prim, operands, params, lift, per_row):
+    """Lowers prim with `lift` unit dims in front of the per-row operands and results (free
+    reshapes); the inner call then partitions with its other operands replicated."""
+    def lifted(*args):
+        args = [jax.lax.expand_dims(x, range(lift)) if row else x for x, row in zip(args, per_row)]
+        out = prim.bind(*args, **params)
+        drop = lambda y: jax.lax.squeeze(y, range(lift))
+        return [drop(y) for y in out] if prim.multiple_results else drop(out)
+    return mlir.lower_fun(lifted, multiple_results=prim.multiple_results)(ctx, *operands)
 
 
 def like(aval, shape, dtype):
@@ -136,6 +170,13 @@ def define(decl: OpDecl) -> Primitive:
     target = f"baracuda_{decl.name}"
 
     def lowering(ctx, *operands, **params):
+        roles = decl.roles(len(operands), params)[0]
+        if decl.row_local(params):
+            per_row = [r in (ROWS, PER_ROW) for r in roles]
+            lift = batch_lift(ctx.avals_in[roles.index(ROWS)].ndim,
+                              [a.ndim for a, row in zip(ctx.avals_in, per_row) if not row])
+            if lift:
+                return lower_lifted(ctx, prim, operands, params, lift, per_row)
         rule = jax.ffi.ffi_lowering(target, extra_attributes=_partitioning_attributes(decl, ctx, params))
         return rule(ctx, *operands, **{k: _attr(k, params) for k in decl.attrs})
 

@@ -112,14 +112,17 @@ def test_dynamic_with_axis_name_over_a_split_d(x_dtype, q_dtype, symmetric):
     assert_same_bits(y, bj.fake_quantize_per_token_dynamic(x, **kw))
 
 
-def test_fused_ops_token_sharded():
-    """The fused forward ops run locally on token shards (the [D] weight replicated); the norm's
-    backward sums d(weight) over every row, so XLA gathers its rows: correct, with a collective."""
+@pytest.mark.parametrize("shape,spec", [((4, 6, 64), ("a", "b", None)), ((24, 64), (("a", "b"), None))], ids=str)
+def test_fused_ops_token_sharded(shape, spec):
+    """The fused forward ops run locally on token shards (the [D] weight replicated, also beside 2-D
+    data, where the batch partitioner would split a [D] operand: the lowering gives the rows a
+    leading unit dim); the norm's backward sums d(weight) over every row, so XLA gathers its rows:
+    correct, with a collective."""
     mesh = jax.make_mesh((2, 2), ("a", "b"), devices=CPUS[:4])
     r = cases.rng()
-    x, res = (jnp.asarray(r.normal(size=(4, 6, 64)).astype(np.float32)).astype(jnp.bfloat16) for _ in range(2))
+    x, res = (jnp.asarray(r.normal(size=shape).astype(np.float32)).astype(jnp.bfloat16) for _ in range(2))
     w = jnp.asarray(r.uniform(0.5, 1.5, 64).astype(np.float32)).astype(jnp.bfloat16)
-    rows = NamedSharding(mesh, P("a", "b", None))
+    rows = NamedSharding(mesh, P(*spec))
     xs, rs = jax.device_put(x, rows), jax.device_put(res, rows)
     forward = [lambda x, r: bj.rms_norm_quantize_per_token(x, w, residual=r, dtype=jnp.float8_e4m3fn),
                lambda x, r: bj.rms_norm_fake_quantize_per_token(x, w, residual=r),
