@@ -161,3 +161,25 @@ def norm_operands(op: str, x, weight, residual, eps) -> None:
         same_as(op, "residual", residual, "x", x)
     if not isinstance(eps, (float, int, np.floating)) or isinstance(eps, bool) or not eps > 0:
         raise ValueError(f"{op}: eps must be a positive Python float, got {eps!r}")
+
+
+MATMUL_DTYPES = tuple(np.dtype(t) for t in (jnp.int8, jnp.float8_e4m3fn))
+
+
+def matmul_operands(op: str, a, a_scale, b, b_scale, out_dtype) -> np.dtype:
+    """a [..., K] and b [K, N], both int8 or both float8_e4m3fn; a_scale a.shape[:-1] or a scalar;
+    b_scale [N] or a scalar, floats. Returns out_dtype (float16, bfloat16 or float32)."""
+    if np.dtype(a.dtype) not in MATMUL_DTYPES:
+        raise TypeError(f"{op}: a has dtype {a.dtype}; expected one of {_names(MATMUL_DTYPES)}")
+    if b.dtype != a.dtype:
+        raise TypeError(f"{op}: b has dtype {b.dtype}; expected a's, {a.dtype}")
+    if a.ndim < 1 or b.ndim != 2:
+        raise ValueError(f"{op}: a must be [..., K] and b [K, N]; got shapes {tuple(a.shape)} and {tuple(b.shape)}")
+    if b.shape[0] != a.shape[-1]:
+        raise ValueError(f"{op}: b has shape {tuple(b.shape)}; its K must be a's last dim, {a.shape[-1]}")
+    for name, s, want in (("a_scale", a_scale, tuple(a.shape[:-1])), ("b_scale", b_scale, (b.shape[1],))):
+        if tuple(s.shape) not in (want, ()):
+            raise ValueError(f"{op}: {name} has shape {tuple(s.shape)}; expected {want} or a scalar")
+        float_dtype(op, name, s.dtype)
+    out_dtype = fused_float_dtype(op, out_dtype, "out_dtype")
+    return out_dtype

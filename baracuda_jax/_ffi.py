@@ -1,5 +1,11 @@
 """Registers the compiled FFI handlers with XLA, under one name per op for both platforms."""
 
+import functools
+import glob
+import os
+import re
+import warnings
+
 import jax
 
 from baracuda_jax import _cpu
@@ -28,6 +34,35 @@ for _name, _target in _cpu.registrations().items():
 if _cuda is not None:
     for _name, _target in _cuda.registrations().items():
         jax.ffi.register_ffi_target(_name, _target, platform="CUDA")
+    for _name, _target in _cuda.gemm_registrations().items():  # CUDA only: the CPU lowers to XLA's dot
+        jax.ffi.register_ffi_target(_name, _target, platform="CUDA")
+        jax.ffi.register_ffi_target_as_batch_partitionable(_name)
+
+
+def _cublaslt_candidates():
+    """libcublasLt from the nvidia-cublas wheel that jax[cuda12/13] installs (newest first), then
+    by soname (LD_LIBRARY_PATH, the system's)."""
+    paths = []
+    try:
+        import nvidia
+        paths = [p for root in nvidia.__path__ for p in glob.glob(os.path.join(root, "*", "lib", "libcublasLt.so.*"))]
+    except ImportError:
+        pass
+    major = lambda p: int(re.search(r"\.so\.(\d+)", p).group(1))
+    return sorted(paths, key=major, reverse=True) + ["libcublasLt.so.13", "libcublasLt.so.12"]
+
+
+@functools.cache
+def cublaslt_version():
+    """cuBLASLt's version (130100 for 13.1), loading it the first time a scaled matmul is lowered
+    for a GPU; None, with a warning, when this install has no CUDA module or no cuBLASLt is found."""
+    if _cuda is None:
+        return None
+    try:
+        return _cuda.load_cublaslt(_cublaslt_candidates())
+    except RuntimeError as err:
+        warnings.warn(f"baracuda_jax: {err}; scaled_matmul runs as XLA's dot and a rescale", RuntimeWarning)
+        return None
 
 
 def check_targets(declared: set) -> None:

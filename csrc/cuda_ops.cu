@@ -498,10 +498,6 @@ template <int W, class T> bool aligned(const T* p) { return reinterpret_cast<uin
 template <int W, class T> bool aligned(Split<T> p) { return aligned<W>(p.first) && aligned<W>(p.second); }
 template <int W, class... Ps> bool vector_aligned(const Ps&... ptrs) { return (aligned<W>(ptrs) && ...); }
 
-// Host-side entries into the handlers: a command buffer replays the kernels
-// without them, which is how the tests see that XLA captured the custom call.
-std::atomic<int64_t> handler_calls{0};
-
 struct CudaExec {
   cudaStream_t stream;
   CudaExec(cudaStream_t s) : stream(s) {}
@@ -661,6 +657,10 @@ auto stream() { return ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()
 
 }  // namespace
 }  // namespace baracuda
+
+// Host-side entries into the handlers (scaled_matmul.cu's too): a command buffer replays the
+// kernels without them, which is how the tests see that XLA captured the custom call.
+std::atomic<int64_t> baracuda::handler_calls{0};
 
 int64_t baracuda_cuda_handler_calls() { return baracuda::handler_calls.load(); }
 

@@ -1,11 +1,12 @@
-"""W8A8 int8 inference of the float model trained by qat.py, against the float model.
+"""W8A8 inference of the float model trained by qat.py (int8 and float8 e4m3), against the float model.
 
     python examples/w8a8.py [--steps 600] [--time]
 
-Weights are quantized per output channel (quantize_per_token on W^T: one row per channel),
-activations per token with quantize_per_token_dynamic; the matmul is int8 x int8 -> int32
-(lax.dot_general with preferred_element_type=int32), then a dequantize epilogue. With --time
-and a GPU, it also times a W8A8 linear layer at LLM sizes against a bf16 one.
+Weights are quantized once per output channel and stored [N, K] (one row per channel, as
+scaled_matmul reads them); activations per token at run time with quantize_per_token_dynamic; the
+matmul is bj.scaled_matmul (cuBLASLt on a GPU, scales in its epilogue). With --time and a GPU, it
+also times a stack of pre-norm W8A8 layers (residual + RMSNorm + dynamic quantize in one op, then
+scaled_matmul, then the residual add) against the same stack in bf16.
 """
 
 import argparse
@@ -14,23 +15,23 @@ import sys
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 import baracuda_jax as bj
 import qat
 
+FMAX = {jnp.int8: 127.0, jnp.float8_e4m3fn: 448.0}
 
-def quantize_weights(w):
-    """Per output channel: w [in, out] -> (int8 [out, in], scale [out])."""
+
+def quantize_weights(w, dtype):
+    """Per output channel: w [K, N] -> (q [N, K] in dtype, scale [N])."""
     wt = w.T
-    scale = jnp.max(jnp.abs(wt), axis=-1) * (1 / 127)
-    return bj.quantize_per_token(wt, scale), scale
+    scale = jnp.max(jnp.abs(wt), axis=-1) * (1 / FMAX[dtype])
+    return bj.quantize_per_token(wt, scale, dtype=dtype), scale
 
 
 def w8a8_linear(h, wq, w_scale, b):
-    q, s, _ = bj.quantize_per_token_dynamic(h)  # symmetric: the zero point is 0
-    acc = lax.dot_general(q, wq, (((q.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
-    return (acc.astype(jnp.float32) * s[..., None] * w_scale).astype(h.dtype) + b
+    q, s, _ = bj.quantize_per_token_dynamic(h, dtype=wq.dtype)
+    return bj.scaled_matmul(q, s, wq.T, w_scale, out_dtype=jnp.float32) + b
 
 
 def w8a8_forward(qparams, x):
@@ -42,36 +43,61 @@ def w8a8_forward(qparams, x):
     return h
 
 
-def time_linear(tokens, d_in=4096, d_out=4096, reps=50):
-    """Device µs per call of one W8A8 linear, a bf16 one, and the activation quantization alone."""
+def rms_norm(x, w, eps=1e-6):
+    xf = x.astype(jnp.float32)
+    return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + eps) * w.astype(jnp.float32)).astype(x.dtype)
+
+
+def bf16_stack(x, norms, weights):
+    """Pre-norm layers in bf16: x + rms_norm(x) @ W, weights stored [N, K]."""
+    for g, w in zip(norms, weights):
+        x = x + rms_norm(x, g) @ w.T
+    return x
+
+
+def w8a8_stack(x, norms, qweights):
+    """The same layers in W8A8: the norm quantizes per token as it normalizes, the matmul rescales."""
+    for g, (wq, ws) in zip(norms, qweights):
+        q, s, _ = bj.rms_norm_quantize_per_token(x, g, dtype=wq.dtype)
+        x = x + bj.scaled_matmul(q, s, wq.T, ws, out_dtype=x.dtype)
+    return x
+
+
+def time_stack(tokens, d=4096, layers=8, reps=30):
+    """Device µs per call of an 8-layer stack, bf16 and W8A8 (int8, float8)."""
     sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "benchmarks"))
     from timing import time_per_call  # the benchmarks' method: kernel durations from a profiler trace
 
-    k1, k2 = jax.random.split(jax.random.key(0))
-    h = jax.random.normal(k1, (tokens, d_in), jnp.bfloat16)
-    w = jax.random.normal(k2, (d_in, d_out), jnp.bfloat16) / 64
-    wq, ws = quantize_weights(w.astype(jnp.float32))
-    fns = {"bf16": lambda h: h @ w, "w8a8": lambda h: w8a8_linear(h, wq, ws, 0),
-           "quantize only": lambda h: bj.quantize_per_token_dynamic(h)[0]}
-    return {name: time_per_call(f, [(h,)], reps) * 1e6 for name, f in fns.items()}
+    key = jax.random.key(0)
+    x = jax.random.normal(key, (tokens, d), jnp.bfloat16)
+    norms = [jnp.ones((d,), jnp.bfloat16) for _ in range(layers)]
+    weights = [(jax.random.normal(jax.random.fold_in(key, i), (d, d), jnp.float32) / 64) for i in range(layers)]
+    times = {"bf16": time_per_call(bf16_stack, [(x, norms, [w.astype(jnp.bfloat16) for w in weights])], reps)}
+    for dtype in (jnp.int8, jnp.float8_e4m3fn):
+        qweights = [quantize_weights(w.T, dtype) for w in weights]  # w is stored [N, K]: pass [K, N]
+        times[jnp.dtype(dtype).name] = time_per_call(w8a8_stack, [(x, norms, qweights)], reps)
+    return {name: t * 1e6 for name, t in times.items()}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--time", action="store_true", help="time a W8A8 linear at LLM sizes (meant for a GPU)")
+    p.add_argument("--time", action="store_true", help="time a W8A8 layer stack at LLM sizes (meant for a GPU)")
     args = p.parse_args(argv)
     x_tr, x_te, y_tr, y_te = data = qat.load()
     params, _, float_acc = qat.train("float", args.steps, data=data)
-    qparams = [(*quantize_weights(w), b) for w, b in zip(params["w"], params["b"])]
-    int8_acc = qat.accuracy(lambda x: w8a8_forward(qparams, x), x_te, y_te)
-    print(f"digits test accuracy: float {float_acc:.4f}, W8A8 int8 {int8_acc:.4f}")
+    accuracy = {"float": float_acc}
+    for dtype in (jnp.int8, jnp.float8_e4m3fn):
+        qparams = [(*quantize_weights(w, dtype), b) for w, b in zip(params["w"], params["b"])]
+        accuracy[jnp.dtype(dtype).name] = qat.accuracy(lambda x: w8a8_forward(qparams, x), x_te, y_te)
+    print("digits test accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in accuracy.items()))
     if args.time:
-        print(f"{'tokens':>7} {'bf16 us':>9} {'w8a8 us':>9} {'quantize us':>12}  (4096 -> 4096, {jax.devices()[0].device_kind})")
+        print(f"{'tokens':>7} {'bf16 us':>9} {'int8 us':>9} {'fp8 us':>9}  (8 layers, D 4096, {jax.devices()[0].device_kind})")
         for tokens in (16, 256, 1024, 4096):
-            t = time_linear(tokens)
-            print(f"{tokens:>7} {t['bf16']:>9.1f} {t['w8a8']:>9.1f} {t['quantize only']:>12.1f}")
-    return float_acc, int8_acc
+            t = time_stack(tokens)
+            print(f"{tokens:>7} {t['bf16']:>9.1f} {t['int8']:>9.1f} {t['float8_e4m3fn']:>9.1f}"
+                  f"  ({t['bf16'] / t['int8']:.2f}x, {t['bf16'] / t['float8_e4m3fn']:.2f}x)")
+    return accuracy
 
 
 if __name__ == "__main__":

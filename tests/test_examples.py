@@ -31,5 +31,7 @@ def test_qat_with_the_fused_ops_trains():
 
 
 def test_w8a8_inference_keeps_the_accuracy():
-    float_acc, int8_acc = w8a8.main(["--steps", "200"])
-    assert float_acc > 0.85 and abs(int8_acc - float_acc) < 0.03
+    accuracy = w8a8.main(["--steps", "200"])
+    assert accuracy["float"] > 0.85
+    for fmt in ("int8", "float8_e4m3fn"):
+        assert abs(accuracy[fmt] - accuracy["float"]) < 0.03, accuracy

@@ -1,0 +1,134 @@
+"""The scaled low-precision matmul of W8A8 inference: per-token activation scales times per-channel
+weight scales, applied to an int8 or float8 product.
+
+On a CUDA GPU it is one cuBLASLt call (csrc/scaled_matmul.cu): float8 with both scales in the GEMM's
+epilogue; int8 with an int32 product and one rescaling pass. On the CPU, and for shapes cuBLASLt's
+8-bit kernels do not take (K or N not a multiple of 16), it lowers to XLA's dot and a rescale: the
+jnp reference, `bj.reference.scaled_matmul`.
+"""
+
+import functools
+import math
+import warnings
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
+
+from baracuda_jax import _checks, _ffi, reference
+from baracuda_jax.primitives import FACTORS, batch_lift, like, lower_lifted, partition_attributes, static_shapes
+
+_OP = "scaled_matmul"
+WORKSPACE_BYTES = 32 << 20  # cuBLASLt's workspace, as XLA gives its own GEMMs on Hopper
+_ALIGN = 16  # K and N: cuBLASLt's 8-bit kernels need 16-byte aligned rows and columns
+
+
+def scaled_matmul(a, a_scale, b, b_scale, *, out_dtype=jnp.bfloat16):
+    """The product of per-token quantized activations and per-channel quantized weights.
+
+        out[..., n] = a_scale[...] * b_scale[n] * sum_k a[..., k] * b[k, n]
+
+    with the sum in float32 (float8) or int32 (int8, exact), rounded once to `out_dtype`.
+
+    Args:
+      a: [..., K], int8 or float8_e4m3fn: the activations, e.g. `quantize_per_token_dynamic`'s q.
+      a_scale: one scale per row of a (a.shape[:-1], as the per-token ops return it) or a scalar.
+      b: [K, N], a's dtype: the weights. The GPU reads b as [N][K] (column-major): keep a weight
+        stored as [N, K] (one row per output channel) and pass `w.T`, which is then free; a
+        row-major [K, N] costs a transpose per call.
+      b_scale: one scale per column of b ([N]) or a scalar.
+      out_dtype: bfloat16, float16 or float32.
+
+    Returns:
+      [..., N] in out_dtype.
+
+    It is an inference op and has no derivative: train through the fake-quantize ops. vmap over
+    a's leading dims is one call; a batched b runs once per batch element.
+    """
+    a, b = jnp.asarray(a), jnp.asarray(b)
+    a_scale, b_scale = jnp.asarray(a_scale), jnp.asarray(b_scale)
+    out_dtype = _checks.matmul_operands(_OP, a, a_scale, b, b_scale, out_dtype)
+    a_scale = jnp.broadcast_to(a_scale.astype(jnp.float32), a.shape[:-1])
+    b_scale = jnp.broadcast_to(b_scale.astype(jnp.float32), b.shape[1:])
+    return scaled_matmul_p.bind(a, a_scale, b, b_scale, out_dtype=out_dtype)
+
+
+def _abstract_eval(a, a_scale, b, b_scale, *, out_dtype):
+    _checks.matmul_operands(_OP, a, a_scale, b, b_scale, out_dtype)
+    for name, s in (("a_scale", a_scale), ("b_scale", b_scale)):
+        if s.dtype != np.float32 or s.ndim == 0 and a.ndim > 1:
+            raise TypeError(f"{_OP}: the primitive takes {name} as float32, one value per row or column")
+    return like(a, (*a.shape[:-1], b.shape[1]), out_dtype)
+
+
+def _reference_lowering(ctx, *operands, out_dtype):
+    return mlir.lower_fun(functools.partial(reference.scaled_matmul, out_dtype=out_dtype),
+                          multiple_results=False)(ctx, *operands)
+
+
+def _gemm_ready(dtype):
+    """Whether this process has the cuBLASLt the GPU path needs (warns once when it has not)."""
+    version = _ffi.cublaslt_version()
+    if version is None:
+        return False
+    if dtype == jnp.float8_e4m3fn and version < 120900:
+        _warn_once(f"cuBLASLt {version} has no per-row x per-column float8 scales (12.9 or newer has): "
+                   f"float8 scaled_matmul runs as XLA's dot and a rescale")
+        return False
+    return True
+
+
+@functools.cache
+def _warn_once(message):
+    warnings.warn(f"baracuda_jax: {message}", RuntimeWarning, stacklevel=4)
+
+
+def _cuda_lowering(ctx, a, a_scale, b, b_scale, *, out_dtype):
+    a_aval, _, b_aval, _ = ctx.avals_in
+    k, n = b_aval.shape
+    if not (static_shapes(ctx.avals_in) and k % _ALIGN == 0 and n % _ALIGN == 0 and k > 0
+            and math.prod(a_aval.shape[:-1]) > 0 and _gemm_ready(a_aval.dtype)):
+        return _reference_lowering(ctx, a, a_scale, b, b_scale, out_dtype=out_dtype)
+    # b [K, N] stays whole under XLA's batch partitioner only if a has more batch dims than b has dims
+    lift = batch_lift(a_aval.ndim, [2])
+    if lift:
+        return lower_lifted(ctx, scaled_matmul_p, (a, a_scale, b, b_scale), {"out_dtype": out_dtype}, lift,
+                            (True, True, False, False))
+    out = ctx.avals_out[0]
+    results = [out, jax.core.ShapedArray((WORKSPACE_BYTES,), np.uint8)]
+    if a_aval.dtype == np.int8:
+        results.append(jax.core.ShapedArray(out.shape, np.int32))  # the int32 product before its scales
+    *batch, kf, nf, wf = FACTORS[:a_aval.ndim + 2]  # a's dims, then N and the workspace's bytes
+    attrs = partition_attributes(
+        len(batch), [[*batch, kf], batch, [kf, nf], [nf]], [[*batch, nf], [wf], [*batch, nf]][:len(results)],
+        dict(zip([*batch, kf, nf, wf], (*a_aval.shape, n, WORKSPACE_BYTES))), [kf, nf, wf])
+    rule = jax.ffi.ffi_lowering("baracuda_scaled_matmul", operand_layouts=[None, None, (0, 1), None],
+                                extra_attributes=attrs)
+    return rule(ctx.replace(avals_out=results), a, a_scale, b, b_scale)[:1]
+
+
+def _batch(args, dims, *, out_dtype):
+    """a's batch axis (or a_scale's) is more rows: one call. A batched b or b_scale: one call each."""
+    a, a_scale, b, b_scale = args
+    size = next(x.shape[d] for x, d in zip(args, dims) if d is not None)
+    front = lambda x, d: jnp.broadcast_to(x, (size, *x.shape)) if d is None else jnp.moveaxis(x, d, 0)
+    if dims[2] is None and dims[3] is None:
+        return scaled_matmul_p.bind(front(a, dims[0]), front(a_scale, dims[1]), b, b_scale, out_dtype=out_dtype), 0
+    batched = [front(x, d) for x, d in zip(args, dims)]
+    return jax.lax.map(lambda xs: scaled_matmul_p.bind(*xs, out_dtype=out_dtype), batched), 0
+
+
+def _no_derivative(primals, tangents, **params):
+    raise TypeError(f"{_OP} is an inference op and has no derivative: train through fake_quantize_per_token* "
+                    f"(the straight-through estimator) and a float matmul")
+
+
+scaled_matmul_p = Primitive(_OP)
+scaled_matmul_p.def_impl(lambda *args, **params: jax.jit(functools.partial(scaled_matmul_p.bind, **params))(*args))
+scaled_matmul_p.def_abstract_eval(_abstract_eval)
+mlir.register_lowering(scaled_matmul_p, _reference_lowering, platform="cpu")
+mlir.register_lowering(scaled_matmul_p, _cuda_lowering, platform="cuda")
+batching.primitive_batchers[scaled_matmul_p] = _batch
+ad.primitive_jvps[scaled_matmul_p] = _no_derivative

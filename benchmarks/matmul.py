@@ -1,0 +1,91 @@
+"""scaled_matmul against XLA's GEMMs: the bf16 dot, and XLA's int8 and float8 dots followed by the
+same rescale (bj.reference.scaled_matmul, XLA fusing what it can). Device time per call (timing.py).
+
+Every way reads the weight stored as [N, K] (one row per output channel) and is passed `w.T`, so no
+way pays a transpose. At small M the weights rotate over several copies (>= 256 MiB in all), so no
+call finds its weight in L2.
+
+    python benchmarks/matmul.py [--quick] [--json benchmarks/results/matmul_<device>.json]
+"""
+
+import argparse
+import json
+import math
+import pathlib
+
+import jax
+import jax.numpy as jnp
+
+import baracuda_jax as bj
+from baracuda_jax import reference as ref
+from baracuda_jax._ffi import cublaslt_version
+from bench import WORKING_SET, device_name
+from timing import time_per_call
+
+MS = (16, 256, 4096, 8192, 16384)
+KNS = ((4096, 4096), (4096, 14336), (8192, 8192))
+WAYS = ("bf16", "xla_int8", "xla_fp8", "ours_int8", "ours_fp8")
+
+
+def _ways():
+    """name -> (operand dtype, function of (a, a_scale, w [N, K], w_scale))."""
+    return {
+        "bf16": (jnp.bfloat16, lambda a, sa, w, sw: a @ w.T),
+        "xla_int8": (jnp.int8, lambda a, sa, w, sw: ref.scaled_matmul(a, sa, w.T, sw)),
+        "xla_fp8": (jnp.float8_e4m3fn, lambda a, sa, w, sw: ref.scaled_matmul(a, sa, w.T, sw)),
+        "ours_int8": (jnp.int8, lambda a, sa, w, sw: bj.scaled_matmul(a, sa, w.T, sw)),
+        "ours_fp8": (jnp.float8_e4m3fn, lambda a, sa, w, sw: bj.scaled_matmul(a, sa, w.T, sw)),
+    }
+
+
+def _operands(key, m, k, n, dtype, copies):
+    ka, kw = jax.random.split(key)
+    a = (jax.random.normal(ka, (m, k), jnp.float32) * 16).astype(dtype)
+    sa = jnp.full((m,), 1 / 64, jnp.float32)
+    sw = jnp.full((n,), 1 / 64, jnp.float32)
+    ws = [(jax.random.normal(jax.random.fold_in(kw, i), (n, k), jnp.float32) * 16).astype(dtype)
+          for i in range(copies)]
+    return [(a, sa, w, sw) for w in ws]
+
+
+def row(m, k, n, reps):
+    copies = max(1, min(8, math.ceil(WORKING_SET / (2 * k * n + 2 * m * k))))
+    result = dict(m=m, k=k, n=n)
+    for name, (dtype, fn) in _ways().items():
+        sets = _operands(jax.random.key(m + k + n), m, k, n, dtype, copies)
+        seconds = time_per_call(fn, sets, reps)
+        del sets
+        result[f"us_{name}"] = seconds * 1e6
+        result[f"tflops_{name}"] = 2 * m * k * n / seconds * 1e-12
+    return result
+
+
+def table(results):
+    lines = [f"{'M':>6} {'K':>5} {'N':>6} " + " ".join(f"{w:>10}" for w in WAYS)
+             + "  fp8/bf16  int8/bf16   (us; speed-up over the bf16 dot)"]
+    for r in results:
+        lines.append(f"{r['m']:>6} {r['k']:>5} {r['n']:>6} " + " ".join(f"{r['us_' + w]:>10.1f}" for w in WAYS)
+                     + f"  {r['us_bf16'] / r['us_ours_fp8']:>7.2f}x {r['us_bf16'] / r['us_ours_int8']:>8.2f}x")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="M = 16 and 4096 at 4096 x 4096 only")
+    p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--json", type=pathlib.Path, default=None)
+    args = p.parse_args(argv)
+    grid = [(m, *kn) for kn in KNS for m in MS] if not args.quick else [(16, 4096, 4096), (4096, 4096, 4096)]
+    results = []
+    for m, k, n in grid:
+        results.append(row(m, k, n, args.reps))
+        print(table(results[-1:]).splitlines()[-1], flush=True)
+    print(f"\n{device_name()}, jax {jax.__version__}, cuBLASLt {cublaslt_version()}\n" + table(results))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(dict(device=device_name(), jax=jax.__version__,
+                                             cublaslt=cublaslt_version(), results=results), indent=1))
+
+
+if __name__ == "__main__":
+    main()

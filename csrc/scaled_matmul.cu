@@ -1,0 +1,296 @@
+// The scaled matmul on the GPU: out[m, n] = a_scale[m] * b_scale[n] * sum_k a[m, k] b[k, n], a and b
+// both float8_e4m3fn or both int8, through cuBLASLt.
+//
+// cuBLASLt sees column-major matrices. Our row-major out [M, N] is its D [N, M] = op(A) [N, K] x
+// op(B) [K, M], with A = b transposed (the primitive asks XLA for b in column-major layout, i.e.
+// stored as [N][K]) and B = a as stored ([M][K]): the "TN" layout, the one cuBLASLt's FP8 and int8
+// kernels take. So cuBLASLt's A scale (one per row of op(A)) is our b_scale, its B scale our a_scale.
+//
+//   fp8:  f32 accumulation, both scales applied in cuBLASLt's epilogue (outer-vector scale modes),
+//         rounded once to the output dtype.
+//   int8: int32 accumulation into a scratch result, then one pass here that applies the scales
+//         (cuBLASLt's int8 kernels have no per-row x per-column epilogue): the contract is
+//         out = round((float(acc) * a_scale[m]) * b_scale[n]), the same bits as the jnp reference.
+//
+// The cuBLASLt plan (descriptors, layouts and the heuristic's algorithm) is made once per shape and
+// device; the handler enqueues on XLA's stream and allocates nothing (the workspace and the int32
+// accumulator are results XLA allocates), so a command buffer can capture it.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <tuple>
+
+#include "cublaslt_api.h"
+#include "cuda_ops.h"
+#include "scaled_matmul.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace baracuda {
+namespace {
+
+namespace ffi = xla::ffi;
+constexpr const char* kOp = "baracuda scaled_matmul: ";
+
+ffi::Error invalid(const std::string& what) { return ffi::Error::InvalidArgument(kOp + what); }
+
+ffi::Error lt_error(const char* call, lt::Status status) {
+  return ffi::Error::Internal(std::string(kOp) + call + " failed with cuBLAS status " + std::to_string(status));
+}
+
+#define BJ_TRY(expr) \
+  if (ffi::Error bj_err = (expr); !bj_err.success()) return bj_err
+
+#define BJ_LT(call)                                                  \
+  if (lt::Status bj_status = api.call; bj_status != 0) return lt_error(#call, bj_status)
+
+struct Scales {
+  const float* a;  // [M]
+  const float* b;  // [N]
+};
+
+// ---- the int8 rescale --------------------------------------------------------------------------
+
+template <class Out> __device__ Out to_out(float v);
+template <> __device__ float to_out<float>(float v) { return v; }
+template <> __device__ __nv_bfloat16 to_out<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <> __device__ __half to_out<__half>(float v) { return __float2half_rn(v); }
+
+template <class Out>
+struct alignas(4 * sizeof(Out)) Out4 {
+  Out v[4];
+};
+
+// Four columns a thread (the primitive routes only N % 16 == 0 here); (acc * a_scale) * b_scale,
+// left to right, as the reference.
+template <class Out>
+__global__ void rescale_kernel(const int4* __restrict__ acc, const float* __restrict__ a_scale,
+                               const float4* __restrict__ b_scale, Out4<Out>* __restrict__ out, int64_t rows,
+                               int64_t vecs_per_row) {
+  const int64_t total = rows * vecs_per_row;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < total; i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t row = i / vecs_per_row;
+    const int4 a = acc[i];
+    const float s = a_scale[row];
+    const float4 b = b_scale[i - row * vecs_per_row];
+    out[i] = Out4<Out>{{to_out<Out>(__int2float_rn(a.x) * s * b.x),
+                        to_out<Out>(__int2float_rn(a.y) * s * b.y),
+                        to_out<Out>(__int2float_rn(a.z) * s * b.z),
+                        to_out<Out>(__int2float_rn(a.w) * s * b.w)}};
+  }
+}
+
+template <class Out>
+ffi::Error rescale(cudaStream_t stream, const int32_t* acc, Scales scales, void* out, int64_t m, int64_t n) {
+  int dev = 0, sms = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  const int64_t vecs = m * (n / 4);
+  const int threads = 256;
+  const int blocks = static_cast<int>(std::min<int64_t>((vecs + threads - 1) / threads, int64_t{std::max(sms, 1)} * 8));
+  rescale_kernel<Out><<<std::max(blocks, 1), threads, 0, stream>>>(
+      reinterpret_cast<const int4*>(acc), scales.a, reinterpret_cast<const float4*>(scales.b),
+      static_cast<Out4<Out>*>(out), m, n / 4);
+  if (cudaError_t err = cudaGetLastError(); err != cudaSuccess)
+    return ffi::Error::Internal(std::string(kOp) + "rescale launch failed: " + cudaGetErrorString(err));
+  return ffi::Error::Success();
+}
+
+// ---- the cuBLASLt plans ------------------------------------------------------------------------
+
+cudaDataType_t cuda_type(ffi::DataType t) {
+  switch (t) {
+    case ffi::DataType::F8E4M3FN: return CUDA_R_8F_E4M3;
+    case ffi::DataType::S8: return CUDA_R_8I;
+    case ffi::DataType::S32: return CUDA_R_32I;
+    case ffi::DataType::BF16: return CUDA_R_16BF;
+    case ffi::DataType::F16: return CUDA_R_16F;
+    default: return CUDA_R_32F;
+  }
+}
+
+struct Plan {
+  lt::MatmulDesc desc = nullptr;
+  lt::MatrixLayout a = nullptr, b = nullptr, d = nullptr;
+  lt::Algo algo{};
+  size_t workspace = 0;
+  std::mutex mu;  // the scale pointers are set on the shared descriptor just before each launch
+
+  ~Plan() {
+    if (const lt::Api* api = lt::api()) {
+      for (lt::MatrixLayout l : {a, b, d})
+        if (l) api->layout_destroy(l);
+      if (desc) api->desc_destroy(desc);
+    }
+  }
+};
+
+// (device, M, N, K, input dtype, accumulator-or-output dtype, workspace bytes)
+using PlanKey = std::tuple<int, int64_t, int64_t, int64_t, int, int, size_t>;
+
+// cuBLASLt's A scale is one per row of op(A), our N: b_scale; its B scale is a_scale.
+ffi::Error set_scales(const lt::Api& api, lt::MatmulDesc desc, Scales scales) {
+  const void* a_side = scales.b;
+  const void* b_side = scales.a;
+  BJ_LT(desc_set(desc, lt::kDescAScalePointer, &a_side, sizeof a_side));
+  BJ_LT(desc_set(desc, lt::kDescBScalePointer, &b_side, sizeof b_side));
+  return ffi::Error::Success();
+}
+
+ffi::Error make_plan(const lt::Api& api, lt::Handle handle, const PlanKey& key, Scales scales, Plan& plan) {
+  const auto [dev, m, n, k, in, out, workspace] = key;
+  const bool fp8 = static_cast<ffi::DataType>(in) == ffi::DataType::F8E4M3FN;
+  const cudaDataType_t in_type = cuda_type(static_cast<ffi::DataType>(in));
+  const cudaDataType_t d_type = cuda_type(static_cast<ffi::DataType>(out));
+  BJ_LT(desc_create(&plan.desc, fp8 ? lt::kCompute32F : lt::kCompute32I, fp8 ? CUDA_R_32F : CUDA_R_32I));
+  const int32_t trans_a = lt::kOpT, trans_b = lt::kOpN;
+  BJ_LT(desc_set(plan.desc, lt::kDescTransA, &trans_a, sizeof trans_a));
+  BJ_LT(desc_set(plan.desc, lt::kDescTransB, &trans_b, sizeof trans_b));
+  if (fp8) {
+    const int32_t mode = lt::kScaleOuterVec32F;
+    BJ_LT(desc_set(plan.desc, lt::kDescAScaleMode, &mode, sizeof mode));
+    BJ_LT(desc_set(plan.desc, lt::kDescBScaleMode, &mode, sizeof mode));
+    BJ_TRY(set_scales(api, plan.desc, scales));  // the heuristic refuses these modes without them
+  }
+  BJ_LT(layout_create(&plan.a, in_type, k, n, k));  // b, stored [N][K]
+  BJ_LT(layout_create(&plan.b, in_type, k, m, k));  // a, stored [M][K]
+  BJ_LT(layout_create(&plan.d, d_type, n, m, n));   // out (or the int32 accumulator), [M][N]
+  lt::Preference pref = nullptr;
+  BJ_LT(preference_create(&pref));
+  const uint64_t max_workspace = workspace;
+  lt::Status status = api.preference_set(pref, lt::kPrefMaxWorkspaceBytes, &max_workspace, sizeof max_workspace);
+  lt::HeuristicResult result{};
+  int found = 0;
+  if (status == 0) status = api.heuristic(handle, plan.desc, plan.a, plan.b, plan.d, plan.d, pref, 1, &result, &found);
+  api.preference_destroy(pref);
+  if (status != 0) return lt_error("cublasLtMatmulAlgoGetHeuristic", status);
+  if (found == 0)
+    return ffi::Error::Internal(std::string(kOp) + "cuBLASLt has no algorithm for M=" + std::to_string(m) +
+                                ", N=" + std::to_string(n) + ", K=" + std::to_string(k));
+  plan.algo = result.algo;
+  plan.workspace = result.workspaceSize;
+  return ffi::Error::Success();
+}
+
+// One cuBLASLt handle per device, and the plans, for the life of the process.
+struct Plans {
+  std::mutex mu;
+  std::map<int, lt::Handle> handles;
+  std::map<PlanKey, std::unique_ptr<Plan>> plans;
+
+  ffi::Error get(const lt::Api& api, const PlanKey& key, Scales scales, Plan*& plan, lt::Handle& handle) {
+    std::lock_guard<std::mutex> lock(mu);
+    const int dev = std::get<0>(key);
+    if (!handles.count(dev)) {
+      lt::Handle h = nullptr;
+      BJ_LT(create(&h));
+      handles[dev] = h;
+    }
+    handle = handles[dev];
+    auto& slot = plans[key];
+    if (!slot) {
+      auto fresh = std::make_unique<Plan>();
+      if (ffi::Error err = make_plan(api, handle, key, scales, *fresh); !err.success()) {
+        plans.erase(key);
+        const auto [dev, m, n, k, in, out, workspace] = key;
+        return ffi::Error(*err.errc(), err.message() + " (M=" + std::to_string(m) + ", N=" + std::to_string(n) +
+                                           ", K=" + std::to_string(k) + ", dtypes " + std::to_string(in) + " -> " +
+                                           std::to_string(out) + ")");
+      }
+      slot = std::move(fresh);
+    }
+    plan = slot.get();
+    return ffi::Error::Success();
+  }
+};
+
+Plans& plans() {
+  static Plans* p = new Plans();  // never destroyed: the library may be gone at exit
+  return *p;
+}
+
+// ---- the handler -------------------------------------------------------------------------------
+
+ffi::Error scaled_matmul(cudaStream_t stream, ffi::AnyBuffer a, ffi::Buffer<ffi::F32> a_scale, ffi::AnyBuffer b,
+                         ffi::Buffer<ffi::F32> b_scale, ffi::Result<ffi::AnyBuffer> out,
+                         ffi::Result<ffi::AnyBuffer> workspace, ffi::RemainingRets rest) {
+  handler_calls.fetch_add(1, std::memory_order_relaxed);
+  const lt::Api* loaded = lt::api();
+  if (loaded == nullptr) return ffi::Error::Internal(std::string(kOp) + "cuBLASLt is not loaded");
+  const lt::Api& api = *loaded;
+  const ffi::DataType in = a.element_type();
+  const bool fp8 = in == ffi::DataType::F8E4M3FN;
+  if (!fp8 && in != ffi::DataType::S8) return invalid("a must be float8_e4m3fn or int8");
+  if (b.element_type() != in) return invalid("b must have a's dtype");
+  const auto a_dims = a.dimensions(), b_dims = b.dimensions(), out_dims = out->dimensions();
+  if (a_dims.size() < 1 || b_dims.size() != 2) return invalid("a must be [..., K] and b [K, N]");
+  const int64_t k = a_dims.back(), n = b_dims[1];
+  const int64_t m = static_cast<int64_t>(a.element_count()) / std::max<int64_t>(k, 1);
+  if (b_dims[0] != k) return invalid("b must be [K, N] with a's K = " + std::to_string(k));
+  if (static_cast<int64_t>(a_scale.element_count()) != m || static_cast<int64_t>(b_scale.element_count()) != n)
+    return invalid("a_scale must have one value per row of a and b_scale one per column of b");
+  const ffi::DataType out_type = out->element_type();
+  if (out_type != ffi::DataType::BF16 && out_type != ffi::DataType::F16 && out_type != ffi::DataType::F32)
+    return invalid("out must be bfloat16, float16 or float32");
+  if (out_dims.size() != a_dims.size() || out_dims.back() != n || static_cast<int64_t>(out->element_count()) != m * n)
+    return invalid("out must be [..., N]");
+  if (fp8 && api.version < lt::kOuterVectorVersion)
+    return invalid("float8 needs cuBLASLt >= 12.9 (per-row and per-column scales); found " +
+                   std::to_string(api.version));
+  void* d = out->untyped_data();  // cuBLASLt's output: out, or for int8 the int32 accumulator
+  if (!fp8) {
+    auto acc = rest.get<ffi::AnyBuffer>(0);
+    if (acc.has_error()) return acc.error();
+    if ((*acc)->element_type() != ffi::DataType::S32 || static_cast<int64_t>((*acc)->element_count()) != m * n)
+      return invalid("int8 needs an int32 [M, N] accumulator result");
+    d = (*acc)->untyped_data();
+  }
+  if (m == 0 || n == 0) return ffi::Error::Success();
+
+  int dev = 0;
+  if (cudaError_t err = cudaGetDevice(&dev); err != cudaSuccess)
+    return ffi::Error::Internal(std::string(kOp) + cudaGetErrorString(err));
+  const PlanKey key{dev, m, n, k, static_cast<int>(in), static_cast<int>(fp8 ? out_type : ffi::DataType::S32),
+                    workspace->size_bytes()};
+  const Scales scales{a_scale.typed_data(), b_scale.typed_data()};
+  Plan* plan = nullptr;
+  lt::Handle handle = nullptr;
+  BJ_TRY(plans().get(api, key, scales, plan, handle));
+
+  const float one_f = 1.0f, zero_f = 0.0f;
+  const int32_t one_i = 1, zero_i = 0;
+  const void* alpha = fp8 ? static_cast<const void*>(&one_f) : &one_i;
+  const void* beta = fp8 ? static_cast<const void*>(&zero_f) : &zero_i;
+  {
+    std::lock_guard<std::mutex> lock(plan->mu);
+    if (fp8) BJ_TRY(set_scales(api, plan->desc, scales));
+    BJ_LT(matmul(handle, plan->desc, alpha, b.untyped_data(), plan->a, a.untyped_data(), plan->b, beta, d, plan->d,
+                 d, plan->d, &plan->algo, workspace->untyped_data(), plan->workspace, stream));
+  }
+  if (fp8) return ffi::Error::Success();
+  const auto* acc = static_cast<const int32_t*>(d);
+  switch (out_type) {
+    case ffi::DataType::BF16: return rescale<__nv_bfloat16>(stream, acc, scales, out->untyped_data(), m, n);
+    case ffi::DataType::F16: return rescale<__half>(stream, acc, scales, out->untyped_data(), m, n);
+    default: return rescale<float>(stream, acc, scales, out->untyped_data(), m, n);
+  }
+}
+
+}  // namespace
+}  // namespace baracuda
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(baracuda_scaled_matmul_cuda, baracuda::scaled_matmul,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<xla::ffi::AnyBuffer>()                  // a [..., K]
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()      // a_scale [...]
+                                  .Arg<xla::ffi::AnyBuffer>()                  // b [K, N], column-major
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()      // b_scale [N]
+                                  .Ret<xla::ffi::AnyBuffer>()                  // out [..., N]
+                                  .Ret<xla::ffi::AnyBuffer>()                  // cuBLASLt's workspace (bytes)
+                                  .RemainingRets(),                            // int8: the int32 accumulator
+                              {xla::ffi::Traits::kCmdBufferCompatible});

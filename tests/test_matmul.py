@@ -1,0 +1,198 @@
+"""scaled_matmul: against a float64 product of the dequantized operands, against the jnp reference
+(int8 bit for bit: its int32 sum is exact), and its lowering, checks, vmap and sharding.
+
+Tolerance (stated once, used for every comparison with the float64 product): the output's rounding
+(half an ulp of out_dtype, relative, or half its smallest subnormal), two float32 multiplies, and for float8 the float32 sum of K
+exact products, bounded by K * 2**-24 * sum_k |a_k b_k| on the CPU. On the GPU the float8 tensor
+cores add partial sums at less than float32 precision before cuBLASLt promotes them, so the sum's
+term there is 2**-14 * sum_k |a_k b_k| (measured on an H100 at K = 4096: at most 2**-15.6; see
+test_gpu_float8_accumulation_error).
+"""
+
+import re
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import baracuda_jax as bj
+from baracuda_jax import matmul, reference as ref
+import cases
+from conftest import GPUS, requires_gpu
+
+DTYPES = [jnp.int8, jnp.float8_e4m3fn]
+OUT_DTYPES = [jnp.bfloat16, jnp.float16, jnp.float32]
+HALF_ULP = {np.dtype(t): 2.0 ** -jnp.finfo(t).nmant / 2 for t in OUT_DTYPES}  # relative, normal numbers
+HALF_TINY = {np.dtype(t): float(jnp.finfo(t).smallest_subnormal) / 2 for t in OUT_DTYPES}  # subnormals
+GPU_SUM_ERROR = 2.0**-14
+
+
+def operands(rng, m_shape, k, n, dtype):
+    """Random 8-bit operands over their whole range, positive scales spread over two decades."""
+    if dtype == jnp.int8:
+        a, b = rng.integers(-127, 128, (*m_shape, k)), rng.integers(-127, 128, (k, n))
+    else:
+        a, b = rng.normal(0, 64, (*m_shape, k)).clip(-448, 448), rng.normal(0, 64, (k, n)).clip(-448, 448)
+    scale = lambda shape: (10.0 ** rng.uniform(-4, -2, shape)).astype(np.float32)
+    return (jnp.asarray(a.astype(np.float32)).astype(dtype), jnp.asarray(scale(m_shape)),
+            jnp.asarray(b.astype(np.float32)).astype(dtype), jnp.asarray(scale((n,))))
+
+
+def exact(a, a_scale, b, b_scale):
+    """The float64 product of the operands (exact for these sizes) and the sum of |products|."""
+    a64, b64 = (np.asarray(x.astype(jnp.float32), np.float64) for x in (a, b))
+    sa, sb = np.asarray(a_scale, np.float64), np.asarray(b_scale, np.float64)
+    sa = sa[..., None] if sa.ndim else sa
+    return a64 @ b64 * sa * sb, np.abs(a64) @ np.abs(b64) * np.abs(sa) * np.abs(sb)
+
+
+def assert_close(out, a, a_scale, b, b_scale, sum_error):
+    want, magnitude = exact(a, a_scale, b, b_scale)
+    got = np.asarray(out.astype(jnp.float32), np.float64)
+    dtype = np.dtype(out.dtype)
+    bound = (HALF_ULP[dtype] + 2.0**-22) * np.abs(want) + sum_error * magnitude + HALF_TINY[dtype]
+    err = np.abs(got - want)
+    assert np.all(err <= bound), f"worst error {np.max(err / bound):.2f} x the bound, at {np.argmax(err / bound)}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("m_shape,k,n", [((1,), 16, 16), ((7,), 48, 32), ((2, 5), 64, 80), ((33,), 40, 24)], ids=str)
+def test_against_float64(device, m_shape, k, n, dtype, out_dtype):
+    """K and N multiples of 16 take the GPU's cuBLASLt path; 40 and 24 its XLA fallback."""
+    args = jax.device_put(operands(cases.rng(), m_shape, k, n, dtype), device)
+    out = jax.jit(lambda *x: bj.scaled_matmul(*x, out_dtype=out_dtype))(*args)
+    assert out.shape == (*m_shape, n) and out.dtype == out_dtype
+    fp8_sum = k * 2.0**-24 if device.platform == "cpu" else GPU_SUM_ERROR
+    assert_close(out, *args, 0.0 if dtype == jnp.int8 else fp8_sum)
+
+
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("m_shape,k,n", [((1,), 16, 16), ((3, 37), 4096, 272), ((1000,), 256, 4096)], ids=str)
+def test_int8_matches_the_reference_bit_for_bit(device, m_shape, k, n, out_dtype):
+    """int8: the int32 sum is exact, then (acc * a_scale) * b_scale is rounded the same way."""
+    args = jax.device_put(operands(cases.rng(), m_shape, k, n, jnp.int8), device)
+    out = jax.jit(lambda *x: bj.scaled_matmul(*x, out_dtype=out_dtype))(*args)
+    want = jax.jit(lambda *x: ref.scaled_matmul(*x, out_dtype=out_dtype))(*args)
+    np.testing.assert_array_equal(np.asarray(out.astype(jnp.float32)), np.asarray(want.astype(jnp.float32)))
+
+
+def test_scalar_scales_and_non_finite_scales(device):
+    a, a_scale, b, b_scale = operands(cases.rng(), (6,), 32, 16, jnp.float8_e4m3fn)
+    a_scale = a_scale.at[1].set(np.nan).at[2].set(np.inf)
+    out = jax.jit(bj.scaled_matmul)(*jax.device_put((a, a_scale, b, b_scale), device))
+    got = np.asarray(out.astype(jnp.float32))
+    assert np.isnan(got[1]).all() and not np.isfinite(got[2]).any() and np.isfinite(got[[0, 3, 4, 5]]).all()
+    both_scalar = jax.jit(bj.scaled_matmul)(*jax.device_put((a, 0.5, b, 0.25), device))
+    assert_close(both_scalar, a, jnp.float32(0.5), b, jnp.float32(0.25), GPU_SUM_ERROR)
+
+
+def test_vmap():
+    a, a_scale, b, b_scale = operands(cases.rng(), (3, 4), 32, 16, jnp.int8)
+    per_example = jax.vmap(bj.scaled_matmul, in_axes=(0, 0, None, None))(a, a_scale, b, b_scale)
+    np.testing.assert_array_equal(per_example, bj.scaled_matmul(a, a_scale, b, b_scale))
+    bs = jnp.stack([b, -b])
+    per_weight = jax.vmap(bj.scaled_matmul, in_axes=(None, None, 0, None))(a, a_scale, bs, b_scale)
+    np.testing.assert_array_equal(per_weight[1], -bj.scaled_matmul(a, a_scale, b, b_scale))
+
+
+def test_errors_name_the_argument():
+    a, a_scale, b, b_scale = operands(cases.rng(), (4,), 32, 16, jnp.int8)
+    bad = [
+        (dict(a=a.astype(jnp.bfloat16)), TypeError, "a has dtype bfloat16"),
+        (dict(b=b.astype(jnp.float8_e4m3fn)), TypeError, "b has dtype float8_e4m3fn; expected a's"),
+        (dict(b=b[:16]), ValueError, "its K must be a's last dim, 32"),
+        (dict(b=b[0]), ValueError, "b \\[K, N\\]"),
+        (dict(a_scale=a_scale[:3]), ValueError, "a_scale has shape \\(3,\\); expected \\(4,\\)"),
+        (dict(b_scale=b_scale[None]), ValueError, "b_scale has shape \\(1, 16\\)"),
+        (dict(b_scale=b_scale.astype(jnp.int32)), TypeError, "b_scale has dtype int32"),
+        (dict(out_dtype=jnp.int8), TypeError, "out_dtype has dtype int8"),
+    ]
+    for change, error, message in bad:
+        kw = dict(a=a, a_scale=a_scale, b=b, b_scale=b_scale, out_dtype=jnp.bfloat16) | change
+        with pytest.raises(error, match=f"scaled_matmul: .*{message}"):
+            bj.scaled_matmul(kw.pop("a"), kw.pop("a_scale"), kw.pop("b"), kw.pop("b_scale"), **kw)
+
+
+def test_it_has_no_derivative():
+    a, a_scale, b, b_scale = operands(cases.rng(), (4,), 32, 16, jnp.float8_e4m3fn)
+    with pytest.raises(TypeError, match="inference op and has no derivative"):
+        jax.grad(lambda s: bj.scaled_matmul(a, s, b, b_scale, out_dtype=jnp.float32).sum())(a_scale)
+
+
+def _cuda_text(monkeypatch, *args):
+    """The StableHLO lowered for a CUDA GPU (no GPU needed), as if cuBLASLt 13.1 were loaded."""
+    monkeypatch.setattr(matmul._ffi, "cublaslt_version", lambda: 130100)
+    return jax.jit(bj.scaled_matmul).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_cuda_lowering(monkeypatch):
+    """One custom call that reads b column-major, gets its workspace (and for int8 its int32 sum) as
+    results, and leaves b whole under the batch partitioner (a lifted to 3 batch dims)."""
+    a, a_scale, b, b_scale = operands(cases.rng(), (5,), 64, 48, jnp.int8)
+    text = _cuda_text(monkeypatch, a, a_scale, b, b_scale)
+    call = next(line for line in text.splitlines() if "custom_call @baracuda_scaled_matmul" in line)
+    assert "dense<[0, 1]> : tensor<2xindex>" in call  # b's operand layout: column-major
+    assert 'num_batch_dims = "3"' in call and "tensor<1x1x5x64xi8>" in call
+    assert re.search(r"-> \(tensor<1x1x5x48xbf16>, tensor<\d+xui8>, tensor<1x1x5x48xi32>\)", call)
+    assert "need_replication" in call
+    fp8 = _cuda_text(monkeypatch, a.astype(jnp.float8_e4m3fn), a_scale, b.astype(jnp.float8_e4m3fn), b_scale)
+    assert re.search(r"-> \(tensor<1x1x5x48xbf16>, tensor<\d+xui8>\)", fp8)
+    odd = _cuda_text(monkeypatch, a[:, :40], a_scale, b[:40], b_scale)  # K % 16 != 0: XLA's dot
+    assert "baracuda_scaled_matmul" not in odd and "dot_general" in odd
+
+
+def test_token_sharded_a_needs_no_collective():
+    cpus = jax.devices("cpu")
+    if len(cpus) < 4:
+        pytest.skip("needs 4 host devices")
+    mesh = jax.make_mesh((4,), ("t",), devices=cpus[:4])
+    a, a_scale, b, b_scale = operands(cases.rng(), (16,), 64, 32, jnp.float8_e4m3fn)
+    put = lambda x, *spec: jax.device_put(x, NamedSharding(mesh, P(*spec)))
+    sharded = put(a, "t", None), put(a_scale, "t"), put(b), put(b_scale)
+    f = jax.jit(bj.scaled_matmul)
+    hlo = f.lower(*sharded).compile().as_text()
+    assert not re.search(r"all-gather|all-reduce|all-to-all|collective-permute", hlo), hlo
+    whole = jax.device_put((a, a_scale, b, b_scale), cpus[0])
+    np.testing.assert_array_equal(np.asarray(f(*sharded), np.float32), np.asarray(f(*whole), np.float32))
+
+
+@requires_gpu
+@pytest.mark.parametrize("m", [1, 16, 256, 4096])
+def test_gpu_float8_accumulation_error(m):
+    """The measured error of cuBLASLt's float8 sum at K = 4096, against the stated GPU_SUM_ERROR."""
+    a, a_scale, b, b_scale = jax.device_put(operands(cases.rng(), (m,), 4096, 512, jnp.float8_e4m3fn), GPUS[0])
+    out = jax.jit(lambda *x: bj.scaled_matmul(*x, out_dtype=jnp.float32))(a, a_scale, b, b_scale)
+    want, magnitude = exact(a, a_scale, b, b_scale)
+    ratio = np.max(np.abs(np.asarray(out, np.float64) - want) / magnitude)
+    print(f"M={m}: worst |error| / sum|a b| = {ratio:.3g} (2**{np.log2(max(ratio, 1e-30)):.1f})")
+    assert ratio <= GPU_SUM_ERROR
+
+
+@requires_gpu
+def test_gpu_is_deterministic_and_captured_in_command_buffers():
+    from baracuda_jax import _cuda
+
+    a, a_scale, b, b_scale = jax.device_put(operands(cases.rng(), (256,), 1024, 1024, jnp.float8_e4m3fn), GPUS[0])
+    ai, ai_scale, bi, bi_scale = jax.device_put(operands(cases.rng(), (256,), 1024, 1024, jnp.int8), GPUS[0])
+
+    @jax.jit
+    def layers(a, ai):
+        out = []
+        for i in range(4):
+            out.append(bj.scaled_matmul(a, a_scale * (i + 1), b, b_scale))
+            out.append(bj.scaled_matmul(ai, ai_scale * (i + 1), bi, bi_scale))
+        return out
+
+    first = jax.block_until_ready(layers(a, ai))
+    jax.block_until_ready(layers(a, ai))
+    before, runs = _cuda.handler_calls(), 10
+    for _ in range(runs):
+        again = jax.block_until_ready(layers(a, ai))
+    calls = _cuda.handler_calls() - before
+    print(f"scaled_matmul handler calls over {runs} runs of 8 custom calls: {calls}")
+    assert calls < 8 * runs
+    for x, y in zip(first, again):
+        np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
