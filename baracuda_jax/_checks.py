@@ -166,9 +166,10 @@ def norm_operands(op: str, x, weight, residual, eps) -> None:
 MATMUL_DTYPES = tuple(np.dtype(t) for t in (jnp.int8, jnp.float8_e4m3fn))
 
 
-def matmul_operands(op: str, a, a_scale, b, b_scale, out_dtype) -> np.dtype:
+def matmul_operands(op: str, a, a_scale, b, b_scale, out_dtype, residual=None) -> np.dtype:
     """a [..., K] and b [K, N], both int8 or both float8_e4m3fn; a_scale a.shape[:-1] or a scalar;
-    b_scale [N] or a scalar, floats. Returns out_dtype (float16, bfloat16 or float32)."""
+    b_scale [N] or a scalar, floats; residual, if given, [..., N] in out_dtype. Returns out_dtype
+    (float16, bfloat16 or float32)."""
     if np.dtype(a.dtype) not in MATMUL_DTYPES:
         raise TypeError(f"{op}: a has dtype {a.dtype}; expected one of {_names(MATMUL_DTYPES)}")
     if b.dtype != a.dtype:
@@ -182,4 +183,8 @@ def matmul_operands(op: str, a, a_scale, b, b_scale, out_dtype) -> np.dtype:
             raise ValueError(f"{op}: {name} has shape {tuple(s.shape)}; expected {want} or a scalar")
         float_dtype(op, name, s.dtype)
     out_dtype = fused_float_dtype(op, out_dtype, "out_dtype")
+    want = (*a.shape[:-1], b.shape[1])
+    if residual is not None and (tuple(residual.shape) != want or residual.dtype != out_dtype):
+        raise ValueError(f"{op}: residual has shape {tuple(residual.shape)} and dtype {residual.dtype}; expected "
+                         f"the output's, {want} {out_dtype.name}")
     return out_dtype

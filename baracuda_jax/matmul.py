@@ -25,12 +25,13 @@ WORKSPACE_BYTES = 32 << 20  # cuBLASLt's workspace, as XLA gives its own GEMMs o
 _ALIGN = 16  # K and N: cuBLASLt's 8-bit kernels need 16-byte aligned rows and columns
 
 
-def scaled_matmul(a, a_scale, b, b_scale, *, out_dtype=jnp.bfloat16):
+def scaled_matmul(a, a_scale, b, b_scale, *, out_dtype=jnp.bfloat16, residual=None):
     """The product of per-token quantized activations and per-channel quantized weights.
 
-        out[..., n] = a_scale[...] * b_scale[n] * sum_k a[..., k] * b[k, n]
+        out[..., n] = a_scale[...] * b_scale[n] * sum_k a[..., k] * b[k, n]  (+ residual[..., n])
 
-    with the sum in float32 (float8) or int32 (int8, exact), rounded once to `out_dtype`.
+    with the sum in float32 (float8) or int32 (int8, exact), then the scales (and the residual) in
+    float32, rounded once to `out_dtype`.
 
     Args:
       a: [..., K], int8 or float8_e4m3fn: the activations, e.g. `quantize_per_token_dynamic`'s q.
@@ -40,6 +41,9 @@ def scaled_matmul(a, a_scale, b, b_scale, *, out_dtype=jnp.bfloat16):
         row-major [K, N] costs a transpose per call.
       b_scale: one scale per column of b ([N]) or a scalar.
       out_dtype: bfloat16, float16 or float32.
+      residual: optional [..., N] in out_dtype, added before the rounding: a transformer's skip
+        connection in the same pass (on the GPU, cuBLASLt's epilogue or the int8 rescale), where a
+        separate add would read and write the output once more.
 
     Returns:
       [..., N] in out_dtype.
@@ -49,14 +53,15 @@ def scaled_matmul(a, a_scale, b, b_scale, *, out_dtype=jnp.bfloat16):
     """
     a, b = jnp.asarray(a), jnp.asarray(b)
     a_scale, b_scale = jnp.asarray(a_scale), jnp.asarray(b_scale)
-    out_dtype = _checks.matmul_operands(_OP, a, a_scale, b, b_scale, out_dtype)
+    residual = () if residual is None else (jnp.asarray(residual),)
+    out_dtype = _checks.matmul_operands(_OP, a, a_scale, b, b_scale, out_dtype, *residual)
     a_scale = jnp.broadcast_to(a_scale.astype(jnp.float32), a.shape[:-1])
     b_scale = jnp.broadcast_to(b_scale.astype(jnp.float32), b.shape[1:])
-    return scaled_matmul_p.bind(a, a_scale, b, b_scale, out_dtype=out_dtype)
+    return scaled_matmul_p.bind(a, a_scale, b, b_scale, *residual, out_dtype=out_dtype)
 
 
-def _abstract_eval(a, a_scale, b, b_scale, *, out_dtype):
-    _checks.matmul_operands(_OP, a, a_scale, b, b_scale, out_dtype)
+def _abstract_eval(a, a_scale, b, b_scale, *residual, out_dtype):
+    _checks.matmul_operands(_OP, a, a_scale, b, b_scale, out_dtype, *residual)
     for name, s in (("a_scale", a_scale), ("b_scale", b_scale)):
         if s.dtype != np.float32 or s.ndim == 0 and a.ndim > 1:
             raise TypeError(f"{_OP}: the primitive takes {name} as float32, one value per row or column")
@@ -64,8 +69,9 @@ def _abstract_eval(a, a_scale, b, b_scale, *, out_dtype):
 
 
 def _reference_lowering(ctx, *operands, out_dtype):
-    return mlir.lower_fun(functools.partial(reference.scaled_matmul, out_dtype=out_dtype),
-                          multiple_results=False)(ctx, *operands)
+    def composed(a, a_scale, b, b_scale, residual=None):
+        return reference.scaled_matmul(a, a_scale, b, b_scale, out_dtype=out_dtype, residual=residual)
+    return mlir.lower_fun(composed, multiple_results=False)(ctx, *operands)
 
 
 def _gemm_ready(dtype):
@@ -85,37 +91,39 @@ def _warn_once(message):
     warnings.warn(f"baracuda_jax: {message}", RuntimeWarning, stacklevel=4)
 
 
-def _cuda_lowering(ctx, a, a_scale, b, b_scale, *, out_dtype):
-    a_aval, _, b_aval, _ = ctx.avals_in
+def _cuda_lowering(ctx, *operands, out_dtype):
+    a_aval, _, b_aval, _, *residual = ctx.avals_in
     k, n = b_aval.shape
     if not (static_shapes(ctx.avals_in) and k % _ALIGN == 0 and n % _ALIGN == 0 and k > 0
             and math.prod(a_aval.shape[:-1]) > 0 and _gemm_ready(a_aval.dtype)):
-        return _reference_lowering(ctx, a, a_scale, b, b_scale, out_dtype=out_dtype)
+        return _reference_lowering(ctx, *operands, out_dtype=out_dtype)
     # b [K, N] stays whole under XLA's batch partitioner only if a has more batch dims than b has dims
     lift = batch_lift(a_aval.ndim, [2])
     if lift:
-        return lower_lifted(ctx, scaled_matmul_p, (a, a_scale, b, b_scale), {"out_dtype": out_dtype}, lift,
-                            (True, True, False, False))
+        return lower_lifted(ctx, scaled_matmul_p, operands, {"out_dtype": out_dtype}, lift,
+                            (True, True, False, False, True))
     out = ctx.avals_out[0]
     results = [out, jax.core.ShapedArray((WORKSPACE_BYTES,), np.uint8)]
     if a_aval.dtype == np.int8:
         results.append(jax.core.ShapedArray(out.shape, np.int32))  # the int32 product before its scales
     *batch, kf, nf, wf = FACTORS[:a_aval.ndim + 2]  # a's dims, then N and the workspace's bytes
     attrs = partition_attributes(
-        len(batch), [[*batch, kf], batch, [kf, nf], [nf]], [[*batch, nf], [wf], [*batch, nf]][:len(results)],
+        len(batch), [[*batch, kf], batch, [kf, nf], [nf], [*batch, nf]][:len(operands)],
+        [[*batch, nf], [wf], [*batch, nf]][:len(results)],
         dict(zip([*batch, kf, nf, wf], (*a_aval.shape, n, WORKSPACE_BYTES))), [kf, nf, wf])
-    rule = jax.ffi.ffi_lowering("baracuda_scaled_matmul", operand_layouts=[None, None, (0, 1), None],
+    rule = jax.ffi.ffi_lowering("baracuda_scaled_matmul", operand_layouts=[None, None, (0, 1), None, None][:len(operands)],
                                 extra_attributes=attrs)
-    return rule(ctx.replace(avals_out=results), a, a_scale, b, b_scale)[:1]
+    return rule(ctx.replace(avals_out=results), *operands)[:1]
 
 
 def _batch(args, dims, *, out_dtype):
-    """a's batch axis (or a_scale's) is more rows: one call. A batched b or b_scale: one call each."""
-    a, a_scale, b, b_scale = args
+    """A batch axis of a, a_scale or the residual is more rows: one call. A batched b or b_scale:
+    one call each."""
     size = next(x.shape[d] for x, d in zip(args, dims) if d is not None)
     front = lambda x, d: jnp.broadcast_to(x, (size, *x.shape)) if d is None else jnp.moveaxis(x, d, 0)
     if dims[2] is None and dims[3] is None:
-        return scaled_matmul_p.bind(front(a, dims[0]), front(a_scale, dims[1]), b, b_scale, out_dtype=out_dtype), 0
+        rows = [front(x, d) if i not in (2, 3) else x for i, (x, d) in enumerate(zip(args, dims))]
+        return scaled_matmul_p.bind(*rows, out_dtype=out_dtype), 0
     batched = [front(x, d) for x, d in zip(args, dims)]
     return jax.lax.map(lambda xs: scaled_matmul_p.bind(*xs, out_dtype=out_dtype), batched), 0
 

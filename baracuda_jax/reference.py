@@ -188,11 +188,15 @@ def silu_mul_fake_quantize_per_token(a, b, *, scale=None, dtype=jnp.int8, scale_
     return _quantize_h(silu_mul(a, b), scale, dtype, scale_ub, True)[0]
 
 
-def scaled_matmul(a, a_scale, b, b_scale, *, out_dtype=jnp.bfloat16):
-    """(Σ_k a[..., k] b[k, n]) * a_scale[...] * b_scale[n], left to right: the sum in int32 for int8
-    (exact) or float32 for float8, then float32 multiplies, rounded once to out_dtype."""
+def scaled_matmul(a, a_scale, b, b_scale, *, out_dtype=jnp.bfloat16, residual=None):
+    """(Σ_k a[..., k] b[k, n]) * a_scale[...] * b_scale[n] (+ residual), left to right: the sum in
+    int32 for int8 (exact) or float32 for float8, then float32 multiplies (and add), rounded once
+    to out_dtype."""
     acc_type = jnp.int32 if a.dtype == jnp.int8 else jnp.float32
     acc = jax.lax.dot_general(a, b, (((a.ndim - 1,), (0,)), ((), ())), preferred_element_type=acc_type)
     a_scale, b_scale = jnp.asarray(a_scale, jnp.float32), jnp.asarray(b_scale, jnp.float32)
     row_scale = a_scale[..., None] if a_scale.ndim else a_scale
-    return (acc.astype(jnp.float32) * row_scale * b_scale).astype(out_dtype)
+    out = acc.astype(jnp.float32) * row_scale * b_scale
+    if residual is not None:  # the product rounds to float32 first: the barrier keeps XLA from an FMA
+        out = jax.lax.optimization_barrier(out) + residual.astype(jnp.float32)
+    return out.astype(out_dtype)

@@ -1,5 +1,5 @@
-// The scaled matmul on the GPU: out[m, n] = a_scale[m] * b_scale[n] * sum_k a[m, k] b[k, n], a and b
-// both float8_e4m3fn or both int8, through cuBLASLt.
+// The scaled matmul on the GPU: out[m, n] = a_scale[m] * b_scale[n] * sum_k a[m, k] b[k, n]
+// (+ residual[m, n]), a and b both float8_e4m3fn or both int8, through cuBLASLt.
 //
 // cuBLASLt sees column-major matrices. Our row-major out [M, N] is its D [N, M] = op(A) [N, K] x
 // op(B) [K, M], with A = b transposed (the primitive asks XLA for b in column-major layout, i.e.
@@ -7,10 +7,11 @@
 // kernels take. So cuBLASLt's A scale (one per row of op(A)) is our b_scale, its B scale our a_scale.
 //
 //   fp8:  f32 accumulation, both scales applied in cuBLASLt's epilogue (outer-vector scale modes),
-//         rounded once to the output dtype.
+//         the residual as its C (beta = 1), rounded once to the output dtype.
 //   int8: int32 accumulation into a scratch result, then one pass here that applies the scales
 //         (cuBLASLt's int8 kernels have no per-row x per-column epilogue): the contract is
-//         out = round((float(acc) * a_scale[m]) * b_scale[n]), the same bits as the jnp reference.
+//         out = round((float(acc) * a_scale[m]) * b_scale[n] + float(residual[m, n])), the jnp
+//         reference's steps.
 //
 // The cuBLASLt plan (descriptors, layouts and the heuristic's algorithm) is made once per shape and
 // device; the handler enqueues on XLA's stream and allocates nothing (the workspace and the int32
@@ -19,11 +20,13 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "cublaslt_api.h"
 #include "cuda_ops.h"
@@ -65,27 +68,31 @@ struct alignas(4 * sizeof(Out)) Out4 {
   Out v[4];
 };
 
-// Four columns a thread (the primitive routes only N % 16 == 0 here); (acc * a_scale) * b_scale,
-// left to right, as the reference.
+// Four columns a thread (the primitive routes only N % 16 == 0 here); (acc * a_scale) * b_scale
+// (+ residual), left to right, as the reference; no FMA (--fmad=false).
 template <class Out>
 __global__ void rescale_kernel(const int4* __restrict__ acc, const float* __restrict__ a_scale,
-                               const float4* __restrict__ b_scale, Out4<Out>* __restrict__ out, int64_t rows,
-                               int64_t vecs_per_row) {
+                               const float4* __restrict__ b_scale, const Out4<Out>* __restrict__ residual,
+                               Out4<Out>* __restrict__ out, int64_t rows, int64_t vecs_per_row) {
   const int64_t total = rows * vecs_per_row;
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < total; i += int64_t{gridDim.x} * blockDim.x) {
     const int64_t row = i / vecs_per_row;
     const int4 a = acc[i];
     const float s = a_scale[row];
     const float4 b = b_scale[i - row * vecs_per_row];
-    out[i] = Out4<Out>{{to_out<Out>(__int2float_rn(a.x) * s * b.x),
-                        to_out<Out>(__int2float_rn(a.y) * s * b.y),
-                        to_out<Out>(__int2float_rn(a.z) * s * b.z),
-                        to_out<Out>(__int2float_rn(a.w) * s * b.w)}};
+    float v[4] = {__int2float_rn(a.x) * s * b.x, __int2float_rn(a.y) * s * b.y, __int2float_rn(a.z) * s * b.z,
+                  __int2float_rn(a.w) * s * b.w};
+    if (residual != nullptr) {
+      const Out4<Out> r = residual[i];
+      for (int j = 0; j < 4; ++j) v[j] = v[j] + static_cast<float>(r.v[j]);
+    }
+    out[i] = Out4<Out>{{to_out<Out>(v[0]), to_out<Out>(v[1]), to_out<Out>(v[2]), to_out<Out>(v[3])}};
   }
 }
 
 template <class Out>
-ffi::Error rescale(cudaStream_t stream, const int32_t* acc, Scales scales, void* out, int64_t m, int64_t n) {
+ffi::Error rescale(cudaStream_t stream, const int32_t* acc, Scales scales, const void* residual, void* out,
+                   int64_t m, int64_t n) {
   int dev = 0, sms = 0;
   cudaGetDevice(&dev);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
@@ -94,7 +101,7 @@ ffi::Error rescale(cudaStream_t stream, const int32_t* acc, Scales scales, void*
   const int blocks = static_cast<int>(std::min<int64_t>((vecs + threads - 1) / threads, int64_t{std::max(sms, 1)} * 8));
   rescale_kernel<Out><<<std::max(blocks, 1), threads, 0, stream>>>(
       reinterpret_cast<const int4*>(acc), scales.a, reinterpret_cast<const float4*>(scales.b),
-      static_cast<Out4<Out>*>(out), m, n / 4);
+      static_cast<const Out4<Out>*>(residual), static_cast<Out4<Out>*>(out), m, n / 4);
   if (cudaError_t err = cudaGetLastError(); err != cudaSuccess)
     return ffi::Error::Internal(std::string(kOp) + "rescale launch failed: " + cudaGetErrorString(err));
   return ffi::Error::Success();
@@ -116,8 +123,9 @@ cudaDataType_t cuda_type(ffi::DataType t) {
 struct Plan {
   lt::MatmulDesc desc = nullptr;
   lt::MatrixLayout a = nullptr, b = nullptr, d = nullptr;
-  lt::Algo algo{};
-  size_t workspace = 0;
+  std::vector<lt::HeuristicResult> candidates;  // the heuristic's, best guess first
+  size_t chosen = 0;
+  bool timed = false;
   std::mutex mu;  // the scale pointers are set on the shared descriptor just before each launch
 
   ~Plan() {
@@ -128,6 +136,14 @@ struct Plan {
     }
   }
 };
+
+// int8 only: the candidates' int32 sums are exact, so the choice cannot change a bit of the
+// result, and the heuristic's first guess is up to 2x slower than the best at some shapes (M = 256).
+// float8 keeps the heuristic's choice, whose summation order is fixed for a given GPU and cuBLASLt.
+// Nor are decode shapes timed (M <= 64): bound by reading the weight, which the timing's repeated
+// runs find in L2, they would favour a kernel that is slower on a cold weight.
+constexpr int kInt8Candidates = 8;
+constexpr int64_t kTimedRows = 65;
 
 // (device, M, N, K, input dtype, accumulator-or-output dtype, workspace bytes)
 using PlanKey = std::tuple<int, int64_t, int64_t, int64_t, int, int, size_t>;
@@ -163,17 +179,48 @@ ffi::Error make_plan(const lt::Api& api, lt::Handle handle, const PlanKey& key, 
   BJ_LT(preference_create(&pref));
   const uint64_t max_workspace = workspace;
   lt::Status status = api.preference_set(pref, lt::kPrefMaxWorkspaceBytes, &max_workspace, sizeof max_workspace);
-  lt::HeuristicResult result{};
+  plan.candidates.resize(fp8 || m < kTimedRows ? 1 : kInt8Candidates);
   int found = 0;
-  if (status == 0) status = api.heuristic(handle, plan.desc, plan.a, plan.b, plan.d, plan.d, pref, 1, &result, &found);
+  if (status == 0)
+    status = api.heuristic(handle, plan.desc, plan.a, plan.b, plan.d, plan.d, pref,
+                           static_cast<int>(plan.candidates.size()), plan.candidates.data(), &found);
   api.preference_destroy(pref);
   if (status != 0) return lt_error("cublasLtMatmulAlgoGetHeuristic", status);
   if (found == 0)
     return ffi::Error::Internal(std::string(kOp) + "cuBLASLt has no algorithm for M=" + std::to_string(m) +
                                 ", N=" + std::to_string(n) + ", K=" + std::to_string(k));
-  plan.algo = result.algo;
-  plan.workspace = result.workspaceSize;
+  plan.candidates.resize(found);
   return ffi::Error::Success();
+}
+
+// Times each candidate on this call's buffers (once per plan; not while the stream is being
+// captured into a command buffer, which cannot wait for events) and keeps the fastest.
+template <class Launch>
+void time_candidates(Plan& plan, cudaStream_t stream, Launch&& launch) {
+  cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+  if (plan.timed || plan.candidates.size() < 2 || cudaStreamIsCapturing(stream, &capturing) != cudaSuccess ||
+      capturing != cudaStreamCaptureStatusNone)
+    return;
+  cudaEvent_t start, stop;
+  if (cudaEventCreate(&start) != cudaSuccess) return;
+  if (cudaEventCreate(&stop) != cudaSuccess) return (void)cudaEventDestroy(start);
+  float best = INFINITY;
+  for (size_t i = 0; i < plan.candidates.size(); ++i) {
+    if (launch(plan.candidates[i]) != 0) continue;  // warm-up; a candidate that fails is skipped
+    cudaEventRecord(start, stream);
+    for (int r = 0; r < 3; ++r) launch(plan.candidates[i]);
+    cudaEventRecord(stop, stream);
+    float ms = INFINITY;
+    if (cudaEventSynchronize(stop) == cudaSuccess && cudaEventElapsedTime(&ms, start, stop) == cudaSuccess &&
+        ms < best) {
+      best = ms;
+      plan.chosen = i;
+    }
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  cudaGetLastError();
+  plan.timed = true;
 }
 
 // One cuBLASLt handle per device, and the plans, for the life of the process.
@@ -216,7 +263,7 @@ Plans& plans() {
 // ---- the handler -------------------------------------------------------------------------------
 
 ffi::Error scaled_matmul(cudaStream_t stream, ffi::AnyBuffer a, ffi::Buffer<ffi::F32> a_scale, ffi::AnyBuffer b,
-                         ffi::Buffer<ffi::F32> b_scale, ffi::Result<ffi::AnyBuffer> out,
+                         ffi::Buffer<ffi::F32> b_scale, ffi::RemainingArgs residual_arg, ffi::Result<ffi::AnyBuffer> out,
                          ffi::Result<ffi::AnyBuffer> workspace, ffi::RemainingRets rest) {
   handler_calls.fetch_add(1, std::memory_order_relaxed);
   const lt::Api* loaded = lt::api();
@@ -241,6 +288,14 @@ ffi::Error scaled_matmul(cudaStream_t stream, ffi::AnyBuffer a, ffi::Buffer<ffi:
   if (fp8 && api.version < lt::kOuterVectorVersion)
     return invalid("float8 needs cuBLASLt >= 12.9 (per-row and per-column scales); found " +
                    std::to_string(api.version));
+  const void* residual = nullptr;
+  if (residual_arg.size() > 0) {
+    auto r = residual_arg.get<ffi::AnyBuffer>(0);
+    if (r.has_error()) return r.error();
+    if (r->element_type() != out_type || r->element_count() != out->element_count())
+      return invalid("residual must be [..., N] in the output's dtype");
+    residual = r->untyped_data();
+  }
   void* d = out->untyped_data();  // cuBLASLt's output: out, or for int8 the int32 accumulator
   if (!fp8) {
     auto acc = rest.get<ffi::AnyBuffer>(0);
@@ -264,19 +319,28 @@ ffi::Error scaled_matmul(cudaStream_t stream, ffi::AnyBuffer a, ffi::Buffer<ffi:
   const float one_f = 1.0f, zero_f = 0.0f;
   const int32_t one_i = 1, zero_i = 0;
   const void* alpha = fp8 ? static_cast<const void*>(&one_f) : &one_i;
-  const void* beta = fp8 ? static_cast<const void*>(&zero_f) : &zero_i;
+  // fp8: the residual is cuBLASLt's C (D = alpha * scales * AB + beta * C); int8 adds it when rescaling
+  const bool add_c = fp8 && residual != nullptr;
+  const void* beta = add_c ? static_cast<const void*>(&one_f) : fp8 ? static_cast<const void*>(&zero_f) : &zero_i;
+  const void* c = add_c ? residual : d;
   {
     std::lock_guard<std::mutex> lock(plan->mu);
     if (fp8) BJ_TRY(set_scales(api, plan->desc, scales));
-    BJ_LT(matmul(handle, plan->desc, alpha, b.untyped_data(), plan->a, a.untyped_data(), plan->b, beta, d, plan->d,
-                 d, plan->d, &plan->algo, workspace->untyped_data(), plan->workspace, stream));
+    const auto launch = [&](const lt::HeuristicResult& candidate) {
+      return api.matmul(handle, plan->desc, alpha, b.untyped_data(), plan->a, a.untyped_data(), plan->b, beta, c,
+                        plan->d, d, plan->d, &candidate.algo, workspace->untyped_data(), candidate.workspaceSize,
+                        stream);
+    };
+    time_candidates(*plan, stream, launch);
+    if (lt::Status status = launch(plan->candidates[plan->chosen]); status != 0)
+      return lt_error("cublasLtMatmul", status);
   }
   if (fp8) return ffi::Error::Success();
   const auto* acc = static_cast<const int32_t*>(d);
   switch (out_type) {
-    case ffi::DataType::BF16: return rescale<__nv_bfloat16>(stream, acc, scales, out->untyped_data(), m, n);
-    case ffi::DataType::F16: return rescale<__half>(stream, acc, scales, out->untyped_data(), m, n);
-    default: return rescale<float>(stream, acc, scales, out->untyped_data(), m, n);
+    case ffi::DataType::BF16: return rescale<__nv_bfloat16>(stream, acc, scales, residual, out->untyped_data(), m, n);
+    case ffi::DataType::F16: return rescale<__half>(stream, acc, scales, residual, out->untyped_data(), m, n);
+    default: return rescale<float>(stream, acc, scales, residual, out->untyped_data(), m, n);
   }
 }
 
@@ -290,6 +354,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(baracuda_scaled_matmul_cuda, baracuda::scaled_matm
                                   .Arg<xla::ffi::Buffer<xla::ffi::F32>>()      // a_scale [...]
                                   .Arg<xla::ffi::AnyBuffer>()                  // b [K, N], column-major
                                   .Arg<xla::ffi::Buffer<xla::ffi::F32>>()      // b_scale [N]
+                                  .RemainingArgs()                             // residual [..., N], optional
                                   .Ret<xla::ffi::AnyBuffer>()                  // out [..., N]
                                   .Ret<xla::ffi::AnyBuffer>()                  // cuBLASLt's workspace (bytes)
                                   .RemainingRets(),                            // int8: the int32 accumulator

@@ -6,7 +6,7 @@ Weights are quantized once per output channel and stored [N, K] (one row per cha
 scaled_matmul reads them); activations per token at run time with quantize_per_token_dynamic; the
 matmul is bj.scaled_matmul (cuBLASLt on a GPU, scales in its epilogue). With --time and a GPU, it
 also times a stack of pre-norm W8A8 layers (residual + RMSNorm + dynamic quantize in one op, then
-scaled_matmul, then the residual add) against the same stack in bf16.
+scaled_matmul with the residual add in its epilogue) against the same stack in bf16.
 """
 
 import argparse
@@ -56,10 +56,11 @@ def bf16_stack(x, norms, weights):
 
 
 def w8a8_stack(x, norms, qweights):
-    """The same layers in W8A8: the norm quantizes per token as it normalizes, the matmul rescales."""
+    """The same layers in W8A8: the norm quantizes per token as it normalizes; the matmul rescales
+    and adds the skip connection in its epilogue."""
     for g, (wq, ws) in zip(norms, qweights):
         q, s, _ = bj.rms_norm_quantize_per_token(x, g, dtype=wq.dtype)
-        x = x + bj.scaled_matmul(q, s, wq.T, ws, out_dtype=x.dtype)
+        x = bj.scaled_matmul(q, s, wq.T, ws, out_dtype=x.dtype, residual=x)
     return x
 
 
