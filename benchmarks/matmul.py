@@ -6,6 +6,7 @@ way pays a transpose. At small M the weights rotate over several copies (>= 256 
 call finds its weight in L2.
 
     python benchmarks/matmul.py [--quick] [--json benchmarks/results/matmul_<device>.json]
+    python benchmarks/matmul.py --plot benchmarks/results/matmul_<device>.json <png>
 """
 
 import argparse
@@ -73,13 +74,41 @@ def table(results):
     return "\n".join(lines)
 
 
+def plot(json_path, png_path):
+    """TFLOP/s against M, one panel per (K, N), one line per way."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.loads(pathlib.Path(json_path).read_text())
+    fig, axes = plt.subplots(1, len(KNS), figsize=(4.6 * len(KNS), 3.8), sharey=True)
+    style = {"bf16": "k--", "xla_int8": "C0:", "xla_fp8": "C1:", "ours_int8": "C0-", "ours_fp8": "C1-"}
+    label = {"bf16": "XLA bf16 dot", "xla_int8": "XLA int8 dot + rescale", "xla_fp8": "XLA fp8 dot + rescale",
+             "ours_int8": "scaled_matmul int8", "ours_fp8": "scaled_matmul fp8"}
+    for ax, (k, n) in zip(axes, KNS):
+        rows = [r for r in data["results"] if (r["k"], r["n"]) == (k, n)]
+        for way in WAYS:
+            ax.plot([r["m"] for r in rows], [r["tflops_" + way] for r in rows], style[way], marker="o", markersize=3,
+                    label=label[way])
+        ax.set(xscale="log", xlabel="M (tokens)", title=f"K={k}, N={n}")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("TFLOP/s (device time)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"scaled_matmul vs XLA, {data['device']}")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="M = 16 and 4096 at 4096 x 4096 only")
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--json", type=pathlib.Path, default=None)
     p.add_argument("--ways", default=",".join(WAYS), help=f"a subset of {','.join(WAYS)} (bf16 always runs)")
+    p.add_argument("--plot", nargs=2, metavar=("JSON", "PNG"), help="plot a results file, then exit")
     args = p.parse_args(argv)
+    if args.plot:
+        return plot(*args.plot)
     ways = {"bf16", *args.ways.split(",")}
     grid = [(m, *kn) for kn in KNS for m in MS] if not args.quick else [(16, 4096, 4096), (4096, 4096, 4096)]
     results = []
