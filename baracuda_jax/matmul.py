@@ -92,7 +92,7 @@ def _warn_once(message):
 
 
 def _cuda_lowering(ctx, *operands, out_dtype):
-    a_aval, _, b_aval, _, *residual = ctx.avals_in
+    a_aval, _, b_aval = ctx.avals_in[:3]
     k, n = b_aval.shape
     if not (static_shapes(ctx.avals_in) and k % _ALIGN == 0 and n % _ALIGN == 0 and k > 0
             and math.prod(a_aval.shape[:-1]) > 0 and _gemm_ready(a_aval.dtype)):
@@ -103,16 +103,16 @@ def _cuda_lowering(ctx, *operands, out_dtype):
         return lower_lifted(ctx, scaled_matmul_p, operands, {"out_dtype": out_dtype}, lift,
                             (True, True, False, False, True))
     out = ctx.avals_out[0]
-    results = [out, jax.core.ShapedArray((WORKSPACE_BYTES,), np.uint8)]
+    results = [out, like(out, (WORKSPACE_BYTES,), np.uint8)]
     if a_aval.dtype == np.int8:
-        results.append(jax.core.ShapedArray(out.shape, np.int32))  # the int32 product before its scales
+        results.append(like(out, out.shape, np.int32))  # the int32 product before its scales
     *batch, kf, nf, wf = FACTORS[:a_aval.ndim + 2]  # a's dims, then N and the workspace's bytes
     attrs = partition_attributes(
         len(batch), [[*batch, kf], batch, [kf, nf], [nf], [*batch, nf]][:len(operands)],
         [[*batch, nf], [wf], [*batch, nf]][:len(results)],
         dict(zip([*batch, kf, nf, wf], (*a_aval.shape, n, WORKSPACE_BYTES))), [kf, nf, wf])
-    rule = jax.ffi.ffi_lowering("baracuda_scaled_matmul", operand_layouts=[None, None, (0, 1), None, None][:len(operands)],
-                                extra_attributes=attrs)
+    layouts = [None, None, (0, 1), None, None][:len(operands)]  # b column-major: stored [N][K]
+    rule = jax.ffi.ffi_lowering("baracuda_scaled_matmul", operand_layouts=layouts, extra_attributes=attrs)
     return rule(ctx.replace(avals_out=results), *operands)[:1]
 
 

@@ -263,8 +263,9 @@ Plans& plans() {
 // ---- the handler -------------------------------------------------------------------------------
 
 ffi::Error scaled_matmul(cudaStream_t stream, ffi::AnyBuffer a, ffi::Buffer<ffi::F32> a_scale, ffi::AnyBuffer b,
-                         ffi::Buffer<ffi::F32> b_scale, ffi::RemainingArgs residual_arg, ffi::Result<ffi::AnyBuffer> out,
-                         ffi::Result<ffi::AnyBuffer> workspace, ffi::RemainingRets rest) {
+                         ffi::Buffer<ffi::F32> b_scale, ffi::RemainingArgs residual_arg,
+                         ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> workspace,
+                         ffi::RemainingRets rest) {
   handler_calls.fetch_add(1, std::memory_order_relaxed);
   const lt::Api* loaded = lt::api();
   if (loaded == nullptr) return ffi::Error::Internal(std::string(kOp) + "cuBLASLt is not loaded");
@@ -278,6 +279,8 @@ ffi::Error scaled_matmul(cudaStream_t stream, ffi::AnyBuffer a, ffi::Buffer<ffi:
   const int64_t k = a_dims.back(), n = b_dims[1];
   const int64_t m = static_cast<int64_t>(a.element_count()) / std::max<int64_t>(k, 1);
   if (b_dims[0] != k) return invalid("b must be [K, N] with a's K = " + std::to_string(k));
+  if (k == 0 || k % 16 != 0 || n % 16 != 0)  // 16-byte rows for cuBLASLt, 4-column vectors for the rescale
+    return invalid("K and N must be positive multiples of 16 (the primitive lowers other shapes to XLA's dot)");
   if (static_cast<int64_t>(a_scale.element_count()) != m || static_cast<int64_t>(b_scale.element_count()) != n)
     return invalid("a_scale must have one value per row of a and b_scale one per column of b");
   const ffi::DataType out_type = out->element_type();

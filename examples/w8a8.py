@@ -93,7 +93,8 @@ def main(argv=None):
         accuracy[jnp.dtype(dtype).name] = qat.accuracy(lambda x: w8a8_forward(qparams, x), x_te, y_te)
     print("digits test accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in accuracy.items()))
     if args.time:
-        print(f"{'tokens':>7} {'bf16 us':>9} {'int8 us':>9} {'fp8 us':>9}  (8 layers, D 4096, {jax.devices()[0].device_kind})")
+        print(f"{'tokens':>7} {'bf16 us':>9} {'int8 us':>9} {'fp8 us':>9}"
+              f"  (8 layers, D 4096, {jax.devices()[0].device_kind})")
         for tokens in (16, 256, 1024, 4096):
             t = time_stack(tokens)
             print(f"{tokens:>7} {t['bf16']:>9.1f} {t['int8']:>9.1f} {t['float8_e4m3fn']:>9.1f}"

@@ -98,7 +98,8 @@ def test_residual_is_added_before_the_rounding(device, dtype, out_dtype):
     rng = cases.rng()
     args = operands(rng, (2, 9), 64, 48, dtype)
     residual = _residual(rng, (2, 9, 48), out_dtype)
-    out = jax.jit(lambda *x: bj.scaled_matmul(*x, out_dtype=out_dtype, residual=residual))(*jax.device_put(args, device))
+    f = jax.jit(lambda *x: bj.scaled_matmul(*x, out_dtype=out_dtype, residual=residual))
+    out = f(*jax.device_put(args, device))
     fp8_sum = 64 * 2.0**-24 if device.platform == "cpu" else GPU_SUM_ERROR
     assert_close(out, *args, 0.0 if dtype == jnp.int8 else fp8_sum, residual)
 
@@ -133,7 +134,8 @@ def test_errors_name_the_argument():
         (dict(b_scale=b_scale[None]), ValueError, "b_scale has shape \\(1, 16\\)"),
         (dict(b_scale=b_scale.astype(jnp.int32)), TypeError, "b_scale has dtype int32"),
         (dict(out_dtype=jnp.int8), TypeError, "out_dtype has dtype int8"),
-        (dict(residual=jnp.zeros((4, 16), jnp.float32)), ValueError, "residual has shape \\(4, 16\\) and dtype float32"),
+        (dict(residual=jnp.zeros((4, 16), jnp.float32)), ValueError,
+         "residual has shape \\(4, 16\\) and dtype float32"),
     ]
     for change, error, message in bad:
         kw = dict(a=a, a_scale=a_scale, b=b, b_scale=b_scale, out_dtype=jnp.bfloat16) | change
