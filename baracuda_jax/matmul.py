@@ -18,7 +18,8 @@ from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
 from baracuda_jax import _checks, _ffi, reference
-from baracuda_jax.primitives import FACTORS, batch_lift, like, lower_lifted, partition_attributes, static_shapes
+from baracuda_jax.primitives import (FACTORS, PER_COLUMN, PER_ROW, ROWS, OpDecl, batch_by_roles, batch_lift, like,
+                                     lower_lifted, partition_attributes, static_shapes)
 
 _OP = "scaled_matmul"
 WORKSPACE_BYTES = 32 << 20  # cuBLASLt's workspace, as XLA gives its own GEMMs on Hopper
@@ -116,18 +117,6 @@ def _cuda_lowering(ctx, *operands, out_dtype):
     return rule(ctx.replace(avals_out=results), *operands)[:1]
 
 
-def _batch(args, dims, *, out_dtype):
-    """A batch axis of a, a_scale or the residual is more rows: one call. A batched b or b_scale:
-    one call each."""
-    size = next(x.shape[d] for x, d in zip(args, dims) if d is not None)
-    front = lambda x, d: jnp.broadcast_to(x, (size, *x.shape)) if d is None else jnp.moveaxis(x, d, 0)
-    if dims[2] is None and dims[3] is None:
-        rows = [front(x, d) if i not in (2, 3) else x for i, (x, d) in enumerate(zip(args, dims))]
-        return scaled_matmul_p.bind(*rows, out_dtype=out_dtype), 0
-    batched = [front(x, d) for x, d in zip(args, dims)]
-    return jax.lax.map(lambda xs: scaled_matmul_p.bind(*xs, out_dtype=out_dtype), batched), 0
-
-
 def _no_derivative(primals, tangents, **params):
     raise TypeError(f"{_OP} is an inference op and has no derivative: train through fake_quantize_per_token* "
                     f"(the straight-through estimator) and a float matmul")
@@ -138,5 +127,9 @@ scaled_matmul_p.def_impl(lambda *args, **params: jax.jit(functools.partial(scale
 scaled_matmul_p.def_abstract_eval(_abstract_eval)
 mlir.register_lowering(scaled_matmul_p, _reference_lowering, platform="cpu")
 mlir.register_lowering(scaled_matmul_p, _cuda_lowering, platform="cuda")
-batching.primitive_batchers[scaled_matmul_p] = _batch
+# vmap by the operands' roles (primitives.batch_by_roles): a batch axis of a, a_scale or the
+# residual is more rows, one call; b and b_scale are never broadcast over rows, like a norm's
+# per-column weight, and a batched one runs once per batch element.
+_ROLES = OpDecl(_OP, (ROWS, PER_ROW, PER_COLUMN, PER_COLUMN), (ROWS,), (), _abstract_eval, optional=(ROWS,))
+batching.primitive_batchers[scaled_matmul_p] = functools.partial(batch_by_roles, _ROLES, scaled_matmul_p)
 ad.primitive_jvps[scaled_matmul_p] = _no_derivative

@@ -134,7 +134,7 @@ def like(aval, shape, dtype):
     return aval.update(shape=tuple(shape), dtype=np.dtype(dtype), weak_type=False, sharding=sharding)
 
 
-def _batch(decl, prim, args, dims, **params):
+def batch_by_roles(decl, prim, args, dims, **params):
     """vmap: a batch axis of a ROWS or PER_ROW operand moves to the front (unbatched ones of those
     roles are broadcast): it is more rows. PER_COLUMN operands are passed as they are. An op with
     a sum over its rows (or a batched PER_COLUMN operand) runs once per batch element instead."""
@@ -182,7 +182,7 @@ def define(decl: OpDecl) -> Primitive:
 
     for platform in _PLATFORMS:
         mlir.register_lowering(prim, lowering, platform=platform)
-    batching.primitive_batchers[prim] = partial(_batch, decl, prim)
+    batching.primitive_batchers[prim] = partial(batch_by_roles, decl, prim)
     return prim
 
 

@@ -121,6 +121,9 @@ def test_vmap():
     bs = jnp.stack([b, -b])
     per_weight = jax.vmap(bj.scaled_matmul, in_axes=(None, None, 0, None))(a, a_scale, bs, b_scale)
     np.testing.assert_array_equal(per_weight[1], -bj.scaled_matmul(a, a_scale, b, b_scale))
+    residual = jnp.ones((3, 4, 16), jnp.bfloat16)
+    with_residual = jax.vmap(lambda a, s, r: bj.scaled_matmul(a, s, b, b_scale, residual=r))(a, a_scale, residual)
+    np.testing.assert_array_equal(with_residual, bj.scaled_matmul(a, a_scale, b, b_scale, residual=residual))
 
 
 def test_errors_name_the_argument():
