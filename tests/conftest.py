@@ -34,3 +34,19 @@ def device(request):
 
 
 requires_gpu = pytest.mark.skipif(not GPUS, reason="needs a CUDA GPU")
+
+
+def assert_captured(fn, args, custom_calls, runs=10):
+    """XLA replays fn's custom calls from a CUDA graph: after two runs (compile, then record), the
+    handler bodies run fewer times than `custom_calls` per execution. Returns the last outputs."""
+    from baracuda_jax import _cuda
+
+    for _ in range(2):
+        jax.block_until_ready(fn(*args))
+    before = _cuda.handler_calls()
+    for _ in range(runs):
+        out = jax.block_until_ready(fn(*args))
+    calls = _cuda.handler_calls() - before
+    print(f"handler calls over {runs} runs of {custom_calls} custom calls: {calls}")
+    assert calls < custom_calls * runs
+    return out

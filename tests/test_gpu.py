@@ -8,7 +8,7 @@ import pytest
 import baracuda_jax as bj
 from baracuda_jax import reference as ref, specs
 import cases
-from conftest import GPUS, requires_gpu
+from conftest import GPUS, assert_captured, requires_gpu
 from test_bitexact import CASES, assert_same_bits, compare
 
 pytestmark = requires_gpu
@@ -53,8 +53,6 @@ def test_more_than_2_pow_31_elements():
 
 def test_cuda_handlers_are_captured_in_command_buffers():
     """XLA replays the kernels from a CUDA graph: the handler body runs fewer times than the executable."""
-    from baracuda_jax import _cuda
-
     x = jax.device_put(jax.random.normal(jax.random.key(1), (64, 4096), jnp.bfloat16), GPUS[0])
     s = jax.device_put(jnp.full((64,), 0.02, jnp.float32), GPUS[0])
 
@@ -64,14 +62,7 @@ def test_cuda_handlers_are_captured_in_command_buffers():
             x = bj.fake_quantize_per_token(x * 1.01, s)
         return bj.quantize_per_token(x, s)
 
-    jax.block_until_ready(layers(x, s))  # compile, then record the graph
-    jax.block_until_ready(layers(x, s))
-    before, runs = _cuda.handler_calls(), 20
-    for _ in range(runs):
-        jax.block_until_ready(layers(x, s))
-    calls = _cuda.handler_calls() - before
-    print(f"handler calls over {runs} runs of 9 custom calls: {calls}")
-    assert calls < 9 * runs
+    assert_captured(layers, (x, s), custom_calls=9, runs=20)
 
 
 @pytest.mark.parametrize("x_dtype", specs.FLOATS, ids=lambda d: d.name)
@@ -131,8 +122,6 @@ def test_cpu_and_gpu_silu_mul_agree(shape):
 
 
 def test_fused_handlers_are_captured_in_command_buffers():
-    from baracuda_jax import _cuda
-
     x = jax.device_put(jax.random.normal(jax.random.key(2), (64, 4096), jnp.bfloat16), GPUS[0])
     w = jax.device_put(jnp.ones((4096,), jnp.bfloat16), GPUS[0])
 
@@ -146,11 +135,4 @@ def test_fused_handlers_are_captured_in_command_buffers():
             return jnp.sum(h.astype(jnp.float32))
         return jax.grad(loss, (0, 1))(x, w)
 
-    jax.block_until_ready(step(x, w))
-    jax.block_until_ready(step(x, w))
-    before, runs = _cuda.handler_calls(), 10
-    for _ in range(runs):
-        jax.block_until_ready(step(x, w))
-    calls = _cuda.handler_calls() - before
-    print(f"fused handler calls over {runs} runs of 16 custom calls: {calls}")
-    assert calls < 16 * runs
+    assert_captured(step, (x, w), custom_calls=16)

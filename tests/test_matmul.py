@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import baracuda_jax as bj
 from baracuda_jax import matmul, reference as ref
 import cases
-from conftest import GPUS, requires_gpu
+from conftest import GPUS, assert_captured, requires_gpu
 
 DTYPES = [jnp.int8, jnp.float8_e4m3fn]
 OUT_DTYPES = [jnp.bfloat16, jnp.float16, jnp.float32]
@@ -203,8 +203,6 @@ def test_gpu_float8_accumulation_error(m):
 
 @requires_gpu
 def test_gpu_is_deterministic_and_captured_in_command_buffers():
-    from baracuda_jax import _cuda
-
     a, a_scale, b, b_scale = jax.device_put(operands(cases.rng(), (256,), 1024, 1024, jnp.float8_e4m3fn), GPUS[0])
     ai, ai_scale, bi, bi_scale = jax.device_put(operands(cases.rng(), (256,), 1024, 1024, jnp.int8), GPUS[0])
 
@@ -217,12 +215,6 @@ def test_gpu_is_deterministic_and_captured_in_command_buffers():
         return out
 
     first = jax.block_until_ready(layers(a, ai))
-    jax.block_until_ready(layers(a, ai))
-    before, runs = _cuda.handler_calls(), 10
-    for _ in range(runs):
-        again = jax.block_until_ready(layers(a, ai))
-    calls = _cuda.handler_calls() - before
-    print(f"scaled_matmul handler calls over {runs} runs of 8 custom calls: {calls}")
-    assert calls < 8 * runs
+    again = assert_captured(layers, (a, ai), custom_calls=8)
     for x, y in zip(first, again):
         np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
