@@ -1,10 +1,12 @@
-"""Per-token (per-row) int8/uint8 and float8 quantization for JAX, as XLA FFI custom calls on CPU and CUDA,
-and the scaled 8-bit matmul (cuBLASLt) that consumes it."""
+"""Per-token (per-row) and per-token-group int8/uint8 and float8 quantization for JAX, as XLA FFI custom
+calls on CPU and CUDA, and the scaled 8-bit matmul (cuBLASLt) that consumes it."""
 
 from baracuda_jax import reference
 from baracuda_jax._ffi import HAS_CUDA_KERNELS, gpu_kernels_available
 from baracuda_jax.fused import (rms_norm_fake_quantize_per_token, rms_norm_quantize_per_token,
                                 silu_mul_fake_quantize_per_token, silu_mul_quantize_per_token)
+from baracuda_jax.groups import (dequantize_per_token_group, fake_quantize_per_token_group,
+                                 quantize_per_token_group)
 from baracuda_jax.matmul import scaled_matmul
 from baracuda_jax.ops import (dequantize_per_token, fake_quantize_per_token, fake_quantize_per_token_dynamic,
                               quantize_per_token, quantize_per_token_dynamic)
@@ -12,11 +14,14 @@ from baracuda_jax.ops import (dequantize_per_token, fake_quantize_per_token, fak
 __all__ = [
     "HAS_CUDA_KERNELS",
     "dequantize_per_token",
+    "dequantize_per_token_group",
     "fake_quantize_per_token",
     "fake_quantize_per_token_dynamic",
+    "fake_quantize_per_token_group",
     "gpu_kernels_available",
     "quantize_per_token",
     "quantize_per_token_dynamic",
+    "quantize_per_token_group",
     "reference",
     "rms_norm_fake_quantize_per_token",
     "rms_norm_quantize_per_token",

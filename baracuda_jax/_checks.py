@@ -87,9 +87,10 @@ def resolved_grid(op: str, dtype, qmin, qmax, zero_point=None) -> Format:
     return fmt
 
 
-def dynamic_grid(op: str, dtype, symmetric, scale_ub=None) -> tuple[Format, int, int, float]:
+def dynamic_grid(op: str, dtype, symmetric, scale_ub=None, pow2_scale=False) -> tuple[Format, int, int, float]:
     """The dynamic ops' grid: the format's full range. Symmetric quantization needs a signed
-    format; float8 is symmetric only. scale_ub (symmetric only) bounds each row's amax."""
+    format; float8 is symmetric only. scale_ub (symmetric only) bounds each row's amax;
+    pow2_scale (symmetric only) rounds each scale up to a power of two."""
     fmt, qmin, qmax = grid(op, dtype, None, None)
     symmetric = flag(op, "symmetric", symmetric)
     if symmetric and fmt.lowest >= 0:
@@ -97,6 +98,8 @@ def dynamic_grid(op: str, dtype, symmetric, scale_ub=None) -> tuple[Format, int,
                          f"counterpart without a zero point); use symmetric=False for {fmt.name}")
     if not symmetric and fmt.is_float:
         raise ValueError(f"{op}: {fmt.name} takes no zero point: use symmetric=True")
+    if flag(op, "pow2_scale", pow2_scale) and not symmetric:
+        raise ValueError(f"{op}: pow2_scale applies to symmetric quantization only")
     if scale_ub is None:
         return fmt, qmin, qmax, float("inf")
     if not symmetric:
@@ -167,24 +170,48 @@ MATMUL_DTYPES = tuple(np.dtype(t) for t in (jnp.int8, jnp.float8_e4m3fn))
 
 
 def matmul_operands(op: str, a, a_scale, b, b_scale, out_dtype, residual=None) -> np.dtype:
-    """a [..., K] and b [K, N], both int8 or both float8_e4m3fn; a_scale a.shape[:-1] or a scalar;
-    b_scale [N] or a scalar, floats; residual, if given, [..., N] in out_dtype. Returns out_dtype
-    (float16, bfloat16 or float32)."""
+    """a [..., K] and b [K, N], both int8 or both float8_e4m3fn, and their float scales: per row of a
+    (a.shape[:-1] or a scalar) and per column of b ([N] or a scalar), or blockwise: a_scale
+    a.shape[:-1] + (K // 128,) and b_scale [K // 128, N // 128]. residual, if given, [..., N] in
+    out_dtype. Returns out_dtype (float16, bfloat16 or float32)."""
     if np.dtype(a.dtype) not in MATMUL_DTYPES:
         raise TypeError(f"{op}: a has dtype {a.dtype}; expected one of {_names(MATMUL_DTYPES)}")
     if b.dtype != a.dtype:
         raise TypeError(f"{op}: b has dtype {b.dtype}; expected a's, {a.dtype}")
     if a.ndim < 1 or b.ndim != 2:
         raise ValueError(f"{op}: a must be [..., K] and b [K, N]; got shapes {tuple(a.shape)} and {tuple(b.shape)}")
-    if b.shape[0] != a.shape[-1]:
+    k, n = b.shape
+    if k != a.shape[-1]:
         raise ValueError(f"{op}: b has shape {tuple(b.shape)}; its K must be a's last dim, {a.shape[-1]}")
-    for name, s, want in (("a_scale", a_scale, tuple(a.shape[:-1])), ("b_scale", b_scale, (b.shape[1],))):
-        if tuple(s.shape) not in (want, ()):
-            raise ValueError(f"{op}: {name} has shape {tuple(s.shape)}; expected {want} or a scalar")
-        float_dtype(op, name, s.dtype)
+    if is_blockwise(b_scale):
+        if k % MATMUL_BLOCK or n % MATMUL_BLOCK:
+            raise ValueError(f"{op}: blockwise scales need K and N to be multiples of {MATMUL_BLOCK}; got K={k}, N={n}")
+        wants = (("a_scale", a_scale, (*a.shape[:-1], k // MATMUL_BLOCK)),
+                 ("b_scale", b_scale, (k // MATMUL_BLOCK, n // MATMUL_BLOCK)))
+        for name, s, want in wants:
+            if tuple(s.shape) != want:
+                raise ValueError(f"{op}: {name} has shape {tuple(s.shape)}; blockwise scales (b_scale of rank 2) "
+                                 f"are a_scale a.shape[:-1] + (K // {MATMUL_BLOCK},) and b_scale "
+                                 f"[K // {MATMUL_BLOCK}, N // {MATMUL_BLOCK}]: expected {want}")
+            float_dtype(op, name, s.dtype)
+    else:
+        for name, s, want in (("a_scale", a_scale, tuple(a.shape[:-1])), ("b_scale", b_scale, (n,))):
+            if tuple(s.shape) not in (want, ()):
+                raise ValueError(f"{op}: {name} has shape {tuple(s.shape)}; expected {want} or a scalar (or, "
+                                 f"blockwise, a_scale a.shape[:-1] + (K // {MATMUL_BLOCK},) with b_scale "
+                                 f"[K // {MATMUL_BLOCK}, N // {MATMUL_BLOCK}])")
+            float_dtype(op, name, s.dtype)
     out_dtype = fused_float_dtype(op, out_dtype, "out_dtype")
-    want = (*a.shape[:-1], b.shape[1])
+    want = (*a.shape[:-1], n)
     if residual is not None and (tuple(residual.shape) != want or residual.dtype != out_dtype):
         raise ValueError(f"{op}: residual has shape {tuple(residual.shape)} and dtype {residual.dtype}; expected "
                          f"the output's, {want} {out_dtype.name}")
     return out_dtype
+
+
+MATMUL_BLOCK = 128  # blockwise scales: 1 x 128 groups of a, 128 x 128 blocks of b
+
+
+def is_blockwise(b_scale) -> bool:
+    """Whether scaled_matmul's scales are blockwise: b_scale is 2-D ([K // 128, N // 128])."""
+    return np.ndim(b_scale) == 2

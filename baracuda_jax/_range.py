@@ -5,6 +5,7 @@ pmin/pmax of its pieces on several devices.
 """
 
 import numpy as np
+import jax
 import jax.numpy as jnp
 
 from baracuda_jax import _checks
@@ -18,9 +19,9 @@ def row_range(x):
     return jnp.min(xm, axis=-1, initial=0), jnp.max(xm, axis=-1, initial=0)
 
 
-def qparams(lo, hi, symmetric, qmin, qmax, scale_ub=float("inf")):
-    """(scale, zero_point) of rows whose range is [lo, hi]; qmax is fmax for a float8 format, and
-    scale_ub bounds a symmetric row's amax."""
+def qparams(lo, hi, symmetric, qmin, qmax, scale_ub=float("inf"), pow2_scale=False):
+    """(scale, zero_point) of rows whose range is [lo, hi]; qmax is fmax for a float8 format,
+    scale_ub bounds a symmetric row's amax, and pow2_scale rounds its scale up to a power of two."""
     m = lo.dtype
     one = np.ones((), m)
     if symmetric:
@@ -29,7 +30,22 @@ def qparams(lo, hi, symmetric, qmin, qmax, scale_ub=float("inf")):
         s = (hi - lo) * (one / m.type(qmax - qmin))
     s = jnp.where(s == 0, one, s)
     if symmetric:
-        return s, jnp.zeros(s.shape, jnp.int32)
+        return pow2_ceil(s) if pow2_scale else s, jnp.zeros(s.shape, jnp.int32)
     z = qmin - jnp.round(lo * (one / s))
     z = jnp.where(jnp.isnan(z), qmin, z)
     return s, jnp.where(z < qmin, qmin, jnp.where(z > qmax, qmax, z)).astype(jnp.int32)
+
+
+def pow2_ceil(s):
+    """2^ceil(log2 s) for s > 0, by its bits (csrc/numerics.h): a power of two stays, a normal s
+    moves to the next binade (inf past the largest), a subnormal to the next power of two above
+    it; inf stays."""
+    bits = np.finfo(s.dtype).nmant
+    u = jax.lax.bitcast_convert_type(s, jnp.uint32 if s.dtype == np.float32 else jnp.uint64)
+    man_mask = u.dtype.type((1 << bits) - 1)
+    man, exp = u & man_mask, u & ~man_mask
+    inf = jax.lax.bitcast_convert_type(np.array(np.inf, s.dtype), u.dtype)
+    one = u.dtype.type(1)
+    subnormal_up = jnp.left_shift(one, (u.dtype.itemsize * 8 - jax.lax.clz(man - one)).astype(u.dtype))
+    up = jnp.where(exp != 0, exp + man_mask + one, subnormal_up)
+    return jnp.where((man == 0) | (exp == inf), s, jax.lax.bitcast_convert_type(up, s.dtype))

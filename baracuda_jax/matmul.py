@@ -1,5 +1,6 @@
 """The scaled low-precision matmul of W8A8 inference: per-token activation scales times per-channel
-weight scales, applied to an int8 or float8 product.
+weight scales, applied to an int8 or float8 product; or blockwise scales (DeepSeek-V3's FP8 recipe:
+1 x 128 groups of the activations, 128 x 128 blocks of the weights).
 
 On a CUDA GPU it is one cuBLASLt call (csrc/scaled_matmul.cu): float8 with both scales in the GEMM's
 epilogue; int8 with an int32 product and one rescaling pass. On the CPU, and for shapes cuBLASLt's
@@ -32,15 +33,21 @@ def scaled_matmul(a, a_scale, b, b_scale, *, out_dtype=jnp.bfloat16, residual=No
         out[..., n] = a_scale[...] * b_scale[n] * sum_k a[..., k] * b[k, n]  (+ residual[..., n])
 
     with the sum in float32 (float8) or int32 (int8, exact), then the scales (and the residual) in
-    float32, rounded once to `out_dtype`.
+    float32, rounded once to `out_dtype`. With blockwise scales (b_scale of rank 2), each block of
+    128 along K is summed and scaled on its own, and the blocks' terms are added in float32:
+
+        out[..., n] = sum_j a_scale[..., j] * b_scale[j, n // 128] * sum_{k in block j} a[..., k] b[k, n]
 
     Args:
       a: [..., K], int8 or float8_e4m3fn: the activations, e.g. `quantize_per_token_dynamic`'s q.
-      a_scale: one scale per row of a (a.shape[:-1], as the per-token ops return it) or a scalar.
+      a_scale: one scale per row of a (a.shape[:-1], as the per-token ops return it) or a scalar;
+        blockwise, one per 1 x 128 group (a.shape[:-1] + (K // 128,), `quantize_per_token_group`'s
+        row-layout scale).
       b: [K, N], a's dtype: the weights. The GPU reads b as [N][K] (column-major): keep a weight
         stored as [N, K] (one row per output channel) and pass `w.T`, which is then free; a
         row-major [K, N] costs a transpose per call.
-      b_scale: one scale per column of b ([N]) or a scalar.
+      b_scale: one scale per column of b ([N]) or a scalar; blockwise, one per 128 x 128 block,
+        [K // 128, N // 128]. Blockwise scales need K and N to be multiples of 128.
       out_dtype: bfloat16, float16 or float32.
       residual: optional [..., N] in out_dtype, added before the rounding: a transformer's skip
         connection in the same pass (on the GPU, cuBLASLt's epilogue or the int8 rescale), where a
@@ -56,16 +63,18 @@ def scaled_matmul(a, a_scale, b, b_scale, *, out_dtype=jnp.bfloat16, residual=No
     a_scale, b_scale = jnp.asarray(a_scale), jnp.asarray(b_scale)
     residual = () if residual is None else (jnp.asarray(residual),)
     out_dtype = _checks.matmul_operands(_OP, a, a_scale, b, b_scale, out_dtype, *residual)
-    a_scale = jnp.broadcast_to(a_scale.astype(jnp.float32), a.shape[:-1])
-    b_scale = jnp.broadcast_to(b_scale.astype(jnp.float32), b.shape[1:])
-    return scaled_matmul_p.bind(a, a_scale, b, b_scale, *residual, out_dtype=out_dtype)
+    if not _checks.is_blockwise(b_scale):
+        a_scale = jnp.broadcast_to(a_scale, a.shape[:-1])
+        b_scale = jnp.broadcast_to(b_scale, b.shape[1:])
+    return scaled_matmul_p.bind(a, a_scale.astype(jnp.float32), b, b_scale.astype(jnp.float32), *residual,
+                                out_dtype=out_dtype)
 
 
 def _abstract_eval(a, a_scale, b, b_scale, *residual, out_dtype):
     _checks.matmul_operands(_OP, a, a_scale, b, b_scale, out_dtype, *residual)
     for name, s in (("a_scale", a_scale), ("b_scale", b_scale)):
         if s.dtype != np.float32 or s.ndim == 0 and a.ndim > 1:
-            raise TypeError(f"{_OP}: the primitive takes {name} as float32, one value per row or column")
+            raise TypeError(f"{_OP}: the primitive takes {name} as float32, one value per row, column or block")
     return like(a, (*a.shape[:-1], b.shape[1]), out_dtype)
 
 
@@ -93,10 +102,12 @@ def _warn_once(message):
 
 
 def _cuda_lowering(ctx, *operands, out_dtype):
-    a_aval, _, b_aval = ctx.avals_in[:3]
+    a_aval, a_scale_aval, b_aval, b_scale_aval = ctx.avals_in[:4]
     k, n = b_aval.shape
+    blockwise = _checks.is_blockwise(b_scale_aval)
     if not (static_shapes(ctx.avals_in) and k % _ALIGN == 0 and n % _ALIGN == 0 and k > 0
-            and math.prod(a_aval.shape[:-1]) > 0 and _gemm_ready(a_aval.dtype)):
+            and math.prod(a_aval.shape[:-1]) > 0 and _gemm_ready(a_aval.dtype)
+            and not (blockwise and a_aval.dtype != jnp.float8_e4m3fn)):  # int8 blocks: cuBLASLt has none
         return _reference_lowering(ctx, *operands, out_dtype=out_dtype)
     # b [K, N] stays whole under XLA's batch partitioner only if a has more batch dims than b has dims
     lift = batch_lift(a_aval.ndim, [2])
@@ -107,12 +118,19 @@ def _cuda_lowering(ctx, *operands, out_dtype):
     results = [out, like(out, (WORKSPACE_BYTES,), np.uint8)]
     if a_aval.dtype == np.int8:
         results.append(like(out, out.shape, np.int32))  # the int32 product before its scales
-    *batch, kf, nf, wf = FACTORS[:a_aval.ndim + 2]  # a's dims, then N and the workspace's bytes
+    # a's dims, N, the workspace's bytes, and the scale blocks along K and N
+    *batch, kf, nf, wf, kbf, nbf = FACTORS[:a_aval.ndim + 4]
+    scale_factors = [[*batch, kbf], [kbf, nbf]] if blockwise else [batch, [nf]]
+    sizes = (*a_aval.shape, n, WORKSPACE_BYTES, *((k // _checks.MATMUL_BLOCK, n // _checks.MATMUL_BLOCK)
+                                                  if blockwise else ()))
     attrs = partition_attributes(
-        len(batch), [[*batch, kf], batch, [kf, nf], [nf], [*batch, nf]][:len(operands)],
-        [[*batch, nf], [wf], [*batch, nf]][:len(results)],
-        dict(zip([*batch, kf, nf, wf], (*a_aval.shape, n, WORKSPACE_BYTES))), [kf, nf, wf])
-    layouts = [None, None, (0, 1), None, None][:len(operands)]  # b column-major: stored [N][K]
+        len(batch), [[*batch, kf], scale_factors[0], [kf, nf], scale_factors[1], [*batch, nf]][:len(operands)],
+        [[*batch, nf], [wf], [*batch, nf]][:len(results)], dict(zip([*batch, kf, nf, wf, kbf, nbf], sizes)),
+        [kf, nf, wf, *((kbf, nbf) if blockwise else ())])
+    # b column-major (stored [N][K]); blockwise, a_scale stored [K/128][rows] and b_scale [N/128][K/128]
+    rank = a_scale_aval.ndim
+    a_scale_layout = (*range(rank - 2, -1, -1), rank - 1) if blockwise else None
+    layouts = [None, a_scale_layout, (0, 1), (0, 1) if blockwise else None, None][:len(operands)]
     rule = jax.ffi.ffi_lowering("baracuda_scaled_matmul", operand_layouts=layouts, extra_attributes=attrs)
     return rule(ctx.replace(avals_out=results), *operands)[:1]
 

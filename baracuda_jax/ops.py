@@ -161,7 +161,8 @@ def _fake_quantize_lsq_bwd(qmin, qmax, dtype, grad_scale, res, g):
 _fake_quantize_lsq.defvjp(_fake_quantize_lsq_fwd, _fake_quantize_lsq_bwd, symbolic_zeros=True)
 
 
-def quantize_per_token_dynamic(x, *, dtype=jnp.int8, symmetric=True, scale_ub=None, axis_name=None):
+def quantize_per_token_dynamic(x, *, dtype=jnp.int8, symmetric=True, scale_ub=None, axis_name=None,
+                               pow2_scale=False):
     """(q, scale, zero_point) with each row's scale and zero point taken from its range, in one pass.
 
     Symmetric (int8, float8_e4m3fn, float8_e5m2): scale = amax * (1/qmax), qmax = 127 or
@@ -171,6 +172,9 @@ def quantize_per_token_dynamic(x, *, dtype=jnp.int8, symmetric=True, scale_ub=No
     the math type (float32, or float64 for float64 x) and shape x.shape[:-1]; zero_point is
     int32. An inference op: to train, use fake_quantize_per_token_dynamic.
 
+    pow2_scale (symmetric only): each scale is rounded up to a power of two (UE8M0-style, as
+    DeepSeek-V3's FP8 recipe stores them), so 1/scale is exact.
+
     axis_name: inside shard_map with D split over that mesh axis (or axes), each row's range
     is its local range combined by pmin/pmax, then each shard is quantized locally: the same
     bits as on the whole row, with 8 bytes a row crossing devices. (Under plain jit, a D-sharded
@@ -179,16 +183,16 @@ def quantize_per_token_dynamic(x, *, dtype=jnp.int8, symmetric=True, scale_ub=No
     op = "quantize_per_token_dynamic"
     x = jnp.asarray(x)
     _checks.float_dtype(op, "x", x.dtype)
-    fmt, qmin, qmax, scale_ub = _checks.dynamic_grid(op, dtype, symmetric, scale_ub)
+    fmt, qmin, qmax, scale_ub = _checks.dynamic_grid(op, dtype, symmetric, scale_ub, pow2_scale)
     if axis_name is not None:
-        scale, zp = _split_row_qparams(op, x, symmetric, qmin, qmax, scale_ub, axis_name)
+        scale, zp = _split_row_qparams(op, x, symmetric, qmin, qmax, scale_ub, pow2_scale, axis_name)
         return _quantize(x, scale, () if symmetric else (zp,), qmin, qmax, fmt.dtype), scale, zp
     q, scale, zp = quantize_dynamic_p.bind(x, symmetric=symmetric, qmin=qmin, qmax=qmax, dtype=fmt.dtype,
-                                           scale_ub=scale_ub)
+                                           scale_ub=scale_ub, pow2_scale=bool(pow2_scale))
     return q, scale, zp
 
 
-def _split_row_qparams(op, x, symmetric, qmin, qmax, scale_ub, axis_name):
+def _split_row_qparams(op, x, symmetric, qmin, qmax, scale_ub, pow2_scale, axis_name):
     """Rows split over `axis_name`: their qparams from the pieces' ranges (no gradient flows)."""
     lo, hi = _range.row_range(jax.lax.stop_gradient(x))
     try:
@@ -196,35 +200,36 @@ def _split_row_qparams(op, x, symmetric, qmin, qmax, scale_ub, axis_name):
     except NameError as e:
         raise NameError(f"{op}: axis_name={axis_name!r} must name a mesh axis of an enclosing shard_map (the axis "
                         f"that splits D); outside shard_map, leave it None ({e})") from None
-    return _range.qparams(lo, hi, symmetric, qmin, qmax, scale_ub)
+    return _range.qparams(lo, hi, symmetric, qmin, qmax, scale_ub, pow2_scale)
 
 
-def fake_quantize_per_token_dynamic(x, *, dtype=jnp.int8, symmetric=True, scale_ub=None, axis_name=None):
+def fake_quantize_per_token_dynamic(x, *, dtype=jnp.int8, symmetric=True, scale_ub=None, axis_name=None,
+                                    pow2_scale=False):
     """dequantize(quantize_per_token_dynamic(x)) in x's dtype, in one fused pass, with a
     straight-through gradient (g where the value was not clipped; the scale gets none).
-    scale_ub, axis_name: as for quantize_per_token_dynamic."""
+    scale_ub, axis_name, pow2_scale: as for quantize_per_token_dynamic."""
     op = "fake_quantize_per_token_dynamic"
     x = jnp.asarray(x)
     _checks.float_dtype(op, "x", x.dtype)
-    fmt, qmin, qmax, scale_ub = _checks.dynamic_grid(op, dtype, symmetric, scale_ub)
+    fmt, qmin, qmax, scale_ub = _checks.dynamic_grid(op, dtype, symmetric, scale_ub, pow2_scale)
     if axis_name is not None:
-        scale, zp = _split_row_qparams(op, x, symmetric, qmin, qmax, scale_ub, axis_name)
+        scale, zp = _split_row_qparams(op, x, symmetric, qmin, qmax, scale_ub, pow2_scale, axis_name)
         return _fake_quantize(x, scale, () if symmetric else (zp,), qmin, qmax, fmt.dtype)
-    return _fake_quantize_dynamic(x, symmetric, qmin, qmax, fmt.dtype, scale_ub)
+    return _fake_quantize_dynamic(x, symmetric, qmin, qmax, fmt.dtype, scale_ub, bool(pow2_scale))
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5))
-def _fake_quantize_dynamic(x, symmetric, qmin, qmax, dtype, scale_ub):
-    return _fake_quantize_dynamic_fwd(x, symmetric, qmin, qmax, dtype, scale_ub)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5, 6))
+def _fake_quantize_dynamic(x, symmetric, qmin, qmax, dtype, scale_ub, pow2_scale):
+    return _fake_quantize_dynamic_fwd(x, symmetric, qmin, qmax, dtype, scale_ub, pow2_scale)[0]
 
 
-def _fake_quantize_dynamic_fwd(x, symmetric, qmin, qmax, dtype, scale_ub):
+def _fake_quantize_dynamic_fwd(x, symmetric, qmin, qmax, dtype, scale_ub, pow2_scale):
     y, scale, zp = fake_quantize_dynamic_p.bind(x, symmetric=symmetric, qmin=qmin, qmax=qmax, dtype=dtype,
-                                                scale_ub=scale_ub)
+                                                scale_ub=scale_ub, pow2_scale=pow2_scale)
     return y, (x, scale, () if symmetric else (zp,))
 
 
-def _fake_quantize_dynamic_bwd(symmetric, qmin, qmax, dtype, scale_ub, res, g):
+def _fake_quantize_dynamic_bwd(symmetric, qmin, qmax, dtype, scale_ub, pow2_scale, res, g):
     return (_fake_quantize_bwd(qmin, qmax, dtype, res, g)[0],)
 
 

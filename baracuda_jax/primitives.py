@@ -224,12 +224,12 @@ def _lsq_grad_aval(g, x, scale, *zp, **params):
     return dx, like(x, scale.shape, scale.dtype)
 
 
-def _dynamic_aval(x, *, symmetric, qmin, qmax, dtype, scale_ub, fake):
+def _dynamic_aval(x, *, symmetric, qmin, qmax, dtype, scale_ub, pow2_scale, fake):
     op = "fake_quantize_per_token_dynamic" if fake else "quantize_per_token_dynamic"
     _checks.float_dtype(op, "x", x.dtype)
     if x.ndim < 1:
         raise ValueError(f"{op}: x must have rank >= 1 (one token per row of the last axis), got a scalar")
-    _checks.dynamic_grid(op, dtype, symmetric, None if scale_ub == float("inf") else scale_ub)
+    _checks.dynamic_grid(op, dtype, symmetric, None if scale_ub == float("inf") else scale_ub, pow2_scale)
     rows = x.shape[:-1]
     return (like(x, x.shape, x.dtype if fake else dtype), like(x, rows, _checks.math_dtype(x.dtype)),
             like(x, rows, np.int32))
@@ -319,7 +319,7 @@ def _silu_mul_grad_aval(g, a, b, scale, *, dtype, qmin, qmax):
 # ---- the declarations ---------------------------------------------------------------------------
 
 _GRID = ("qmin", "qmax")
-_DYNAMIC = ("symmetric", *_GRID, "scale_ub")
+_DYNAMIC = ("symmetric", *_GRID, "scale_ub", "pow2_scale")
 quantize_p = define(OpDecl("quantize_per_token", (ROWS, PER_ROW), (ROWS,), _GRID, _quantize_aval, (PER_ROW,)))
 dequantize_p = define(OpDecl("dequantize_per_token", (ROWS, PER_ROW), (ROWS,), (), _dequantize_aval, (PER_ROW,)))
 fake_quantize_p = define(OpDecl("fake_quantize_per_token", (ROWS, PER_ROW), (ROWS,), ("format", *_GRID),

@@ -106,20 +106,20 @@ def fake_quantize_per_token_lsq_grad(g, x, scale, zero_point=None, *, qmin=None,
     return dx, jnp.sum(jnp.asarray(g).astype(scale.dtype) * term, axis=-1)
 
 
-def _dynamic(op, x, dtype, symmetric, scale_ub):
+def _dynamic(op, x, dtype, symmetric, scale_ub, pow2_scale):
     x = jnp.asarray(x)
-    fmt, qmin, qmax, scale_ub = _checks.dynamic_grid(op, dtype, symmetric, scale_ub)
-    s, zp = _range.qparams(*_range.row_range(x), symmetric, qmin, qmax, scale_ub)
+    fmt, qmin, qmax, scale_ub = _checks.dynamic_grid(op, dtype, symmetric, scale_ub, pow2_scale)
+    s, zp = _range.qparams(*_range.row_range(x), symmetric, qmin, qmax, scale_ub, pow2_scale)
     return x, fmt, s, None if symmetric else zp, zp
 
 
-def quantize_per_token_dynamic(x, *, dtype=jnp.int8, symmetric=True, scale_ub=None):
-    x, fmt, s, zp, zp_out = _dynamic("quantize_per_token_dynamic", x, dtype, symmetric, scale_ub)
+def quantize_per_token_dynamic(x, *, dtype=jnp.int8, symmetric=True, scale_ub=None, pow2_scale=False):
+    x, fmt, s, zp, zp_out = _dynamic("quantize_per_token_dynamic", x, dtype, symmetric, scale_ub, pow2_scale)
     return quantize_per_token(x, s, zp, dtype=fmt.dtype), s, zp_out
 
 
-def fake_quantize_per_token_dynamic(x, *, dtype=jnp.int8, symmetric=True, scale_ub=None):
-    x, fmt, s, zp, _ = _dynamic("fake_quantize_per_token_dynamic", x, dtype, symmetric, scale_ub)
+def fake_quantize_per_token_dynamic(x, *, dtype=jnp.int8, symmetric=True, scale_ub=None, pow2_scale=False):
+    x, fmt, s, zp, _ = _dynamic("fake_quantize_per_token_dynamic", x, dtype, symmetric, scale_ub, pow2_scale)
     return fake_quantize_per_token(x, s, zp, dtype=fmt.dtype)
 
 
@@ -191,12 +191,50 @@ def silu_mul_fake_quantize_per_token(a, b, *, scale=None, dtype=jnp.int8, scale_
 def scaled_matmul(a, a_scale, b, b_scale, *, out_dtype=jnp.bfloat16, residual=None):
     """(Σ_k a[..., k] b[k, n]) * a_scale[...] * b_scale[n] (+ residual), left to right: the sum in
     int32 for int8 (exact) or float32 for float8, then float32 multiplies (and add), rounded once
-    to out_dtype."""
+    to out_dtype. Blockwise scales (b_scale [K // 128, N // 128], a_scale [..., K // 128]): each
+    128-long block's sum times its two scales, the blocks added in float32 (in XLA's order)."""
     acc_type = jnp.int32 if a.dtype == jnp.int8 else jnp.float32
-    acc = jax.lax.dot_general(a, b, (((a.ndim - 1,), (0,)), ((), ())), preferred_element_type=acc_type)
     a_scale, b_scale = jnp.asarray(a_scale, jnp.float32), jnp.asarray(b_scale, jnp.float32)
-    row_scale = a_scale[..., None] if a_scale.ndim else a_scale
-    out = acc.astype(jnp.float32) * row_scale * b_scale
+    if b_scale.ndim == 2:
+        out = _blockwise_product(a, a_scale, b, b_scale, acc_type)
+    else:
+        acc = jax.lax.dot_general(a, b, (((a.ndim - 1,), (0,)), ((), ())), preferred_element_type=acc_type)
+        row_scale = a_scale[..., None] if a_scale.ndim else a_scale
+        out = acc.astype(jnp.float32) * row_scale * b_scale
     if residual is not None:  # the product rounds to float32 first: the barrier keeps XLA from an FMA
         out = jax.lax.optimization_barrier(out) + residual.astype(jnp.float32)
     return out.astype(out_dtype)
+
+
+def _blockwise_product(a, a_scale, b, b_scale, acc_type):
+    kb, (k, n) = b_scale.shape[0], b.shape
+    blocks = a.reshape(*a.shape[:-1], kb, k // kb)
+    acc = jax.lax.dot_general(blocks, b.reshape(kb, k // kb, n), (((a.ndim,), (1,)), ((a.ndim - 1,), (0,))),
+                              preferred_element_type=acc_type)  # [kb, ..., N]
+    a_scale = jnp.moveaxis(a_scale, -1, 0)[..., None]  # [kb, ..., 1]
+    b_scale = jnp.repeat(b_scale, n // b_scale.shape[1], axis=1).reshape(kb, *(1,) * (a.ndim - 1), n)
+    return jnp.sum(acc.astype(jnp.float32) * a_scale * b_scale, axis=0)
+
+
+# ---- per-token groups: the per-token dynamic ops on x.reshape(..., D // g, g) ---------------------
+
+def quantize_per_token_group(x, group_size=128, *, dtype=jnp.float8_e4m3fn, scale_ub=None, scale_layout="row",
+                             pow2_scale=False):
+    x = jnp.asarray(x)
+    grouped = x.reshape(*x.shape[:-1], x.shape[-1] // group_size, group_size)
+    q, s, _ = quantize_per_token_dynamic(grouped, dtype=dtype, scale_ub=scale_ub, pow2_scale=pow2_scale)
+    return q.reshape(x.shape), jnp.swapaxes(s, -1, -2) if scale_layout == "column" else s
+
+
+def fake_quantize_per_token_group(x, group_size=128, *, dtype=jnp.float8_e4m3fn, scale_ub=None, pow2_scale=False):
+    x = jnp.asarray(x)
+    grouped = x.reshape(*x.shape[:-1], x.shape[-1] // group_size, group_size)
+    return fake_quantize_per_token_dynamic(grouped, dtype=dtype, scale_ub=scale_ub, pow2_scale=pow2_scale
+                                           ).reshape(x.shape)
+
+
+def dequantize_per_token_group(q, scale, *, dtype, scale_layout="row"):
+    q, scale = jnp.asarray(q), jnp.asarray(scale)
+    scale = jnp.swapaxes(scale, -1, -2) if scale_layout == "column" else scale
+    grouped = q.reshape(*q.shape[:-1], scale.shape[-1], q.shape[-1] // scale.shape[-1])
+    return dequantize_per_token(grouped, scale, dtype=dtype).reshape(q.shape)

@@ -48,10 +48,14 @@ enum DescAttribute : int32_t {                                       // cublasLt
   kDescAScaleMode = 31,
   kDescBScaleMode = 32,
 };
-enum MatrixScale : int32_t { kScaleOuterVec32F = 3 };                  // cublasLtMatmulMatrixScale_t
+enum MatrixScale : int32_t {  // cublasLtMatmulMatrixScale_t
+  kScaleOuterVec32F = 3,        // one per row (or column) of op(X)
+  kScaleVec128_32F = 4,         // one per 1 x 128 group along K
+  kScaleBlk128x128_32F = 5,     // one per 128 x 128 block
+};
 enum PreferenceAttribute : int32_t { kPrefMaxWorkspaceBytes = 1 };     // cublasLtMatmulPreferenceAttributes_t
 
-// The first cuBLASLt with per-row x per-column (outer vector) FP8 scales.
+// The first cuBLASLt with per-row x per-column (outer vector) and blockwise FP8 scales.
 constexpr size_t kOuterVectorVersion = 120900;
 
 struct Api {

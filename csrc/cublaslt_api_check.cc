@@ -25,4 +25,6 @@ static_assert(int{lt::kDescBScalePointer} == int{CUBLASLT_MATMUL_DESC_B_SCALE_PO
 static_assert(int{lt::kDescAScaleMode} == int{CUBLASLT_MATMUL_DESC_A_SCALE_MODE});
 static_assert(int{lt::kDescBScaleMode} == int{CUBLASLT_MATMUL_DESC_B_SCALE_MODE});
 static_assert(int{lt::kScaleOuterVec32F} == int{CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F});
+static_assert(int{lt::kScaleVec128_32F} == int{CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F});
+static_assert(int{lt::kScaleBlk128x128_32F} == int{CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F});
 static_assert(int{lt::kPrefMaxWorkspaceBytes} == int{CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES});

@@ -322,18 +322,20 @@ ffi::Error check_qparam_outputs(const char* op, ffi::AnyBuffer x, ffi::AnyBuffer
   return ffi::Error::Success();
 }
 
-// A dynamic op's grid: symmetric (scale_ub allowed) or with a zero point (integer formats only).
+// A dynamic op's grid: symmetric (scale_ub and pow2_scale allowed) or with a zero point (integer
+// formats only).
 template <class F>
-ffi::Error check_dynamic(const char* op, bool symmetric, int32_t qmin, int32_t qmax, double scale_ub) {
+ffi::Error check_dynamic(const char* op, bool symmetric, int32_t qmin, int32_t qmax, double scale_ub,
+                         bool pow2_scale = false) {
   if (!(scale_ub > 0)) return invalid(op, "scale_ub must be positive (+inf for none), got " + std::to_string(scale_ub));
-  if (!symmetric && scale_ub != std::numeric_limits<double>::infinity())
-    return invalid(op, "scale_ub applies to symmetric quantization only");
+  if (!symmetric && (scale_ub != std::numeric_limits<double>::infinity() || pow2_scale))
+    return invalid(op, "scale_ub and pow2_scale apply to symmetric quantization only");
   if (qmin >= qmax) return invalid(op, "need qmin < qmax");
   return check_grid<F>(op, qmin, qmax, !symmetric);
 }
 
 template <class Op, class M>
-Op make_dynamic_op(bool symmetric, int32_t qmin, int32_t qmax, double scale_ub) {
+Op make_dynamic_op(bool symmetric, int32_t qmin, int32_t qmax, double scale_ub, bool pow2_scale = false) {
   Op op;
   op.scale = nullptr;
   op.zero_point = nullptr;
@@ -341,6 +343,7 @@ Op make_dynamic_op(bool symmetric, int32_t qmin, int32_t qmax, double scale_ub) 
   op.qmin = M(qmin);
   op.qmax = M(qmax);
   op.scale_ub = M(scale_ub);
+  op.pow2_scale = pow2_scale;
   return op;
 }
 
@@ -348,7 +351,7 @@ Op make_dynamic_op(bool symmetric, int32_t qmin, int32_t qmax, double scale_ub) 
 template <class Exec>
 ffi::Error quantize_dynamic(Exec exec, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> q,
                             ffi::Result<ffi::AnyBuffer> scale, ffi::Result<ffi::AnyBuffer> zp, bool symmetric,
-                            int32_t qmin, int32_t qmax, double scale_ub) {
+                            int32_t qmin, int32_t qmax, double scale_ub, bool pow2_scale) {
   constexpr const char* op = "quantize_per_token_dynamic";
   return dispatch_float(op, "x", x.element_type(), [&](auto xt) {
     using T = typename decltype(xt)::type;
@@ -357,9 +360,9 @@ ffi::Error quantize_dynamic(Exec exec, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuf
       using F = typename decltype(qt)::type;
       Rows s;
       if (auto e = check_qparam_outputs<M>(op, x, *q, *scale, *zp, s); !e.success()) return e;
-      if (auto e = check_dynamic<F>(op, symmetric, qmin, qmax, scale_ub); !e.success()) return e;
+      if (auto e = check_dynamic<F>(op, symmetric, qmin, qmax, scale_ub, pow2_scale); !e.success()) return e;
       using Op = Produced<Dynamic<QuantizeOp<T, F>>, Identity>;
-      return exec.dynamic_rows(make_dynamic_op<Op, M>(symmetric, qmin, qmax, scale_ub), s.rows, s.cols,
+      return exec.dynamic_rows(make_dynamic_op<Op, M>(symmetric, qmin, qmax, scale_ub, pow2_scale), s.rows, s.cols,
                                data_of<typename F::storage>(*q), data_of<M>(*scale), data_of<int32_t>(*zp),
                                data_of<const T>(x));
     });
@@ -371,7 +374,7 @@ template <class Exec>
 ffi::Error fake_quantize_dynamic(Exec exec, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y,
                                  ffi::Result<ffi::AnyBuffer> scale, ffi::Result<ffi::AnyBuffer> zp,
                                  std::string_view format, bool symmetric, int32_t qmin, int32_t qmax,
-                                 double scale_ub) {
+                                 double scale_ub, bool pow2_scale) {
   constexpr const char* op = "fake_quantize_per_token_dynamic";
   return dispatch_float(op, "x", x.element_type(), [&](auto xt) {
     using T = typename decltype(xt)::type;
@@ -381,9 +384,9 @@ ffi::Error fake_quantize_dynamic(Exec exec, ffi::AnyBuffer x, ffi::Result<ffi::A
       Rows s;
       if (auto e = check_qparam_outputs<M>(op, x, *y, *scale, *zp, s); !e.success()) return e;
       if (x.element_type() != y->element_type()) return invalid(op, "the output must have x's dtype");
-      if (auto e = check_dynamic<F>(op, symmetric, qmin, qmax, scale_ub); !e.success()) return e;
+      if (auto e = check_dynamic<F>(op, symmetric, qmin, qmax, scale_ub, pow2_scale); !e.success()) return e;
       using Op = Produced<Dynamic<FakeQuantizeOp<T, typename F::grid>>, Identity>;
-      return exec.dynamic_rows(make_dynamic_op<Op, M>(symmetric, qmin, qmax, scale_ub), s.rows, s.cols,
+      return exec.dynamic_rows(make_dynamic_op<Op, M>(symmetric, qmin, qmax, scale_ub, pow2_scale), s.rows, s.cols,
                                data_of<T>(*y), data_of<M>(*scale), data_of<int32_t>(*zp), data_of<const T>(x));
     });
   });
@@ -410,7 +413,9 @@ template <class B> auto format_attrs(B&& b) {
   return grid_attrs(std::move(b).template Attr<std::string_view>("format"));
 }
 template <class B> auto dynamic_attrs(B&& b) {
-  return grid_attrs(std::move(b).template Attr<bool>("symmetric")).template Attr<double>("scale_ub");
+  return grid_attrs(std::move(b).template Attr<bool>("symmetric"))
+      .template Attr<double>("scale_ub")
+      .template Attr<bool>("pow2_scale");
 }
 
 template <class B> auto bind_quantize(B&& b) { return grid_attrs(static_op<2, 1>(std::move(b))); }

@@ -110,6 +110,8 @@ struct LsqGradOp : QParams<math_t<T>> {
 //   scale = 1 where the product is 0 (an all-zero row), so such rows give q = zp
 //   and dequantize to exact zeros. A row holding +-inf gets scale = inf: every
 //   q is the zero point and dequantizes to NaN.
+//   pow2_scale (symmetric only): scale = pow2_ceil(scale), the power of two at or
+//   above it (UE8M0-style scales, whose reciprocal is exact); inf stays inf.
 
 BJ_HD float nan_ignoring_min(float a, float b) { return fminf(a, b); }
 BJ_HD float nan_ignoring_max(float a, float b) { return fmaxf(a, b); }
@@ -135,18 +137,36 @@ struct RowRange {
   }
 };
 
+// 2^ceil(log2 s) for s > 0, by its bits (so XLA:CPU's flushed subnormals cannot
+// change it): a power of two stays, a normal s moves to the next binade (past the
+// largest, to inf), a subnormal to the next power of two above it; inf stays.
+template <class M>
+BJ_HD M pow2_ceil(M s) {
+  using U = typename FloatBits<M>::uint;
+  constexpr U kMan = (U(1) << FloatBits<M>::kMan) - 1;
+  constexpr U kInf = ((U(1) << (8 * sizeof(U) - 1)) - 1) & ~kMan;  // the exponent bits of inf and NaN
+  const U u = bit_cast<U>(s), man = u & kMan, exp = u & ~kMan;
+  if (man == 0 || exp == kInf) return s;
+  if (exp != 0) return bit_cast<M>(exp + kMan + 1);
+  U p = 1;
+  while (p < man) p <<= 1;
+  return bit_cast<M>(p);
+}
+
 // QuantizeOp or FakeQuantizeOp whose row parameters come from the row's range.
 template <class Base>
 struct Dynamic : Base {
   using M = typename Base::math;
   static constexpr bool kDynamic = true;
   M scale_ub;  // the symmetric ops' bound on the row's amax (vLLM's scale_ub); +inf for none
+  bool pow2_scale = false;  // round the scale up to a power of two
 
   BJ_HD RowParams<M> params(const RowRange<M>& r) const {
     const M qmin = this->qmin, qmax = this->qmax;
     M s = this->has_zp ? (r.hi - r.lo) * (M(1) / (qmax - qmin))
                        : nan_ignoring_min(nan_ignoring_max(-r.lo, r.hi), scale_ub) * (M(1) / qmax);
     if (s == 0) s = 1;
+    if (pow2_scale) s = pow2_ceil(s);
     const M inv = M(1) / s;
     M zp = 0;
     if (this->has_zp) {

@@ -8,6 +8,10 @@
 //
 //   fp8:  f32 accumulation, both scales applied in cuBLASLt's epilogue (outer-vector scale modes),
 //         the residual as its C (beta = 1), rounded once to the output dtype.
+//   fp8, blockwise (DeepSeek-V3's recipe): a_scale one per 1 x 128 group of a row, b_scale one per
+//         128 x 128 block, applied by cuBLASLt inside the K loop (VEC128 / BLK128x128 modes). It
+//         reads a_scale as [K / 128][M] (the primitive asks XLA for that layout) and b_scale as
+//         [N / 128][K / 128 rounded up to 4] (padded here, in the workspace's tail, when needed).
 //   int8: int32 accumulation into a scratch result, then one pass here that applies the scales
 //         (cuBLASLt's int8 kernels have no per-row x per-column epilogue): the contract is
 //         out = round((float(acc) * a_scale[m]) * b_scale[n] + float(residual[m, n])), the jnp
@@ -52,9 +56,12 @@ ffi::Error lt_error(const char* call, lt::Status status) {
   if (lt::Status bj_status = api.call; bj_status != 0) return lt_error(#call, bj_status)
 
 struct Scales {
-  const float* a;  // [M]
-  const float* b;  // [N]
+  const float* a;  // [M], or blockwise [K / 128][M]
+  const float* b;  // [N], or blockwise [N / 128][round_up(K / 128, 4)]
 };
+
+constexpr int64_t kBlock = 128;
+constexpr int64_t kBlockScaleAlign = 4;  // b_scale's leading dimension: 16-byte aligned columns
 
 // ---- the int8 rescale --------------------------------------------------------------------------
 
@@ -145,8 +152,8 @@ struct Plan {
 constexpr int kInt8Candidates = 8;
 constexpr int64_t kTimedRows = 65;
 
-// (device, M, N, K, input dtype, accumulator-or-output dtype, workspace bytes)
-using PlanKey = std::tuple<int, int64_t, int64_t, int64_t, int, int, size_t>;
+// (device, M, N, K, input dtype, accumulator-or-output dtype, workspace bytes, blockwise scales)
+using PlanKey = std::tuple<int, int64_t, int64_t, int64_t, int, int, size_t, bool>;
 
 // cuBLASLt's A scale is one per row of op(A), our N: b_scale; its B scale is a_scale.
 ffi::Error set_scales(const lt::Api& api, lt::MatmulDesc desc, Scales scales) {
@@ -158,7 +165,7 @@ ffi::Error set_scales(const lt::Api& api, lt::MatmulDesc desc, Scales scales) {
 }
 
 ffi::Error make_plan(const lt::Api& api, lt::Handle handle, const PlanKey& key, Scales scales, Plan& plan) {
-  const auto [dev, m, n, k, in, out, workspace] = key;
+  const auto [dev, m, n, k, in, out, workspace, blockwise] = key;
   const bool fp8 = static_cast<ffi::DataType>(in) == ffi::DataType::F8E4M3FN;
   const cudaDataType_t in_type = cuda_type(static_cast<ffi::DataType>(in));
   const cudaDataType_t d_type = cuda_type(static_cast<ffi::DataType>(out));
@@ -167,9 +174,11 @@ ffi::Error make_plan(const lt::Api& api, lt::Handle handle, const PlanKey& key, 
   BJ_LT(desc_set(plan.desc, lt::kDescTransA, &trans_a, sizeof trans_a));
   BJ_LT(desc_set(plan.desc, lt::kDescTransB, &trans_b, sizeof trans_b));
   if (fp8) {
-    const int32_t mode = lt::kScaleOuterVec32F;
-    BJ_LT(desc_set(plan.desc, lt::kDescAScaleMode, &mode, sizeof mode));
-    BJ_LT(desc_set(plan.desc, lt::kDescBScaleMode, &mode, sizeof mode));
+    // cuBLASLt's A is our b (128 x 128 blocks when blockwise), its B our a (1 x 128 groups)
+    const int32_t a_mode = blockwise ? lt::kScaleBlk128x128_32F : lt::kScaleOuterVec32F;
+    const int32_t b_mode = blockwise ? lt::kScaleVec128_32F : lt::kScaleOuterVec32F;
+    BJ_LT(desc_set(plan.desc, lt::kDescAScaleMode, &a_mode, sizeof a_mode));
+    BJ_LT(desc_set(plan.desc, lt::kDescBScaleMode, &b_mode, sizeof b_mode));
     BJ_TRY(set_scales(api, plan.desc, scales));  // the heuristic refuses these modes without them
   }
   BJ_LT(layout_create(&plan.a, in_type, k, n, k));  // b, stored [N][K]
@@ -243,7 +252,7 @@ struct Plans {
       auto fresh = std::make_unique<Plan>();
       if (ffi::Error err = make_plan(api, handle, key, scales, *fresh); !err.success()) {
         plans.erase(key);
-        const auto [dev, m, n, k, in, out, workspace] = key;
+        const auto [dev, m, n, k, in, out, workspace, blockwise] = key;
         return ffi::Error(*err.errc(), err.message() + " (M=" + std::to_string(m) + ", N=" + std::to_string(n) +
                                            ", K=" + std::to_string(k) + ", dtypes " + std::to_string(in) + " -> " +
                                            std::to_string(out) + ")");
@@ -281,8 +290,18 @@ ffi::Error scaled_matmul(cudaStream_t stream, ffi::AnyBuffer a, ffi::Buffer<ffi:
   if (b_dims[0] != k) return invalid("b must be [K, N] with a's K = " + std::to_string(k));
   if (k == 0 || k % 16 != 0 || n % 16 != 0)  // 16-byte rows for cuBLASLt, 4-column vectors for the rescale
     return invalid("K and N must be positive multiples of 16 (the primitive lowers other shapes to XLA's dot)");
-  if (static_cast<int64_t>(a_scale.element_count()) != m || static_cast<int64_t>(b_scale.element_count()) != n)
+  const bool blockwise = b_scale.dimensions().size() == 2;
+  const int64_t kb = k / kBlock, kb_padded = (kb + kBlockScaleAlign - 1) / kBlockScaleAlign * kBlockScaleAlign;
+  if (blockwise) {
+    if (!fp8 || k % kBlock != 0 || n % kBlock != 0)
+      return invalid("blockwise scales take float8_e4m3fn with K and N multiples of 128");
+    if (static_cast<int64_t>(a_scale.element_count()) != m * kb ||
+        b_scale.dimensions()[0] != kb || b_scale.dimensions()[1] != n / kBlock)
+      return invalid("blockwise scales must be a_scale [..., K / 128] and b_scale [K / 128, N / 128]");
+  } else if (static_cast<int64_t>(a_scale.element_count()) != m ||
+             static_cast<int64_t>(b_scale.element_count()) != n) {
     return invalid("a_scale must have one value per row of a and b_scale one per column of b");
+  }
   const ffi::DataType out_type = out->element_type();
   if (out_type != ffi::DataType::BF16 && out_type != ffi::DataType::F16 && out_type != ffi::DataType::F32)
     return invalid("out must be bfloat16, float16 or float32");
@@ -312,9 +331,21 @@ ffi::Error scaled_matmul(cudaStream_t stream, ffi::AnyBuffer a, ffi::Buffer<ffi:
   int dev = 0;
   if (cudaError_t err = cudaGetDevice(&dev); err != cudaSuccess)
     return ffi::Error::Internal(std::string(kOp) + cudaGetErrorString(err));
+  Scales scales{a_scale.typed_data(), b_scale.typed_data()};
+  size_t workspace_bytes = workspace->size_bytes();
+  if (blockwise && kb_padded != kb) {  // b_scale's columns padded to kb_padded rows, at the workspace's end
+    const size_t bytes = static_cast<size_t>(kb_padded * (n / kBlock)) * sizeof(float);
+    if (bytes + 256 > workspace_bytes) return invalid("the workspace is too small for the padded b_scale");
+    workspace_bytes = (workspace_bytes - bytes) / 256 * 256;
+    float* padded = reinterpret_cast<float*>(static_cast<char*>(workspace->untyped_data()) + workspace_bytes);
+    if (cudaError_t err = cudaMemcpy2DAsync(padded, kb_padded * sizeof(float), scales.b, kb * sizeof(float),
+                                            kb * sizeof(float), n / kBlock, cudaMemcpyDeviceToDevice, stream);
+        err != cudaSuccess)
+      return ffi::Error::Internal(std::string(kOp) + "padding b_scale: " + cudaGetErrorString(err));
+    scales.b = padded;
+  }
   const PlanKey key{dev, m, n, k, static_cast<int>(in), static_cast<int>(fp8 ? out_type : ffi::DataType::S32),
-                    workspace->size_bytes()};
-  const Scales scales{a_scale.typed_data(), b_scale.typed_data()};
+                    workspace_bytes, blockwise};
   Plan* plan = nullptr;
   lt::Handle handle = nullptr;
   BJ_TRY(plans().get(api, key, scales, plan, handle));
@@ -354,9 +385,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(baracuda_scaled_matmul_cuda, baracuda::scaled_matm
                               xla::ffi::Ffi::Bind()
                                   .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
                                   .Arg<xla::ffi::AnyBuffer>()                  // a [..., K]
-                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()      // a_scale [...]
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()      // a_scale [...] or [..., K/128]
                                   .Arg<xla::ffi::AnyBuffer>()                  // b [K, N], column-major
-                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()      // b_scale [N]
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()      // b_scale [N] or [K/128, N/128]
                                   .RemainingArgs()                             // residual [..., N], optional
                                   .Ret<xla::ffi::AnyBuffer>()                  // out [..., N]
                                   .Ret<xla::ffi::AnyBuffer>()                  // cuBLASLt's workspace (bytes)

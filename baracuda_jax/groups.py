@@ -1,0 +1,93 @@
+"""Per-token-group quantization: one scale per 1 x group_size slice of each row, the activations'
+half of DeepSeek-V3's FP8 recipe (the weights' half is `scaled_matmul`'s 128 x 128 blocks).
+
+Each group is a row of the per-token dynamic ops: these are `quantize_per_token_dynamic` and friends
+on x.reshape(..., D // group_size, group_size), the same bits, and the same kernel (on the GPU its
+launch gives a short row a few lanes of a warp, not a block).
+"""
+
+import jax.numpy as jnp
+
+from baracuda_jax import _checks
+from baracuda_jax.ops import dequantize_per_token, fake_quantize_per_token_dynamic, quantize_per_token_dynamic
+
+GROUP_SIZES = (32, 64, 128)
+SCALE_LAYOUTS = ("row", "column")
+
+
+def _grouped(op, x, group_size, dtype):
+    """x [..., D] as [..., D // group_size, group_size], after checking the arguments."""
+    x = jnp.asarray(x)
+    _checks.float_dtype(op, "x", x.dtype)
+    fmt = _checks.format_of(op, "dtype", dtype)
+    if fmt.lowest >= 0:
+        raise ValueError(f"{op}: groups are quantized symmetrically; dtype must be int8 or a float8 type, "
+                         f"got {fmt.name}")
+    if isinstance(group_size, bool) or group_size not in GROUP_SIZES:
+        raise ValueError(f"{op}: group_size must be one of {GROUP_SIZES}, got {group_size!r}")
+    if x.ndim < 1 or x.shape[-1] % group_size:
+        raise ValueError(f"{op}: x's last dim must be a multiple of group_size={group_size}; "
+                         f"got x of shape {tuple(x.shape)}")
+    return x.reshape(*x.shape[:-1], x.shape[-1] // group_size, group_size)
+
+
+def _check_layout(op, scale_layout, ndim):
+    if scale_layout not in SCALE_LAYOUTS:
+        raise ValueError(f"{op}: scale_layout must be one of {SCALE_LAYOUTS}, got {scale_layout!r}")
+    if scale_layout == "column" and ndim < 2:
+        raise ValueError(f"{op}: scale_layout='column' swaps the scale's last two axes (tokens, groups): "
+                         f"it needs x of rank >= 2")
+
+
+def quantize_per_token_group(x, group_size=128, *, dtype=jnp.float8_e4m3fn, scale_ub=None, scale_layout="row",
+                             pow2_scale=False):
+    """(q, scale): each group of `group_size` consecutive values of a row quantized on its own.
+
+    scale = amax(group) * (1/qmax) (bounded first by scale_ub; rounded up to a power of two with
+    pow2_scale, UE8M0-style), q = saturate(x * (1/scale)) in dtype, as `quantize_per_token_dynamic`
+    on x.reshape(..., D // group_size, group_size), bit for bit.
+
+    Args:
+      x: [..., D] float16/bfloat16/float32/float64, D a multiple of group_size.
+      group_size: 32, 64 or 128.
+      dtype: float8_e4m3fn (default), float8_e5m2 or int8.
+      scale_layout: "row" gives scale x.shape[:-1] + (D // group_size,); "column" the same with its
+        last two axes swapped ([..., D // group_size, T]: each group's scales for all tokens
+        together, the layout a GEMM reads an activation's scales in).
+
+    Returns:
+      q like x in dtype, and scale in float32 (float64 for float64 x).
+    """
+    op = "quantize_per_token_group"
+    grouped = _grouped(op, x, group_size, dtype)
+    _check_layout(op, scale_layout, grouped.ndim - 1)
+    q, scale, _ = quantize_per_token_dynamic(grouped, dtype=dtype, scale_ub=scale_ub, pow2_scale=pow2_scale)
+    return q.reshape(jnp.shape(x)), jnp.swapaxes(scale, -1, -2) if scale_layout == "column" else scale
+
+
+def fake_quantize_per_token_group(x, group_size=128, *, dtype=jnp.float8_e4m3fn, scale_ub=None, pow2_scale=False):
+    """dequantize(quantize_per_token_group(x)) in x's dtype, one fused pass, with the straight-through
+    gradient of the per-token ops (g where the value was not saturated; the scales get none): QAT for
+    the group recipe."""
+    grouped = _grouped("fake_quantize_per_token_group", x, group_size, dtype)
+    y = fake_quantize_per_token_dynamic(grouped, dtype=dtype, scale_ub=scale_ub, pow2_scale=pow2_scale)
+    return y.reshape(jnp.shape(x))
+
+
+def dequantize_per_token_group(q, scale, *, dtype, scale_layout="row"):
+    """y = q * scale of q's group, rounded once to dtype: the inverse of quantize_per_token_group.
+
+    q: [..., D] int8 or float8; scale: q.shape[:-1] + (G,) ("row") or that with its last two axes
+    swapped ("column"), G dividing D: the group size is D // G.
+    """
+    op = "dequantize_per_token_group"
+    q, scale = jnp.asarray(q), jnp.asarray(scale)
+    _check_layout(op, scale_layout, q.ndim)
+    if scale_layout == "column":
+        scale = jnp.swapaxes(scale, -1, -2)
+    if q.ndim < 1 or scale.ndim != q.ndim or scale.shape[:-1] != q.shape[:-1] or q.shape[-1] % max(scale.shape[-1], 1):
+        raise ValueError(f"{op}: scale must be q.shape[:-1] + (G,) with G dividing D (the {scale_layout} layout); "
+                         f"got q {tuple(q.shape)} and scale {tuple(jnp.shape(scale))} after the layout")
+    groups = scale.shape[-1]
+    grouped = q.reshape(*q.shape[:-1], groups, q.shape[-1] // groups)
+    return dequantize_per_token(grouped, scale, dtype=dtype).reshape(q.shape)
