@@ -6,6 +6,7 @@ on x.reshape(..., D // group_size, group_size), the same bits, and the same kern
 launch gives a short row a few lanes of a warp, not a block).
 """
 
+import numpy as np
 import jax.numpy as jnp
 
 from baracuda_jax import _checks
@@ -23,7 +24,7 @@ def _grouped(op, x, group_size, dtype):
     if fmt.lowest >= 0:
         raise ValueError(f"{op}: groups are quantized symmetrically; dtype must be int8 or a float8 type, "
                          f"got {fmt.name}")
-    if isinstance(group_size, bool) or group_size not in GROUP_SIZES:
+    if not isinstance(group_size, (int, np.integer)) or isinstance(group_size, bool) or group_size not in GROUP_SIZES:
         raise ValueError(f"{op}: group_size must be one of {GROUP_SIZES}, got {group_size!r}")
     if x.ndim < 1 or x.shape[-1] % group_size:
         raise ValueError(f"{op}: x's last dim must be a multiple of group_size={group_size}; "

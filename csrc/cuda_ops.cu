@@ -117,11 +117,14 @@ struct RowSpan {
     body = base + head;
   }
 
-  // Calls f(index) for the unaligned elements that lane c (< W) owns: one of the head, one of the tail.
+  // Calls f(index) for the unaligned elements that lane c of `lanes` owns: the head's and the
+  // tail's elements c, c + lanes, ... (below W).
   template <class F>
-  __device__ void ends(int64_t cols, int64_t c, F f) const {
-    if (c < head) f(base + c);
-    if (c < W && head + nvec * W + c < cols) f(base + head + nvec * W + c);
+  __device__ void ends(int64_t cols, int64_t c, F f, int64_t lanes = W) const {
+    for (; c < W; c += lanes) {
+      if (c < head) f(base + c);
+      if (head + nvec * W + c < cols) f(base + head + nvec * W + c);
+    }
   }
 };
 
@@ -155,14 +158,17 @@ row_map_kernel(Op op, int64_t cols, int64_t chunks, int64_t tiles, int per_threa
   }
 }
 
-// ---- dynamic ops: one block per row ----------------------------------------
-// The block reads its row once into registers (up to C vectors a thread),
-// reduces the range, derives the row's scale and zero point, then quantizes
-// from registers. A row longer than kMaxThreads * C vectors (C = kCache for one
-// input: 64 KiB, 32768 bf16 values) streams its remainder from memory a second
-// time.
+// ---- dynamic ops: `lanes` threads per row -----------------------------------
+// A row's lanes read it once into registers (up to C vectors a lane), reduce
+// the range, derive the row's scale and zero point, then quantize from
+// registers. A long row takes a block (up to kMaxThreads lanes); a short one (a
+// per-token group of 128) a power of two of at most 32 lanes, so that a block
+// of kShortRowThreads holds many rows and reduces with shuffles alone. A row
+// longer than kMaxThreads * C vectors (C = kCache for one input: 64 KiB, 32768
+// bf16 values) streams its remainder from memory a second time.
 constexpr int kMaxThreads = 512;
 constexpr int kCache = 8;
+constexpr int kShortRowThreads = 256;
 
 template <class M>
 __device__ __forceinline__ RowRange<M> shfl_xor(const RowRange<M>& r, int offset) {
@@ -193,6 +199,13 @@ __device__ V block_reduce(V v, V* partial) {
   return all;
 }
 
+// The reduction over a row's `lanes` consecutive threads (lanes <= 32: shuffles within the warp).
+template <class V>
+__device__ V lanes_reduce(V v, int lanes) {
+  for (int offset = lanes / 2; offset > 0; offset /= 2) v.merge(shfl_xor(v, offset));
+  return v;
+}
+
 // h of the W elements from `at`: the op's producer over its inputs.
 template <int W, class Op, class... In>
 __device__ __forceinline__ auto produce_vec(const Op& op, int64_t at, const In*... in) {
@@ -213,48 +226,53 @@ __device__ __forceinline__ void quantize_vec(const Op& op, const P& p, Out* out,
 
 template <int W, int C, class Op, class Out, class M, class... In>
 __global__ void __launch_bounds__(kMaxThreads)
-dynamic_row_kernel(Op op, int64_t rows, int64_t cols, Out* __restrict__ out, M* __restrict__ scale,
+dynamic_row_kernel(Op op, int64_t rows, int64_t cols, int lanes, Out* __restrict__ out, M* __restrict__ scale,
                    int32_t* __restrict__ zp, const In* __restrict__... in) {
   __shared__ RowRange<M> partial[kMaxThreads / 32];
-  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
-    const RowSpan<W> span(row, cols);
-    const int64_t nvec = span.nvec, body = span.body;
-    const int64_t streamed = int64_t{C} * blockDim.x;  // vectors past this are read twice
+  const int lane = threadIdx.x % lanes;  // lanes divides blockDim.x
+  const int64_t rows_per_block = blockDim.x / lanes;
+  // Every thread runs the same number of passes: the shuffles and barriers need all of them.
+  for (int64_t first = blockIdx.x * rows_per_block; first < rows; first += gridDim.x * rows_per_block) {
+    const int64_t row = first + threadIdx.x / lanes;
+    const bool live = row < rows;
+    const RowSpan<W> span(live ? row : 0, cols);
+    const int64_t nvec = live ? span.nvec : 0, body = span.body;
+    const int64_t streamed = int64_t{C} * lanes;  // vectors past this are read twice
 
     RowRange<M> range;
     decltype(produce_vec<W>(op, 0, in...)) cache[C];
 #pragma unroll
     for (int c = 0; c < C; ++c) {
-      const int64_t v = threadIdx.x + c * int64_t{blockDim.x};
+      const int64_t v = lane + c * int64_t{lanes};
       if (v < nvec) cache[c] = produce_vec<W>(op, body + v * W, in...);
     }
 #pragma unroll
     for (int c = 0; c < C; ++c) {
-      if (threadIdx.x + c * int64_t{blockDim.x} < nvec) {
+      if (lane + c * int64_t{lanes} < nvec) {
 #pragma unroll
         for (int k = 0; k < W; ++k) range.add(to_math(cache[c].v[k]));
       }
     }
-    for (int64_t v = streamed + threadIdx.x; v < nvec; v += blockDim.x) {
+    for (int64_t v = streamed + lane; v < nvec; v += lanes) {
       const auto h = produce_vec<W>(op, body + v * W, in...);
 #pragma unroll
       for (int k = 0; k < W; ++k) range.add(to_math(h.v[k]));
     }
-    span.ends(cols, threadIdx.x, [&](int64_t i) { range.add(to_math(op.value(in[i]...))); });
+    if (live) span.ends(cols, lane, [&](int64_t i) { range.add(to_math(op.value(in[i]...))); }, lanes);
 
-    const auto p = op.params(block_reduce(range, partial));
-    if (threadIdx.x == 0) {
+    const auto p = op.params(lanes <= 32 ? lanes_reduce(range, lanes) : block_reduce(range, partial));
+    if (live && lane == 0) {
       if (scale) scale[row] = p.scale;
       if (zp) zp[row] = static_cast<int32_t>(p.zp);
     }
 #pragma unroll
     for (int c = 0; c < C; ++c) {
-      const int64_t v = threadIdx.x + c * int64_t{blockDim.x};
+      const int64_t v = lane + c * int64_t{lanes};
       if (v < nvec) quantize_vec<W>(op, p, out + body + v * W, cache[c]);
     }
-    for (int64_t v = streamed + threadIdx.x; v < nvec; v += blockDim.x)
+    for (int64_t v = streamed + lane; v < nvec; v += lanes)
       quantize_vec<W>(op, p, out + body + v * W, produce_vec<W>(op, body + v * W, in...));
-    span.ends(cols, threadIdx.x, [&](int64_t i) { out[i] = op.quantize(p, op.value(in[i]...)); });
+    if (live) span.ends(cols, lane, [&](int64_t i) { out[i] = op.quantize(p, op.value(in[i]...)); }, lanes);
   }
 }
 
@@ -540,9 +558,17 @@ struct CudaExec {
     // overlap the others' reductions; rows past kMaxThreads * C vectors stream.
     constexpr int C = kCache / (sizeof...(In) > 1 ? 2 : 1);
     const int64_t nvec = cols / W;
-    const int threads = row_threads(nvec, vectors_per_thread(rows * nvec, C));
-    const int grid = static_cast<int>(std::min<int64_t>(rows, int64_t{1} << 20));
-    dynamic_row_kernel<W, C><<<grid, threads, 0, stream>>>(op, rows, cols, out, scale, zp, in...);
+    const int per_thread = vectors_per_thread(rows * nvec, C);
+    const int64_t wanted = std::max<int64_t>(1, (nvec + per_thread - 1) / per_thread);
+    int lanes = row_threads(nvec, per_thread), threads = lanes;
+    if (wanted <= 32) {  // a short row: a power of two of lanes, many rows a block
+      lanes = 1;
+      while (lanes < wanted) lanes *= 2;
+      threads = kShortRowThreads;
+    }
+    const int64_t blocks = (rows + threads / lanes - 1) / (threads / lanes);
+    const int grid = static_cast<int>(std::min<int64_t>(blocks, int64_t{1} << 20));
+    dynamic_row_kernel<W, C><<<grid, threads, 0, stream>>>(op, rows, cols, lanes, out, scale, zp, in...);
     return launch_error();
   }
 

@@ -40,10 +40,20 @@ def operands(rng, m_shape, k, n, dtype):
             jnp.asarray(b.astype(np.float32)).astype(dtype), jnp.asarray(scale((n,))))
 
 
+def blockwise_operands(rng, m_shape, k, n, dtype):
+    """operands() with one scale per 1 x 128 group of a and per 128 x 128 block of b."""
+    a, _, b, _ = operands(rng, m_shape, k, n, dtype)
+    scale = lambda shape: jnp.asarray((10.0 ** rng.uniform(-4, -2, shape)).astype(np.float32))
+    return a, scale((*m_shape, k // 128)), b, scale((k // 128, n // 128))
+
+
 def exact(a, a_scale, b, b_scale):
     """The float64 product of the operands (exact for these sizes) and the sum of |products|."""
     a64, b64 = (np.asarray(x.astype(jnp.float32), np.float64) for x in (a, b))
     sa, sb = np.asarray(a_scale, np.float64), np.asarray(b_scale, np.float64)
+    if sb.ndim == 2:  # blockwise: scale each element of a and b by its block's scale
+        a64, b64 = a64 * np.repeat(sa, 128, axis=-1), b64 * np.repeat(np.repeat(sb, 128, 0), 128, 1)
+        sa = sb = np.float64(1)
     sa = sa[..., None] if sa.ndim else sa
     return a64 @ b64 * sa * sb, np.abs(a64) @ np.abs(b64) * np.abs(sa) * np.abs(sb)
 
@@ -72,6 +82,23 @@ def test_against_float64(device, m_shape, k, n, dtype, out_dtype):
     assert out.shape == (*m_shape, n) and out.dtype == out_dtype
     fp8_sum = k * 2.0**-24 if device.platform == "cpu" else GPU_SUM_ERROR
     assert_close(out, *args, 0.0 if dtype == jnp.int8 else fp8_sum)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("m_shape,k,n", [((1,), 128, 128), ((7,), 384, 256), ((2, 5), 512, 384), ((33,), 1024, 128),
+                                         ((1000,), 256, 512)], ids=str)
+def test_blockwise_against_float64(device, m_shape, k, n, dtype, out_dtype):
+    """1 x 128 and 128 x 128 scales: float8 takes cuBLASLt's blockwise modes on the GPU (K / 128 = 3
+    pads b_scale's columns; M = 33 leaves a_scale's rows unaligned); int8 the reference. Each block's
+    sum adds its own rounding, and the blocks' terms are added in float32: K * 2**-24 covers both."""
+    rng = cases.rng()
+    args = jax.device_put(blockwise_operands(rng, m_shape, k, n, dtype), device)
+    residual = _residual(rng, (*m_shape, n), out_dtype) if rng.random() < 0.5 else None
+    out = jax.jit(lambda *x: bj.scaled_matmul(*x, out_dtype=out_dtype, residual=residual))(*args)
+    assert out.shape == (*m_shape, n) and out.dtype == out_dtype
+    sum_error = (k + 4 * k // 128) * 2.0**-24 if device.platform == "cpu" or dtype == jnp.int8 else GPU_SUM_ERROR
+    assert_close(out, *args, sum_error, residual)
 
 
 def _residual(rng, shape, dtype):
@@ -134,7 +161,7 @@ def test_errors_name_the_argument():
         (dict(b=b[:16]), ValueError, "its K must be a's last dim, 32"),
         (dict(b=b[0]), ValueError, "b \\[K, N\\]"),
         (dict(a_scale=a_scale[:3]), ValueError, "a_scale has shape \\(3,\\); expected \\(4,\\)"),
-        (dict(b_scale=b_scale[None]), ValueError, "b_scale has shape \\(1, 16\\)"),
+        (dict(b_scale=b_scale[None]), ValueError, "blockwise scales need K and N to be multiples of 128; got K=32"),
         (dict(b_scale=b_scale.astype(jnp.int32)), TypeError, "b_scale has dtype int32"),
         (dict(out_dtype=jnp.int8), TypeError, "out_dtype has dtype int8"),
         (dict(residual=jnp.zeros((4, 16), jnp.float32)), ValueError,
@@ -144,6 +171,19 @@ def test_errors_name_the_argument():
         kw = dict(a=a, a_scale=a_scale, b=b, b_scale=b_scale, out_dtype=jnp.bfloat16) | change
         with pytest.raises(error, match=f"scaled_matmul: .*{message}"):
             bj.scaled_matmul(kw.pop("a"), kw.pop("a_scale"), kw.pop("b"), kw.pop("b_scale"), **kw)
+
+
+def test_blockwise_errors_name_the_argument():
+    a, a_scale, b, b_scale = blockwise_operands(cases.rng(), (4,), 256, 128, jnp.float8_e4m3fn)
+    bad = [
+        (dict(a_scale=a_scale[:, :1]), "a_scale has shape \\(4, 1\\); blockwise .* expected \\(4, 2\\)"),
+        (dict(b_scale=b_scale.T), "b_scale has shape \\(1, 2\\); .*expected \\(2, 1\\)"),
+        (dict(a=a[:, :200], b=b[:200]), "blockwise scales need K and N to be multiples of 128; got K=200"),
+    ]
+    for change, message in bad:
+        kw = dict(a=a, a_scale=a_scale, b=b, b_scale=b_scale) | change
+        with pytest.raises(ValueError, match=f"scaled_matmul: .*{message}"):
+            bj.scaled_matmul(kw.pop("a"), kw.pop("a_scale"), kw.pop("b"), kw.pop("b_scale"))
 
 
 def test_it_has_no_derivative():
@@ -172,6 +212,20 @@ def test_cuda_lowering(monkeypatch):
     assert re.search(r"-> \(tensor<1x1x5x48xbf16>, tensor<\d+xui8>\)", fp8)
     odd = _cuda_text(monkeypatch, a[:, :40], a_scale, b[:40], b_scale)  # K % 16 != 0: XLA's dot
     assert "baracuda_scaled_matmul" not in odd and "dot_general" in odd
+
+
+def test_cuda_lowering_blockwise(monkeypatch):
+    """Blockwise float8: a_scale stored [K/128][rows] and b_scale [N/128][K/128] (operand layouts),
+    the block factors replicated; int8 blocks lower to XLA's dot."""
+    a, a_scale, b, b_scale = blockwise_operands(cases.rng(), (2, 5), 384, 256, jnp.float8_e4m3fn)
+    text = _cuda_text(monkeypatch, a, a_scale, b, b_scale)
+    call = next(line for line in text.splitlines() if "custom_call @baracuda_scaled_matmul" in line)
+    assert "tensor<1x2x5x384xf8E4M3FN>, tensor<1x2x5x3xf32>" in call
+    assert "operand_layouts = [dense<[3, 2, 1, 0]> : tensor<4xindex>, dense<[2, 1, 0, 3]> : tensor<4xindex>, " \
+           "dense<[0, 1]> : tensor<2xindex>, dense<[0, 1]> : tensor<2xindex>]" in call
+    assert "need_replication={l, m, n, o, p}" in call
+    int8 = _cuda_text(monkeypatch, a.astype(jnp.int8), a_scale, b.astype(jnp.int8), b_scale)
+    assert "baracuda_scaled_matmul" not in int8 and "dot_general" in int8
 
 
 def test_token_sharded_a_needs_no_collective():
