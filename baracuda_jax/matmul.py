@@ -25,6 +25,7 @@ from baracuda_jax.primitives import (FACTORS, PER_COLUMN, PER_ROW, ROWS, OpDecl,
 _OP = "scaled_matmul"
 WORKSPACE_BYTES = 32 << 20  # cuBLASLt's workspace, as XLA gives its own GEMMs on Hopper
 _ALIGN = 16  # K and N: cuBLASLt's 8-bit kernels need 16-byte aligned rows and columns
+_BLOCK_ROWS = 4  # blockwise: cuBLASLt reads a_scale as [K/128][rows], rows 16-byte aligned (measured: M % 4)
 
 
 def scaled_matmul(a, a_scale, b, b_scale, *, out_dtype=jnp.bfloat16, residual=None):
@@ -109,6 +110,9 @@ def _cuda_lowering(ctx, *operands, out_dtype):
             and math.prod(a_aval.shape[:-1]) > 0 and _gemm_ready(a_aval.dtype)
             and not (blockwise and a_aval.dtype != jnp.float8_e4m3fn)):  # int8 blocks: cuBLASLt has none
         return _reference_lowering(ctx, *operands, out_dtype=out_dtype)
+    if blockwise and math.prod(a_aval.shape[:-1]) % _BLOCK_ROWS:
+        padded = functools.partial(_rows_padded, out_dtype=out_dtype)
+        return mlir.lower_fun(padded, multiple_results=False)(ctx, *operands)
     # b [K, N] stays whole under XLA's batch partitioner only if a has more batch dims than b has dims
     lift = batch_lift(a_aval.ndim, [2])
     if lift:
@@ -133,6 +137,15 @@ def _cuda_lowering(ctx, *operands, out_dtype):
     layouts = [None, a_scale_layout, (0, 1), (0, 1) if blockwise else None, None][:len(operands)]
     rule = jax.ffi.ffi_lowering("baracuda_scaled_matmul", operand_layouts=layouts, extra_attributes=attrs)
     return rule(ctx.replace(avals_out=results), *operands)[:1]
+
+
+def _rows_padded(a, a_scale, b, b_scale, *residual, out_dtype):
+    """The blockwise call on a's rows flattened and padded to a multiple of _BLOCK_ROWS (the padding
+    rows' outputs are dropped): cuBLASLt has no blockwise kernel for other row counts."""
+    lead, m = a.shape[:-1], math.prod(a.shape[:-1])
+    rows = lambda x: jnp.pad(x.reshape(m, x.shape[-1]), ((0, -m % _BLOCK_ROWS), (0, 0)))
+    out = scaled_matmul_p.bind(rows(a), rows(a_scale), b, b_scale, *map(rows, residual), out_dtype=out_dtype)
+    return out[:m].reshape(*lead, out.shape[-1])
 
 
 def _no_derivative(primals, tangents, **params):

@@ -1,5 +1,6 @@
 """scaled_matmul against XLA's GEMMs: the bf16 dot, and XLA's int8 and float8 dots followed by the
 same rescale (bj.reference.scaled_matmul, XLA fusing what it can). Device time per call (timing.py).
+The *_block ways take blockwise scales (1 x 128 groups of a, 128 x 128 blocks of the weight).
 
 Every way reads the weight stored as [N, K] (one row per output channel) and is passed `w.T`, so no
 way pays a transpose. At small M the weights rotate over several copies (>= 256 MiB in all), so no
@@ -25,25 +26,29 @@ from timing import time_per_call
 
 MS = (16, 256, 4096, 8192, 16384)
 KNS = ((4096, 4096), (4096, 14336), (8192, 8192))
-WAYS = ("bf16", "xla_int8", "xla_fp8", "ours_int8", "ours_fp8")
+WAYS = ("bf16", "xla_int8", "xla_fp8", "ours_int8", "ours_fp8", "xla_fp8_block", "ours_fp8_block")
 
 
 def _ways():
-    """name -> (operand dtype, function of (a, a_scale, w [N, K], w_scale))."""
+    """name -> (operand dtype, blockwise scales, function of (a, a_scale, w [N, K], w_scale))."""
+    ours = lambda a, sa, w, sw: bj.scaled_matmul(a, sa, w.T, sw)
+    xla = lambda a, sa, w, sw: ref.scaled_matmul(a, sa, w.T, sw)
     return {
-        "bf16": (jnp.bfloat16, lambda a, sa, w, sw: a @ w.T),
-        "xla_int8": (jnp.int8, lambda a, sa, w, sw: ref.scaled_matmul(a, sa, w.T, sw)),
-        "xla_fp8": (jnp.float8_e4m3fn, lambda a, sa, w, sw: ref.scaled_matmul(a, sa, w.T, sw)),
-        "ours_int8": (jnp.int8, lambda a, sa, w, sw: bj.scaled_matmul(a, sa, w.T, sw)),
-        "ours_fp8": (jnp.float8_e4m3fn, lambda a, sa, w, sw: bj.scaled_matmul(a, sa, w.T, sw)),
+        "bf16": (jnp.bfloat16, False, lambda a, sa, w, sw: a @ w.T),
+        "xla_int8": (jnp.int8, False, xla),
+        "xla_fp8": (jnp.float8_e4m3fn, False, xla),
+        "ours_int8": (jnp.int8, False, ours),
+        "ours_fp8": (jnp.float8_e4m3fn, False, ours),
+        "xla_fp8_block": (jnp.float8_e4m3fn, True, xla),
+        "ours_fp8_block": (jnp.float8_e4m3fn, True, ours),
     }
 
 
-def _operands(key, m, k, n, dtype, copies):
+def _operands(key, m, k, n, dtype, blockwise, copies):
     ka, kw = jax.random.split(key)
     a = (jax.random.normal(ka, (m, k), jnp.float32) * 16).astype(dtype)
-    sa = jnp.full((m,), 1 / 64, jnp.float32)
-    sw = jnp.full((n,), 1 / 64, jnp.float32)
+    sa = jnp.full((m, k // 128) if blockwise else (m,), 1 / 64, jnp.float32)
+    sw = jnp.full((k // 128, n // 128) if blockwise else (n,), 1 / 64, jnp.float32)
     ws = [(jax.random.normal(jax.random.fold_in(kw, i), (n, k), jnp.float32) * 16).astype(dtype)
           for i in range(copies)]
     return [(a, sa, w, sw) for w in ws]
@@ -52,10 +57,10 @@ def _operands(key, m, k, n, dtype, copies):
 def row(m, k, n, reps, ways=WAYS):
     copies = max(1, min(8, math.ceil(WORKING_SET / (2 * k * n + 2 * m * k))))
     result = dict(m=m, k=k, n=n)
-    for name, (dtype, fn) in _ways().items():
+    for name, (dtype, blockwise, fn) in _ways().items():
         if name not in ways:
             continue
-        sets = _operands(jax.random.key(m + k + n), m, k, n, dtype, copies)
+        sets = _operands(jax.random.key(m + k + n), m, k, n, dtype, blockwise, copies)
         seconds = time_per_call(fn, sets, reps)
         del sets
         result[f"us_{name}"] = seconds * 1e6
@@ -65,7 +70,7 @@ def row(m, k, n, reps, ways=WAYS):
 
 def table(results):
     ways = [w for w in WAYS if "us_" + w in results[0]]
-    ours = [w for w in ("ours_fp8", "ours_int8") if w in ways]
+    ours = [w for w in ("ours_fp8", "ours_int8", "ours_fp8_block") if w in ways]
     lines = [f"{'M':>6} {'K':>5} {'N':>6} " + " ".join(f"{w:>10}" for w in ways)
              + "".join(f" {w[5:] + '/bf16':>10}" for w in ours) + "   (us; speed-up over the bf16 dot)"]
     for r in results:
@@ -82,12 +87,14 @@ def plot(json_path, png_path):
 
     data = json.loads(pathlib.Path(json_path).read_text())
     fig, axes = plt.subplots(1, len(KNS), figsize=(4.6 * len(KNS), 3.8), sharey=True)
-    style = {"bf16": "k--", "xla_int8": "C0:", "xla_fp8": "C1:", "ours_int8": "C0-", "ours_fp8": "C1-"}
+    style = {"bf16": "k--", "xla_int8": "C0:", "xla_fp8": "C1:", "ours_int8": "C0-", "ours_fp8": "C1-",
+             "xla_fp8_block": "C2:", "ours_fp8_block": "C2-"}
     label = {"bf16": "XLA bf16 dot", "xla_int8": "XLA int8 dot + rescale", "xla_fp8": "XLA fp8 dot + rescale",
-             "ours_int8": "scaled_matmul int8", "ours_fp8": "scaled_matmul fp8"}
+             "ours_int8": "scaled_matmul int8", "ours_fp8": "scaled_matmul fp8",
+             "xla_fp8_block": "XLA fp8 blockwise (per-block dots)", "ours_fp8_block": "scaled_matmul fp8 blockwise"}
     for ax, (k, n) in zip(axes, KNS):
         rows = [r for r in data["results"] if (r["k"], r["n"]) == (k, n)]
-        for way in WAYS:
+        for way in [w for w in WAYS if all("tflops_" + w in r for r in rows)]:
             ax.plot([r["m"] for r in rows], [r["tflops_" + way] for r in rows], style[way], marker="o", markersize=3,
                     label=label[way])
         ax.set(xscale="log", xlabel="M (tokens)", title=f"K={k}, N={n}")

@@ -61,7 +61,7 @@ struct Scales {
 };
 
 constexpr int64_t kBlock = 128;
-constexpr int64_t kBlockScaleAlign = 4;  // b_scale's leading dimension: 16-byte aligned columns
+constexpr int64_t kBlockScaleAlign = 4;  // the scales' leading dimensions: 16-byte aligned
 
 // ---- the int8 rescale --------------------------------------------------------------------------
 
@@ -293,8 +293,9 @@ ffi::Error scaled_matmul(cudaStream_t stream, ffi::AnyBuffer a, ffi::Buffer<ffi:
   const bool blockwise = b_scale.dimensions().size() == 2;
   const int64_t kb = k / kBlock, kb_padded = (kb + kBlockScaleAlign - 1) / kBlockScaleAlign * kBlockScaleAlign;
   if (blockwise) {
-    if (!fp8 || k % kBlock != 0 || n % kBlock != 0)
-      return invalid("blockwise scales take float8_e4m3fn with K and N multiples of 128");
+    if (!fp8 || k % kBlock != 0 || n % kBlock != 0 || m % kBlockScaleAlign != 0)  // cuBLASLt has no others
+      return invalid("blockwise scales take float8_e4m3fn with K and N multiples of 128 and rows a multiple of 4 "
+                     "(the primitive pads the rows)");
     if (static_cast<int64_t>(a_scale.element_count()) != m * kb ||
         b_scale.dimensions()[0] != kb || b_scale.dimensions()[1] != n / kBlock)
       return invalid("blockwise scales must be a_scale [..., K / 128] and b_scale [K / 128, N / 128]");

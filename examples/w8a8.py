@@ -6,7 +6,8 @@ Weights are quantized once per output channel and stored [N, K] (one row per cha
 scaled_matmul reads them); activations per token at run time with quantize_per_token_dynamic; the
 matmul is bj.scaled_matmul (cuBLASLt on a GPU, scales in its epilogue). With --time and a GPU, it
 also times a stack of pre-norm W8A8 layers (residual + RMSNorm + dynamic quantize in one op, then
-scaled_matmul with the residual add in its epilogue) against the same stack in bf16.
+scaled_matmul with the residual add in its epilogue) against the same stack in bf16, and the stack
+with blockwise float8 scales (quantize_per_token_group, 128 x 128 weight blocks).
 """
 
 import argparse
@@ -17,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 import baracuda_jax as bj
+import fp8_blockwise
 import qat
 
 FMAX = {jnp.int8: 127.0, jnp.float8_e4m3fn: 448.0}
@@ -64,8 +66,17 @@ def w8a8_stack(x, norms, qweights):
     return x
 
 
+def w8a8_block_stack(x, norms, qweights):
+    """The same layers with DeepSeek-V3's FP8 scales: the normed activations quantized per 1 x 128
+    group, the weights per 128 x 128 block, the skip connection in the matmul's epilogue."""
+    for g, (wq, ws) in zip(norms, qweights):
+        q, s = bj.quantize_per_token_group(rms_norm(x, g), 128)
+        x = bj.scaled_matmul(q, s, wq.T, ws, out_dtype=x.dtype, residual=x)
+    return x
+
+
 def time_stack(tokens, d=4096, layers=8, reps=30):
-    """Device µs per call of an 8-layer stack, bf16 and W8A8 (int8, float8)."""
+    """Device µs per call of an 8-layer stack, bf16 and W8A8 (int8, float8, float8 blockwise)."""
     sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "benchmarks"))
     from timing import time_per_call  # the benchmarks' method: kernel durations from a profiler trace
 
@@ -77,6 +88,8 @@ def time_stack(tokens, d=4096, layers=8, reps=30):
     for dtype in (jnp.int8, jnp.float8_e4m3fn):
         qweights = [quantize_weights(w.T, dtype) for w in weights]  # w is stored [N, K]: pass [K, N]
         times[jnp.dtype(dtype).name] = time_per_call(w8a8_stack, [(x, norms, qweights)], reps)
+    block_weights = [fp8_blockwise.quantize_weight(w.T) for w in weights]
+    times["float8 blockwise"] = time_per_call(w8a8_block_stack, [(x, norms, block_weights)], reps)
     return {name: t * 1e6 for name, t in times.items()}
 
 
@@ -93,12 +106,13 @@ def main(argv=None):
         accuracy[jnp.dtype(dtype).name] = qat.accuracy(lambda x: w8a8_forward(qparams, x), x_te, y_te)
     print("digits test accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in accuracy.items()))
     if args.time:
-        print(f"{'tokens':>7} {'bf16 us':>9} {'int8 us':>9} {'fp8 us':>9}"
-              f"  (8 layers, D 4096, {jax.devices()[0].device_kind})")
+        names = ("int8", "float8_e4m3fn", "float8 blockwise")
+        print(f"{'tokens':>7} {'bf16 us':>9} {'int8 us':>9} {'fp8 us':>9} {'fp8 blk us':>11}"
+              f"  (8 layers, D 4096, {jax.devices()[0].device_kind}; speed-ups over bf16)")
         for tokens in (16, 256, 1024, 4096):
             t = time_stack(tokens)
-            print(f"{tokens:>7} {t['bf16']:>9.1f} {t['int8']:>9.1f} {t['float8_e4m3fn']:>9.1f}"
-                  f"  ({t['bf16'] / t['int8']:.2f}x, {t['bf16'] / t['float8_e4m3fn']:.2f}x)")
+            print(f"{tokens:>7} {t['bf16']:>9.1f} " + " ".join(f"{t[n]:>9.1f}" for n in names)
+                  + "  (" + ", ".join(f"{t['bf16'] / t[n]:.2f}x" for n in names) + ")")
     return accuracy
 
 

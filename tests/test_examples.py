@@ -8,6 +8,7 @@ import pytest
 pytest.importorskip("sklearn")
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "examples"))
 
+import fp8_blockwise  # noqa: E402
 import qat  # noqa: E402
 import qat_ffn  # noqa: E402
 import w8a8  # noqa: E402
@@ -35,3 +36,10 @@ def test_w8a8_inference_keeps_the_accuracy():
     assert accuracy["float"] > 0.85
     for fmt in ("int8", "float8_e4m3fn"):
         assert abs(accuracy[fmt] - accuracy["float"]) < 0.03, accuracy
+
+
+def test_fp8_blockwise_trains_with_group_fake_quant_and_serves_blockwise():
+    accuracy = fp8_blockwise.main(["--steps", "200"])
+    assert accuracy["float"] > 0.85
+    for name in ("PTQ fp8 blockwise", "QAT fp8 blockwise"):
+        assert abs(accuracy[name] - accuracy["float"]) < 0.03, accuracy
