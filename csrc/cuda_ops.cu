@@ -276,6 +276,44 @@ dynamic_row_kernel(Op op, int64_t rows, int64_t cols, int lanes, Out* __restrict
   }
 }
 
+// Short rows of whole vectors (a per-token group of 128: 16 bf16 vectors): one vector a lane,
+// `lanes` = the row's vectors (a power of two <= 32), and up to R rows a thread, loaded together.
+// Each load and store of a warp then covers 32 consecutive vectors (32 / lanes whole rows), where
+// the general kernel's few lanes a row would touch 16-byte pieces of many rows at a time.
+template <int W, int R, class Op, class Out, class M, class... In>
+__global__ void __launch_bounds__(kShortRowThreads)
+short_row_kernel(Op op, int64_t rows, int64_t cols, int lanes, int per_thread, Out* __restrict__ out,
+                 M* __restrict__ scale, int32_t* __restrict__ zp, const In* __restrict__... in) {
+  const int lane = threadIdx.x % lanes;
+  const int64_t slots = blockDim.x / lanes, slot = threadIdx.x / lanes;  // rows a block covers per r
+  for (int64_t first = blockIdx.x * slots * per_thread; first < rows; first += gridDim.x * slots * per_thread) {
+    decltype(produce_vec<W>(op, 0, in...)) cache[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int64_t row = first + r * slots + slot;
+      if (r < per_thread && row < rows) cache[r] = produce_vec<W>(op, row * cols + lane * W, in...);
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      if (r >= per_thread) break;  // the same for every thread: the shuffles below see all lanes
+      const int64_t row = first + r * slots + slot;
+      RowRange<M> range;
+      if (row < rows) {
+#pragma unroll
+        for (int k = 0; k < W; ++k) range.add(to_math(cache[r].v[k]));
+      }
+      const auto p = op.params(lanes_reduce(range, lanes));
+      if (row < rows) {
+        if (lane == 0) {
+          if (scale) scale[row] = p.scale;
+          if (zp) zp[row] = static_cast<int32_t>(p.zp);
+        }
+        quantize_vec<W>(op, p, out + row * cols + lane * W, cache[r]);
+      }
+    }
+  }
+}
+
 // ---- the fused norm: one block per row, the row cached in registers --------
 // A row of whole vectors (W divides D, else W = 1), so that each thread owns the
 // same columns in every row: the weight is read at the row's offsets, and the
@@ -559,6 +597,13 @@ struct CudaExec {
     constexpr int C = kCache / (sizeof...(In) > 1 ? 2 : 1);
     const int64_t nvec = cols / W;
     const int per_thread = vectors_per_thread(rows * nvec, C);
+    if (cols % W == 0 && nvec >= 1 && nvec <= 32 && (nvec & (nvec - 1)) == 0) {  // short rows of whole vectors
+      const int lanes = static_cast<int>(nvec), rows_per_pass = kShortRowThreads / lanes * per_thread;
+      const int grid = static_cast<int>(std::min<int64_t>((rows + rows_per_pass - 1) / rows_per_pass, 1 << 20));
+      short_row_kernel<W, C><<<grid, kShortRowThreads, 0, stream>>>(op, rows, cols, lanes, per_thread, out, scale,
+                                                                    zp, in...);
+      return launch_error();
+    }
     const int64_t wanted = std::max<int64_t>(1, (nvec + per_thread - 1) / per_thread);
     int lanes = row_threads(nvec, per_thread), threads = lanes;
     if (wanted <= 32) {  // a short row: a power of two of lanes, many rows a block
