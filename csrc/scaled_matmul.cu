@@ -11,7 +11,8 @@
 //   fp8, blockwise (DeepSeek-V3's recipe): a_scale one per 1 x 128 group of a row, b_scale one per
 //         128 x 128 block, applied by cuBLASLt inside the K loop (VEC128 / BLK128x128 modes). It
 //         reads a_scale as [K / 128][M] (the primitive asks XLA for that layout) and b_scale as
-//         [N / 128][K / 128 rounded up to 4] (padded here, in the workspace's tail, when needed).
+//         [N / 128][K / 128 rounded up to 4] (padded here, in the workspace's tail, when needed);
+//         the rows of a must be a multiple of 4 (the primitive pads them).
 //   int8: int32 accumulation into a scratch result, then one pass here that applies the scales
 //         (cuBLASLt's int8 kernels have no per-row x per-column epilogue): the contract is
 //         out = round((float(acc) * a_scale[m]) * b_scale[n] + float(residual[m, n])), the jnp
@@ -111,6 +112,29 @@ ffi::Error rescale(cudaStream_t stream, const int32_t* acc, Scales scales, const
       static_cast<const Out4<Out>*>(residual), static_cast<Out4<Out>*>(out), m, n / 4);
   if (cudaError_t err = cudaGetLastError(); err != cudaSuccess)
     return ffi::Error::Internal(std::string(kOp) + "rescale launch failed: " + cudaGetErrorString(err));
+  return ffi::Error::Success();
+}
+
+// ---- the blockwise b_scale's padding ----------------------------------------------------------
+
+// dst [cols][rows_padded] <- src [cols][rows], zeros below. A kernel, not a 2-D memcpy: XLA updates
+// a command buffer's nodes in place when its buffers move, which CUDA allows for kernels but not
+// for 2-D copies.
+__global__ void pad_columns_kernel(const float* __restrict__ src, float* __restrict__ dst, int64_t rows,
+                                   int64_t rows_padded, int64_t total) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < total; i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t col = i / rows_padded, row = i - col * rows_padded;
+    dst[i] = row < rows ? src[col * rows + row] : 0.0f;
+  }
+}
+
+ffi::Error pad_columns(cudaStream_t stream, const float* src, float* dst, int64_t rows, int64_t rows_padded,
+                       int64_t cols) {
+  const int64_t total = rows_padded * cols;
+  const int blocks = static_cast<int>(std::min<int64_t>((total + 255) / 256, 1024));
+  pad_columns_kernel<<<std::max(blocks, 1), 256, 0, stream>>>(src, dst, rows, rows_padded, total);
+  if (cudaError_t err = cudaGetLastError(); err != cudaSuccess)
+    return ffi::Error::Internal(std::string(kOp) + "padding b_scale: " + cudaGetErrorString(err));
   return ffi::Error::Success();
 }
 
@@ -339,10 +363,7 @@ ffi::Error scaled_matmul(cudaStream_t stream, ffi::AnyBuffer a, ffi::Buffer<ffi:
     if (bytes + 256 > workspace_bytes) return invalid("the workspace is too small for the padded b_scale");
     workspace_bytes = (workspace_bytes - bytes) / 256 * 256;
     float* padded = reinterpret_cast<float*>(static_cast<char*>(workspace->untyped_data()) + workspace_bytes);
-    if (cudaError_t err = cudaMemcpy2DAsync(padded, kb_padded * sizeof(float), scales.b, kb * sizeof(float),
-                                            kb * sizeof(float), n / kBlock, cudaMemcpyDeviceToDevice, stream);
-        err != cudaSuccess)
-      return ffi::Error::Internal(std::string(kOp) + "padding b_scale: " + cudaGetErrorString(err));
+    BJ_TRY(pad_columns(stream, scales.b, padded, kb, kb_padded, n / kBlock));
     scales.b = padded;
   }
   const PlanKey key{dev, m, n, k, static_cast<int>(in), static_cast<int>(fp8 ? out_type : ffi::DataType::S32),

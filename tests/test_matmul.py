@@ -259,16 +259,20 @@ def test_gpu_float8_accumulation_error(m):
 def test_gpu_is_deterministic_and_captured_in_command_buffers():
     a, a_scale, b, b_scale = jax.device_put(operands(cases.rng(), (256,), 1024, 1024, jnp.float8_e4m3fn), GPUS[0])
     ai, ai_scale, bi, bi_scale = jax.device_put(operands(cases.rng(), (256,), 1024, 1024, jnp.int8), GPUS[0])
+    # blockwise, K / 128 = 5: b_scale is padded in the workspace, a copy the graph must hold too
+    ab, ab_scale, bb, bb_scale = jax.device_put(blockwise_operands(cases.rng(), (256,), 640, 1024,
+                                                                   jnp.float8_e4m3fn), GPUS[0])
 
     @jax.jit
-    def layers(a, ai):
+    def layers(a, ai, ab):
         out = []
         for i in range(4):
             out.append(bj.scaled_matmul(a, a_scale * (i + 1), b, b_scale))
             out.append(bj.scaled_matmul(ai, ai_scale * (i + 1), bi, bi_scale))
+            out.append(bj.scaled_matmul(ab, ab_scale, bb, bb_scale * (i + 1)))
         return out
 
-    first = jax.block_until_ready(layers(a, ai))
-    again = assert_captured(layers, (a, ai), custom_calls=8)
+    first = jax.block_until_ready(layers(a, ai, ab))
+    again = assert_captured(layers, (a, ai, ab), custom_calls=12)
     for x, y in zip(first, again):
         np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
