@@ -83,29 +83,10 @@ def fp8_forward(params, x):
     return h
 
 
-def train(qat_mode, steps, batch=128, seed=0, data=None):
+def train(qat_mode, steps, data, seed=0):
     x_tr, _, y_tr, _ = data
-    params = init(jax.random.key(seed))
-    opt_init, opt_update = qat.adam()
-    opt_state = opt_init(params)
-
-    def loss_fn(params, x, y):
-        logits = forward(params, x, qat_mode)
-        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1))
-
-    @jax.jit
-    def step(params, opt_state, x, y):
-        loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
-        params, opt_state = opt_update(grads, opt_state, params)
-        return params, opt_state, loss
-
-    rng = np.random.default_rng(seed)
-    losses = []
-    for _ in range(steps):
-        idx = rng.integers(0, len(x_tr), batch)
-        params, opt_state, loss = step(params, opt_state, jnp.asarray(x_tr[idx]), jnp.asarray(y_tr[idx]))
-        losses.append(float(loss))
-    return params, losses
+    loss_fn = lambda params, x, y: qat.cross_entropy(forward(params, x, qat_mode), y)
+    return qat.fit(loss_fn, init(jax.random.key(seed)), x_tr, y_tr, steps, seed=seed)[0]
 
 
 def main(argv=None):
@@ -114,8 +95,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     data = qat.load()
     _, x_te, _, y_te = data
-    float_params, _ = train(False, args.steps, data=data)
-    qat_params, _ = train(True, args.steps, data=data)
+    float_params = train(False, args.steps, data)
+    qat_params = train(True, args.steps, data)
     results = {
         "float": qat.accuracy(lambda x: forward(float_params, x, False), x_te, y_te),
         "PTQ fp8 blockwise": qat.accuracy(lambda x: fp8_forward(float_params, x), x_te, y_te),

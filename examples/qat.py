@@ -67,8 +67,7 @@ def forward(params, x, mode):
 
 
 def loss_fn(params, x, y, mode):
-    logits = forward(params, x, mode)
-    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1))
+    return cross_entropy(forward(params, x, mode), y)
 
 
 def adam(lr=3e-3, b1=0.9, b2=0.999, eps=1e-8):
@@ -84,25 +83,35 @@ def adam(lr=3e-3, b1=0.9, b2=0.999, eps=1e-8):
     return init_state, update
 
 
-def train(mode, steps, batch=128, seed=0, data=None):
-    """Returns (params, per-step losses, test accuracy) for one mode."""
-    x_tr, x_te, y_tr, y_te = data or load(seed)
-    params = init(jax.random.key(seed), jnp.asarray(x_tr[:256]))
+def cross_entropy(logits, y):
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1))
+
+
+def fit(loss_fn, params, x, y, steps, batch=128, seed=0):
+    """Adam on loss_fn(params, x, y) over random batches, one jitted step each: (params, losses)."""
     opt_init, opt_update = adam()
     opt_state = opt_init(params)
 
     @jax.jit
     def step(params, opt_state, x, y):
-        loss, grads = jax.value_and_grad(loss_fn)(params, x, y, mode)
+        loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
         params, opt_state = opt_update(grads, opt_state, params)
         return params, opt_state, loss
 
     rng = np.random.default_rng(seed)
     losses = []
     for _ in range(steps):
-        idx = rng.integers(0, len(x_tr), batch)
-        params, opt_state, loss = step(params, opt_state, jnp.asarray(x_tr[idx]), jnp.asarray(y_tr[idx]))
+        idx = rng.integers(0, len(x), batch)
+        params, opt_state, loss = step(params, opt_state, jnp.asarray(x[idx]), jnp.asarray(y[idx]))
         losses.append(float(loss))
+    return params, losses
+
+
+def train(mode, steps, batch=128, seed=0, data=None):
+    """Returns (params, per-step losses, test accuracy) for one mode."""
+    x_tr, x_te, y_tr, y_te = data or load(seed)
+    params = init(jax.random.key(seed), jnp.asarray(x_tr[:256]))
+    params, losses = fit(lambda p, x, y: loss_fn(p, x, y, mode), params, x_tr, y_tr, steps, batch, seed)
     return params, losses, accuracy(lambda x: forward(params, x, mode), x_te, y_te)
 
 

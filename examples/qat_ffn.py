@@ -50,26 +50,8 @@ def forward(params, x, dtype=None):
 def train(dtype, steps, batch=128, seed=0, data=None):
     """Returns (per-step losses, test accuracy)."""
     x_tr, x_te, y_tr, y_te = data or qat.load(seed)
-    params = init(jax.random.key(seed))
-    opt_init, opt_update = qat.adam()
-    opt_state = opt_init(params)
-
-    def loss_fn(params, x, y):
-        logits = forward(params, x, dtype)
-        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1))
-
-    @jax.jit
-    def step(params, opt_state, x, y):
-        loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
-        params, opt_state = opt_update(grads, opt_state, params)
-        return params, opt_state, loss
-
-    rng = jax.random.key(seed + 1)
-    losses = []
-    for i in range(steps):
-        idx = jax.random.randint(jax.random.fold_in(rng, i), (batch,), 0, len(x_tr))
-        params, opt_state, loss = step(params, opt_state, jnp.asarray(x_tr)[idx], jnp.asarray(y_tr)[idx])
-        losses.append(float(loss))
+    loss_fn = lambda params, x, y: qat.cross_entropy(forward(params, x, dtype), y)
+    params, losses = qat.fit(loss_fn, init(jax.random.key(seed)), x_tr, y_tr, steps, batch, seed)
     return losses, qat.accuracy(lambda x: forward(params, x, dtype), x_te, y_te)
 
 
