@@ -87,15 +87,22 @@ def resolved_grid(op: str, dtype, qmin, qmax, zero_point=None) -> Format:
     return fmt
 
 
-def dynamic_grid(op: str, dtype, symmetric, scale_ub=None, pow2_scale=False) -> tuple[Format, int, int, float]:
-    """The dynamic ops' grid: the format's full range. Symmetric quantization needs a signed
-    format; float8 is symmetric only. scale_ub (symmetric only) bounds each row's amax;
+def dynamic_grid(op: str, dtype, symmetric, scale_ub=None, pow2_scale=False, qmin=None, qmax=None
+                 ) -> tuple[Format, int, int, float]:
+    """The dynamic ops' grid: the format's full range, or [qmin, qmax] inside an integer format's
+    (4-bit activations stored in int8: -8, 7). Symmetric quantization needs a signed format and
+    qmin < 0 < qmax; float8 is symmetric only. scale_ub (symmetric only) bounds each row's amax;
     pow2_scale (symmetric only) rounds each scale up to a power of two."""
-    fmt, qmin, qmax = grid(op, dtype, None, None)
+    fmt, qmin, qmax = grid(op, dtype, qmin, qmax)
     symmetric = flag(op, "symmetric", symmetric)
     if symmetric and fmt.lowest >= 0:
         raise ValueError(f"{op}: symmetric=True needs a signed dtype (scale = amax / qmax has no {fmt.name} "
                          f"counterpart without a zero point); use symmetric=False for {fmt.name}")
+    if symmetric and not qmin < 0 < qmax:
+        raise ValueError(f"{op}: a symmetric grid needs qmin < 0 < qmax (scale = amax / qmax); "
+                         f"got qmin={qmin}, qmax={qmax}")
+    if qmin == qmax:
+        raise ValueError(f"{op}: a dynamic grid needs qmin < qmax; got qmin = qmax = {qmin}")
     if not symmetric and fmt.is_float:
         raise ValueError(f"{op}: {fmt.name} takes no zero point: use symmetric=True")
     if flag(op, "pow2_scale", pow2_scale) and not symmetric:

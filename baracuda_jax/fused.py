@@ -3,8 +3,9 @@ per-token quantizer, in one pass over each row, forward and backward (csrc/produ
 
 Inside a jitted step a custom call is a fusion barrier: XLA fuses jnp quantization into the norm or
 activation that produces its input, which an unfused kernel cannot. These ops take the producer in.
-Symmetric grids (int8, float8_e4m3fn, float8_e5m2), float16/bfloat16/float32 data, a static per-row
-`scale` or a dynamic one (each row's amax, bounded by `scale_ub`).
+Symmetric grids (int8, float8_e4m3fn, float8_e5m2; for int8 optionally narrower, qmin/qmax, e.g.
+-8/7 for 4-bit activations), float16/bfloat16/float32 data, a static per-row `scale` or a dynamic one
+(each row's amax, bounded by `scale_ub`, over qmax).
 """
 
 from functools import partial
@@ -17,9 +18,9 @@ from baracuda_jax.ops import _row_operands
 from baracuda_jax.primitives import rms_norm_grad_p, rms_norm_quantize_p, silu_mul_grad_p, silu_mul_quantize_p
 
 
-def _grid(op, dtype, scale, scale_ub):
+def _grid(op, dtype, scale, scale_ub, qmin, qmax):
     """(format, qmin, qmax, scale_ub attribute) of a symmetric grid, static or dynamic."""
-    fmt, qmin, qmax, ub = _checks.dynamic_grid(op, dtype, True, scale_ub)
+    fmt, qmin, qmax, ub = _checks.dynamic_grid(op, dtype, True, scale_ub, qmin=qmin, qmax=qmax)
     if scale is not None and scale_ub is not None:
         raise ValueError(f"{op}: scale_ub bounds a dynamic scale; it does not apply with a static scale")
     return fmt, qmin, qmax, ub
@@ -30,12 +31,12 @@ def _static_scale(op, name, data, scale):
     return () if scale is None else (_row_operands(op, name, data, scale, None, jnp.float32)[0],)
 
 
-def _norm_call(op, x, weight, residual, eps, scale, dtype, scale_ub, fake):
+def _norm_call(op, x, weight, residual, eps, scale, dtype, scale_ub, fake, qmin, qmax):
     x, weight = jnp.asarray(x), jnp.asarray(weight)
     residual = None if residual is None else jnp.asarray(residual)
     _checks.fused_float_dtype(op, x.dtype)
     _checks.norm_operands(op, x, weight, residual, eps)
-    fmt, qmin, qmax, ub = _grid(op, dtype, scale, scale_ub)
+    fmt, qmin, qmax, ub = _grid(op, dtype, scale, scale_ub, qmin, qmax)
     params = dict(dtype=fmt.dtype, fake=fake, qmin=qmin, qmax=qmax, eps=float(eps),
                   has_residual=residual is not None, dynamic=scale is None, scale_ub=ub)
     return x, weight, () if residual is None else (residual,), _static_scale(op, "x", x, scale), params
@@ -48,22 +49,25 @@ def _norm_forward(x, weight, residual, scale, params):
     return out, s, more[0] if residual else x, inv
 
 
-def rms_norm_quantize_per_token(x, weight, *, residual=None, eps=1e-6, scale=None, dtype=jnp.int8, scale_ub=None):
+def rms_norm_quantize_per_token(x, weight, *, residual=None, eps=1e-6, scale=None, dtype=jnp.int8, scale_ub=None,
+                                qmin=None, qmax=None):
     """(q, scale, residual_out): r = x + residual (rounded to x's dtype; x when residual is None),
     h = r * rsqrt(mean(r^2) + eps) * weight (in float32, rounded to x's dtype), then the per-token
     quantization of h: by the given per-row `scale`, or dynamic (scale = min(amax, scale_ub) / qmax).
 
     x: [..., D] float16/bfloat16/float32; weight: [D] of x's dtype; residual like x. dtype: int8 or a
-    float8 format (symmetric). One pass over each row (vLLM's rms_norm_dynamic_per_token_quant).
+    float8 format (symmetric); qmin/qmax narrow int8's grid (qmin < 0 < qmax; dynamic: scale =
+    amax * (1/qmax)). One pass over each row (vLLM's rms_norm_dynamic_per_token_quant).
     An inference op: to train, use rms_norm_fake_quantize_per_token.
     """
     op = "rms_norm_quantize_per_token"
-    x, weight, residual, scale, params = _norm_call(op, x, weight, residual, eps, scale, dtype, scale_ub, False)
+    x, weight, residual, scale, params = _norm_call(op, x, weight, residual, eps, scale, dtype, scale_ub, False,
+                                                    qmin, qmax)
     return _norm_forward(x, weight, residual, scale, params)[:3]
 
 
 def rms_norm_fake_quantize_per_token(x, weight, *, residual=None, eps=1e-6, scale=None, dtype=jnp.int8,
-                                     scale_ub=None):
+                                     scale_ub=None, qmin=None, qmax=None):
     """(y, residual_out), y = dequantize(quantize(h)) in x's dtype, h and residual_out as in
     rms_norm_quantize_per_token.
 
@@ -73,7 +77,8 @@ def rms_norm_fake_quantize_per_token(x, weight, *, residual=None, eps=1e-6, scal
     order (csrc/producers.h).
     """
     op = "rms_norm_fake_quantize_per_token"
-    x, weight, residual, scale, params = _norm_call(op, x, weight, residual, eps, scale, dtype, scale_ub, True)
+    x, weight, residual, scale, params = _norm_call(op, x, weight, residual, eps, scale, dtype, scale_ub, True,
+                                                    qmin, qmax)
     return _rms_norm_fake(x, weight, residual, scale, tuple(sorted(params.items())))
 
 
@@ -108,13 +113,13 @@ def _rms_norm_fake_bwd(params, res, cotangents):
 _rms_norm_fake.defvjp(_rms_norm_fake_fwd, _rms_norm_fake_bwd, symbolic_zeros=True)
 
 
-def _silu_call(op, a, b, scale, dtype, scale_ub, fake):
+def _silu_call(op, a, b, scale, dtype, scale_ub, fake, qmin, qmax):
     a, b = jnp.asarray(a), jnp.asarray(b)
     _checks.fused_float_dtype(op, a.dtype, "a")
     if a.ndim < 1:
         raise ValueError(f"{op}: a must have rank >= 1 (one token per row of the last axis), got a scalar")
     _checks.same_as(op, "b", b, "a", a)
-    fmt, qmin, qmax, ub = _grid(op, dtype, scale, scale_ub)
+    fmt, qmin, qmax, ub = _grid(op, dtype, scale, scale_ub, qmin, qmax)
     params = dict(dtype=fmt.dtype, fake=fake, qmin=qmin, qmax=qmax, dynamic=scale is None, scale_ub=ub)
     return a, b, _static_scale(op, "a", a, scale), params
 
@@ -124,20 +129,20 @@ def _silu_forward(a, b, scale, params):
     return out, s[0] if s else scale[0]
 
 
-def silu_mul_quantize_per_token(a, b, *, scale=None, dtype=jnp.int8, scale_ub=None):
+def silu_mul_quantize_per_token(a, b, *, scale=None, dtype=jnp.int8, scale_ub=None, qmin=None, qmax=None):
     """(q, scale): h = silu(a) * b (in float32, silu(a) = a * (1 / (1 + exp(-a))), rounded to a's dtype),
     then the per-token quantization of h, static or dynamic as in rms_norm_quantize_per_token.
     The gated activation of a SwiGLU FFN and the quantizer before its down projection, one pass."""
     op = "silu_mul_quantize_per_token"
-    a, b, scale, params = _silu_call(op, a, b, scale, dtype, scale_ub, False)
+    a, b, scale, params = _silu_call(op, a, b, scale, dtype, scale_ub, False, qmin, qmax)
     return _silu_forward(a, b, scale, params)
 
 
-def silu_mul_fake_quantize_per_token(a, b, *, scale=None, dtype=jnp.int8, scale_ub=None):
+def silu_mul_fake_quantize_per_token(a, b, *, scale=None, dtype=jnp.int8, scale_ub=None, qmin=None, qmax=None):
     """dequantize(quantize(silu(a) * b)) in a's dtype. Differentiable in a and b: exact through
     silu * b, straight-through for the quantizer; the backward is one pass over the elements."""
     op = "silu_mul_fake_quantize_per_token"
-    a, b, scale, params = _silu_call(op, a, b, scale, dtype, scale_ub, True)
+    a, b, scale, params = _silu_call(op, a, b, scale, dtype, scale_ub, True, qmin, qmax)
     return _silu_mul_fake(a, b, scale, tuple(sorted(params.items())))
 
 

@@ -162,7 +162,7 @@ _fake_quantize_lsq.defvjp(_fake_quantize_lsq_fwd, _fake_quantize_lsq_bwd, symbol
 
 
 def quantize_per_token_dynamic(x, *, dtype=jnp.int8, symmetric=True, scale_ub=None, axis_name=None,
-                               pow2_scale=False):
+                               pow2_scale=False, qmin=None, qmax=None):
     """(q, scale, zero_point) with each row's scale and zero point taken from its range, in one pass.
 
     Symmetric (int8, float8_e4m3fn, float8_e5m2): scale = amax * (1/qmax), qmax = 127 or
@@ -175,6 +175,10 @@ def quantize_per_token_dynamic(x, *, dtype=jnp.int8, symmetric=True, scale_ub=No
     pow2_scale (symmetric only): each scale is rounded up to a power of two (UE8M0-style, as
     DeepSeek-V3's FP8 recipe stores them), so 1/scale is exact.
 
+    qmin, qmax (integer formats): a narrower grid inside the dtype's range, e.g. 4-bit activations
+    stored in int8 with qmin=-8, qmax=7: symmetric scale = amax * (1/qmax), q clamped to
+    [qmin, qmax]; asymmetric, [lo, hi] maps onto [qmin, qmax]. Symmetric needs qmin < 0 < qmax.
+
     axis_name: inside shard_map with D split over that mesh axis (or axes), each row's range
     is its local range combined by pmin/pmax, then each shard is quantized locally: the same
     bits as on the whole row, with 8 bytes a row crossing devices. (Under plain jit, a D-sharded
@@ -183,7 +187,7 @@ def quantize_per_token_dynamic(x, *, dtype=jnp.int8, symmetric=True, scale_ub=No
     op = "quantize_per_token_dynamic"
     x = jnp.asarray(x)
     _checks.float_dtype(op, "x", x.dtype)
-    fmt, qmin, qmax, scale_ub = _checks.dynamic_grid(op, dtype, symmetric, scale_ub, pow2_scale)
+    fmt, qmin, qmax, scale_ub = _checks.dynamic_grid(op, dtype, symmetric, scale_ub, pow2_scale, qmin, qmax)
     if axis_name is not None:
         scale, zp = _split_row_qparams(op, x, symmetric, qmin, qmax, scale_ub, pow2_scale, axis_name)
         return _quantize(x, scale, () if symmetric else (zp,), qmin, qmax, fmt.dtype), scale, zp
@@ -204,14 +208,14 @@ def _split_row_qparams(op, x, symmetric, qmin, qmax, scale_ub, pow2_scale, axis_
 
 
 def fake_quantize_per_token_dynamic(x, *, dtype=jnp.int8, symmetric=True, scale_ub=None, axis_name=None,
-                                    pow2_scale=False):
+                                    pow2_scale=False, qmin=None, qmax=None):
     """dequantize(quantize_per_token_dynamic(x)) in x's dtype, in one fused pass, with a
     straight-through gradient (g where the value was not clipped; the scale gets none).
-    scale_ub, axis_name, pow2_scale: as for quantize_per_token_dynamic."""
+    scale_ub, axis_name, pow2_scale, qmin, qmax: as for quantize_per_token_dynamic."""
     op = "fake_quantize_per_token_dynamic"
     x = jnp.asarray(x)
     _checks.float_dtype(op, "x", x.dtype)
-    fmt, qmin, qmax, scale_ub = _checks.dynamic_grid(op, dtype, symmetric, scale_ub, pow2_scale)
+    fmt, qmin, qmax, scale_ub = _checks.dynamic_grid(op, dtype, symmetric, scale_ub, pow2_scale, qmin, qmax)
     if axis_name is not None:
         scale, zp = _split_row_qparams(op, x, symmetric, qmin, qmax, scale_ub, pow2_scale, axis_name)
         return _fake_quantize(x, scale, () if symmetric else (zp,), qmin, qmax, fmt.dtype)

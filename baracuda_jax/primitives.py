@@ -229,7 +229,8 @@ def _dynamic_aval(x, *, symmetric, qmin, qmax, dtype, scale_ub, pow2_scale, fake
     _checks.float_dtype(op, "x", x.dtype)
     if x.ndim < 1:
         raise ValueError(f"{op}: x must have rank >= 1 (one token per row of the last axis), got a scalar")
-    _checks.dynamic_grid(op, dtype, symmetric, None if scale_ub == float("inf") else scale_ub, pow2_scale)
+    grid = {} if _checks.format_of(op, "dtype", dtype).is_float else dict(qmin=qmin, qmax=qmax)
+    _checks.dynamic_grid(op, dtype, symmetric, None if scale_ub == float("inf") else scale_ub, pow2_scale, **grid)
     rows = x.shape[:-1]
     return (like(x, x.shape, x.dtype if fake else dtype), like(x, rows, _checks.math_dtype(x.dtype)),
             like(x, rows, np.int32))

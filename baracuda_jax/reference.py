@@ -106,21 +106,27 @@ def fake_quantize_per_token_lsq_grad(g, x, scale, zero_point=None, *, qmin=None,
     return dx, jnp.sum(jnp.asarray(g).astype(scale.dtype) * term, axis=-1)
 
 
-def _dynamic(op, x, dtype, symmetric, scale_ub, pow2_scale):
+def _dynamic(op, x, dtype, symmetric, scale_ub, pow2_scale, qmin, qmax):
+    """x, its rows' (scale, zero point or None, zero point output), and the static op's grid kwargs."""
     x = jnp.asarray(x)
-    fmt, qmin, qmax, scale_ub = _checks.dynamic_grid(op, dtype, symmetric, scale_ub, pow2_scale)
+    fmt, qmin, qmax, scale_ub = _checks.dynamic_grid(op, dtype, symmetric, scale_ub, pow2_scale, qmin, qmax)
     s, zp = _range.qparams(*_range.row_range(x), symmetric, qmin, qmax, scale_ub, pow2_scale)
-    return x, fmt, s, None if symmetric else zp, zp
+    grid = dict(dtype=fmt.dtype) if fmt.is_float else dict(dtype=fmt.dtype, qmin=qmin, qmax=qmax)
+    return x, s, None if symmetric else zp, zp, grid
 
 
-def quantize_per_token_dynamic(x, *, dtype=jnp.int8, symmetric=True, scale_ub=None, pow2_scale=False):
-    x, fmt, s, zp, zp_out = _dynamic("quantize_per_token_dynamic", x, dtype, symmetric, scale_ub, pow2_scale)
-    return quantize_per_token(x, s, zp, dtype=fmt.dtype), s, zp_out
+def quantize_per_token_dynamic(x, *, dtype=jnp.int8, symmetric=True, scale_ub=None, pow2_scale=False, qmin=None,
+                               qmax=None):
+    x, s, zp, zp_out, grid = _dynamic("quantize_per_token_dynamic", x, dtype, symmetric, scale_ub, pow2_scale,
+                                      qmin, qmax)
+    return quantize_per_token(x, s, zp, **grid), s, zp_out
 
 
-def fake_quantize_per_token_dynamic(x, *, dtype=jnp.int8, symmetric=True, scale_ub=None, pow2_scale=False):
-    x, fmt, s, zp, _ = _dynamic("fake_quantize_per_token_dynamic", x, dtype, symmetric, scale_ub, pow2_scale)
-    return fake_quantize_per_token(x, s, zp, dtype=fmt.dtype)
+def fake_quantize_per_token_dynamic(x, *, dtype=jnp.int8, symmetric=True, scale_ub=None, pow2_scale=False,
+                                    qmin=None, qmax=None):
+    x, s, zp, _, grid = _dynamic("fake_quantize_per_token_dynamic", x, dtype, symmetric, scale_ub, pow2_scale,
+                                 qmin, qmax)
+    return fake_quantize_per_token(x, s, zp, **grid)
 
 
 # ---- the fused producers (csrc/producers.h): the jnp composition, then the per-token op ---------
@@ -157,35 +163,37 @@ def silu_mul(a, b):
     return _rounded(af * (1 / (1 + jnp.exp(-af))) * jnp.asarray(b).astype(jnp.float32), a.dtype)
 
 
-def _quantize_h(h, scale, dtype, scale_ub, fake):
+def _quantize_h(h, scale, dtype, scale_ub, fake, qmin, qmax):
     """The per-token quantizer of the fused ops: static (scale given) or dynamic, symmetric."""
+    grid = dict(qmin=qmin, qmax=qmax)
     if scale is None:
         if fake:
-            return fake_quantize_per_token_dynamic(h, dtype=dtype, scale_ub=scale_ub), None
-        q, s, _ = quantize_per_token_dynamic(h, dtype=dtype, scale_ub=scale_ub)
+            return fake_quantize_per_token_dynamic(h, dtype=dtype, scale_ub=scale_ub, **grid), None
+        q, s, _ = quantize_per_token_dynamic(h, dtype=dtype, scale_ub=scale_ub, **grid)
         return q, s
     op = fake_quantize_per_token if fake else quantize_per_token
-    return op(h, scale, dtype=dtype), jnp.asarray(scale).astype(jnp.float32).reshape(h.shape[:-1])
+    return op(h, scale, dtype=dtype, **grid), jnp.asarray(scale).astype(jnp.float32).reshape(h.shape[:-1])
 
 
-def rms_norm_quantize_per_token(x, weight, *, residual=None, eps=1e-6, scale=None, dtype=jnp.int8, scale_ub=None):
+def rms_norm_quantize_per_token(x, weight, *, residual=None, eps=1e-6, scale=None, dtype=jnp.int8, scale_ub=None,
+                                qmin=None, qmax=None):
     h, r = rms_norm(x, weight, residual, eps)
-    q, s = _quantize_h(h, scale, dtype, scale_ub, False)
+    q, s = _quantize_h(h, scale, dtype, scale_ub, False, qmin, qmax)
     return q, s, r
 
 
 def rms_norm_fake_quantize_per_token(x, weight, *, residual=None, eps=1e-6, scale=None, dtype=jnp.int8,
-                                     scale_ub=None):
+                                     scale_ub=None, qmin=None, qmax=None):
     h, r = rms_norm(x, weight, residual, eps)
-    return _quantize_h(h, scale, dtype, scale_ub, True)[0], r
+    return _quantize_h(h, scale, dtype, scale_ub, True, qmin, qmax)[0], r
 
 
-def silu_mul_quantize_per_token(a, b, *, scale=None, dtype=jnp.int8, scale_ub=None):
-    return _quantize_h(silu_mul(a, b), scale, dtype, scale_ub, False)
+def silu_mul_quantize_per_token(a, b, *, scale=None, dtype=jnp.int8, scale_ub=None, qmin=None, qmax=None):
+    return _quantize_h(silu_mul(a, b), scale, dtype, scale_ub, False, qmin, qmax)
 
 
-def silu_mul_fake_quantize_per_token(a, b, *, scale=None, dtype=jnp.int8, scale_ub=None):
-    return _quantize_h(silu_mul(a, b), scale, dtype, scale_ub, True)[0]
+def silu_mul_fake_quantize_per_token(a, b, *, scale=None, dtype=jnp.int8, scale_ub=None, qmin=None, qmax=None):
+    return _quantize_h(silu_mul(a, b), scale, dtype, scale_ub, True, qmin, qmax)[0]
 
 
 def scaled_matmul(a, a_scale, b, b_scale, *, out_dtype=jnp.bfloat16, residual=None):

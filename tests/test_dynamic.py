@@ -51,6 +51,32 @@ def test_dynamic_matches_reference(device, shape, x_dtype, q_dtype, symmetric):
     assert_same_bits(run(device, bj.quantize_per_token, x, scale, None if symmetric else zp, dtype=q_dtype), q)
 
 
+NARROW = [dict(dtype=jnp.int8, symmetric=True, qmin=-8, qmax=7), dict(dtype=jnp.int8, symmetric=False, qmin=-8, qmax=7),
+          dict(dtype=jnp.uint8, symmetric=False, qmin=0, qmax=15)]
+
+
+@pytest.mark.parametrize("grid", NARROW, ids=["int4-sym", "int4-asym", "uint4-asym"])
+@pytest.mark.parametrize("x_dtype", specs.FLOATS, ids=lambda d: d.name)
+@pytest.mark.parametrize("shape", ((7,), (5, 8), (4, 33), (16, 4097), (3, 40000)), ids=str)
+def test_narrow_grids_match_reference(device, shape, x_dtype, grid):
+    """qmin/qmax inside the storage type (4-bit activations in int8): symmetric scale = amax / qmax."""
+    r = cases.rng()
+    x = dynamic_input(r, shape, x_dtype, subnormals=device.platform != "cpu")
+    q, scale, zp = got = run(device, bj.quantize_per_token_dynamic, x, **grid)
+    for g, w in zip(got, run(device, ref.quantize_per_token_dynamic, x, **grid)):
+        assert_same_bits(g, w)
+    assert_same_bits(run(device, bj.fake_quantize_per_token_dynamic, x, **grid),
+                     run(device, ref.fake_quantize_per_token_dynamic, x, **grid))
+    q = np.asarray(q)
+    assert q.min() >= grid["qmin"] and q.max() <= grid["qmax"]
+    if grid["symmetric"]:
+        amax = np.nanmax(np.abs(np.where(np.isinf(np.asarray(x, np.float64)), np.nan, np.asarray(x, np.float64))),
+                         axis=-1, initial=0)
+        finite = np.isfinite(np.asarray(scale)) & (amax > 0)
+        want = (amax.astype(np.float32) * np.float32(1 / 7)) if x_dtype != np.float64 else amax * (1 / 7)
+        np.testing.assert_array_equal(np.asarray(scale)[finite], want[finite])
+
+
 def test_documented_rows(device):
     x = jnp.array([[0.0, 0.0, 0.0, 0.0],        # all zero: scale 1, q = zp
                    [np.nan, 2.0, -1.0, 0.5],     # NaN ignored by the range
@@ -105,3 +131,19 @@ def test_scale_ub_bounds_the_amax(device, q_dtype, fmax):
     q = np.asarray(q).astype(np.float64)
     assert q[1, 0] == fmax and q[2, 0] == fmax  # beyond the bound: saturated, inf included
     np.testing.assert_array_equal(np.asarray(zp), 0)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(dtype=jnp.int8, qmin=0, qmax=7), "symmetric grid needs qmin < 0 < qmax"),
+    (dict(dtype=jnp.int8, qmin=-200, qmax=7), "qmin=-200 lies outside the int8 range"),
+    (dict(dtype=jnp.float8_e4m3fn, qmin=-8, qmax=7), "takes no qmin"),
+    (dict(dtype=jnp.uint8, symmetric=False, qmin=3, qmax=3), "needs qmin < qmax"),
+])
+def test_narrow_grid_errors(kw, match):
+    x = jnp.ones((2, 8), jnp.float32)
+    calls = [bj.quantize_per_token_dynamic, bj.fake_quantize_per_token_dynamic]
+    if kw.get("symmetric", True):  # the fused ops are symmetric
+        calls.append(lambda x, **kw: bj.rms_norm_quantize_per_token(x, jnp.ones(8, jnp.float32), **kw))
+    for call in calls:
+        with pytest.raises(ValueError, match=match):
+            call(x, **kw)

@@ -92,6 +92,30 @@ def test_rms_norm_matches_reference_bit_for_bit(device, shape, x_dtype, fmt):
                     assert_same_bits(g, t)
 
 
+@pytest.mark.parametrize("shape", EXACT_SHAPES, ids=str)
+def test_narrow_int_grid_bit_for_bit(device, shape):
+    """qmin/qmax = -8/7 (4-bit activations in int8): the reference's bits, static and dynamic, and q
+    inside the grid."""
+    r = cases.rng()
+    x, res = integer_valued(r, shape, jnp.bfloat16), integer_valued(r, shape, jnp.bfloat16, specials=False)
+    w = weight_of(r, shape[-1], jnp.bfloat16)
+    for scale in (None, static_scale(r, shape[:-1], jnp.int8)):
+        kw = dict(residual=res, scale=scale, dtype=jnp.int8, qmin=-8, qmax=7)
+        for ours, theirs in ((bj.rms_norm_quantize_per_token, ref.rms_norm_quantize_per_token),
+                             (bj.rms_norm_fake_quantize_per_token, ref.rms_norm_fake_quantize_per_token)):
+            got = run(device, lambda x, w: ours(x, w, **kw), x, w)
+            want = run(jax.devices("cpu")[0], lambda x, w: theirs(x, w, **kw), x, w)
+            for g, t in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+                assert_same_bits(g, t)
+        q = np.asarray(run(device, lambda x, w: bj.rms_norm_quantize_per_token(x, w, **kw)[0], x, w))
+        assert q.min() >= -8 and q.max() <= 7
+        del kw["residual"]
+        q, s = run(device, lambda a, b: bj.silu_mul_quantize_per_token(a, b, **kw), x, res)
+        q_ref, s_ref = run(device, lambda a, b: ref.silu_mul_quantize_per_token(a, b, **kw), x, res)
+        assert_close_quantized(*same_scale_rows(q, s, q_ref, s_ref), jnp.int8, "q")
+        assert np.asarray(q).min() >= -8 and np.asarray(q).max() <= 7
+
+
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("x_dtype", X_DTYPES, ids=lambda d: jnp.dtype(d).name)
 def test_rms_norm_on_general_data(device, x_dtype, fmt):
@@ -131,31 +155,36 @@ def test_silu_mul_matches_reference(device, shape, x_dtype, fmt):
 
 # ---- gradients: jax.grad of a float32 composition with a straight-through quantizer -------------
 
-def _ste_dynamic(fmt):
+# The quantizer's grids: the formats' full ones, and 4-bit activations stored in int8 (qmin/qmax).
+GRIDS = [dict(dtype=f) for f in FORMATS] + [dict(dtype=jnp.int8, qmin=-8, qmax=7)]
+GRID_IDS = [jnp.dtype(f).name for f in FORMATS] + ["int4"]
+
+
+def _ste_dynamic(grid):
     def quantize(h):
-        y = ref.fake_quantize_per_token_dynamic(h, dtype=fmt)
-        s = ref.quantize_per_token_dynamic(h, dtype=fmt)[1]
-        inside = ref.fake_quantize_per_token_grad(jnp.ones_like(h), h, s, dtype=fmt)
+        y = ref.fake_quantize_per_token_dynamic(h, **grid)
+        s = ref.quantize_per_token_dynamic(h, **grid)[1]
+        inside = ref.fake_quantize_per_token_grad(jnp.ones_like(h), h, s, **grid)
         return y, inside
     return quantize
 
 
-def composed_norm(x, w, res, fmt, eps=1e-6):
+def composed_norm(x, w, res, grid, eps=1e-6):
     r = x + res if res is not None else x
     h = r * jax.lax.rsqrt(jnp.mean(r * r, -1, keepdims=True) + eps) * w
-    y, inside = _ste_dynamic(fmt)(jax.lax.stop_gradient(h))
+    y, inside = _ste_dynamic(grid)(jax.lax.stop_gradient(h))
     return jnp.where(inside != 0, h, jax.lax.stop_gradient(h)) + jax.lax.stop_gradient(y - h), r
 
 
-def composed_silu(a, b, fmt):
+def composed_silu(a, b, grid):
     h = jax.nn.silu(a) * b
-    y, inside = _ste_dynamic(fmt)(jax.lax.stop_gradient(h))
+    y, inside = _ste_dynamic(grid)(jax.lax.stop_gradient(h))
     return jnp.where(inside != 0, h, jax.lax.stop_gradient(h)) + jax.lax.stop_gradient(y - h)
 
 
-@pytest.mark.parametrize("fmt", FORMATS, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("grid", GRIDS, ids=GRID_IDS)
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_rms_norm_gradients(device, fmt, with_residual):
+def test_rms_norm_gradients(device, grid, with_residual):
     r = cases.rng()
     shape = (6, 5, 48)
     x, res, gy, gr = (jnp.asarray(r.normal(size=shape).astype(np.float32)) for _ in range(4))
@@ -169,8 +198,8 @@ def test_rms_norm_gradients(device, fmt, with_residual):
             return jnp.sum(y * gy) + jnp.sum(r_out * gr)
         return f
 
-    ours = loss(lambda x, w, res: bj.rms_norm_fake_quantize_per_token(x, w, residual=res, dtype=fmt))
-    want = loss(lambda x, w, res: composed_norm(x, w, res, fmt))
+    ours = loss(lambda x, w, res: bj.rms_norm_fake_quantize_per_token(x, w, residual=res, **grid))
+    want = loss(lambda x, w, res: composed_norm(x, w, res, grid))
     argnums = (0, 1, 2) if with_residual else (0, 1)
     got = run(device, jax.grad(ours, argnums), x, w, res)
     exp = run(jax.devices("cpu")[0], jax.grad(want, argnums), x, w, res)
@@ -178,13 +207,13 @@ def test_rms_norm_gradients(device, fmt, with_residual):
         np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("fmt", FORMATS, ids=lambda d: jnp.dtype(d).name)
-def test_silu_mul_gradients(device, fmt):
+@pytest.mark.parametrize("grid", GRIDS, ids=GRID_IDS)
+def test_silu_mul_gradients(device, grid):
     r = cases.rng()
     a, b, g = (jnp.asarray(r.normal(0, 2, (9, 40)).astype(np.float32)) for _ in range(3))
-    got = run(device, jax.grad(lambda a, b: jnp.sum(bj.silu_mul_fake_quantize_per_token(a, b, dtype=fmt) * g),
+    got = run(device, jax.grad(lambda a, b: jnp.sum(bj.silu_mul_fake_quantize_per_token(a, b, **grid) * g),
                                (0, 1)), a, b)
-    exp = run(jax.devices("cpu")[0], jax.grad(lambda a, b: jnp.sum(composed_silu(a, b, fmt) * g), (0, 1)), a, b)
+    exp = run(jax.devices("cpu")[0], jax.grad(lambda a, b: jnp.sum(composed_silu(a, b, grid) * g), (0, 1)), a, b)
     for u, v in zip(got, exp):
         np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-4, atol=1e-5)
 
