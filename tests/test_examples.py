@@ -3,12 +3,15 @@
 import pathlib
 import sys
 
+import numpy as np
 import pytest
 
 pytest.importorskip("sklearn")
+pytest.importorskip("optax")
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "examples"))
 
 import fp8_blockwise  # noqa: E402
+import lm  # noqa: E402
 import qat  # noqa: E402
 import qat_ffn  # noqa: E402
 import w8a8  # noqa: E402
@@ -43,3 +46,14 @@ def test_fp8_blockwise_trains_with_group_fake_quant_and_serves_blockwise():
     assert accuracy["float"] > 0.85
     for name in ("PTQ fp8 blockwise", "QAT fp8 blockwise"):
         assert abs(accuracy[name] - accuracy["float"]) < 0.03, accuracy
+
+
+def test_lm_tiny_config_trains_every_variant_and_serves_w8a8():
+    """The transformer LM example at its tiny configuration: every variant trains (the loss falls) and
+    evaluates to a finite loss, PTQ included, and the W8A8 models run."""
+    table, trained, _ = lm.run(lm.TINY)
+    for variant, (_, losses) in trained.items():
+        assert np.mean(losses[-5:]) < losses[0] - 0.5, variant
+    values = [row[k] for row in table.values() for k in ("qat", "ptq") if k in row]
+    assert len(values) == 10 and np.all(np.isfinite(values))  # 7 models, and PTQ at int8, fp8, int4
+    assert abs(table["W8A8 fp8"]["qat"] - table["fp8"]["qat"]) < 0.05  # the served model is the trained one

@@ -1,0 +1,411 @@
+"""A byte-level transformer LM on the Python standard library's own source: trained in float and with
+QAT (the fused ops), then served in W8A8 through `scaled_matmul`.
+
+    python examples/lm.py [--steps 1500] [--time] [--png examples/lm_loss.png] [--json out.json]
+
+Data: the .py files of this Python's standard library (every machine has them), bytes, split by file:
+every tenth file is validation. Model: decoder-only, pre-norm (RMSNorm), causal attention, SwiGLU FFN.
+
+Variants, trained with the same steps, seed and batches (one jitted step each):
+- float;
+- QAT: `rms_norm_fake_quantize_per_token` before the QKV and gate/up projections,
+  `fake_quantize_per_token_dynamic` before the attention's output projection, and
+  `silu_mul_fake_quantize_per_token` before the down projection; weights fake-quantized per output
+  channel (straight-through). Activations in int8, float8 e4m3, or 4 bits (int8 storage, qmin -8,
+  qmax 7, with int8 weights);
+- LSQ at 4 bits: a learned step per projection (`fake_quantize_per_token(learnable_scale=True)`);
+- PTQ: the float model evaluated through each variant's quantizers.
+
+Inference: the trained weights quantized per output channel (stored [N, K]), activations through
+`rms_norm_quantize_per_token`, `quantize_per_token_dynamic` and `silu_mul_quantize_per_token`, the
+projections through `scaled_matmul` (the skip connections in its epilogue). With --time (a GPU),
+prefill and decode (KV cache) tokens/s against the same model in bf16, and a generated sample.
+"""
+
+import argparse
+import dataclasses
+import glob
+import json
+import math
+import os
+import pathlib
+import sys
+import sysconfig
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import optax
+
+import baracuda_jax as bj
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    d: int = 384
+    layers: int = 4
+    heads: int = 6
+    ffn: int = 1024
+    seq: int = 256
+    batch: int = 32
+    steps: int = 1500
+    lr: float = 2e-3
+    corpus_bytes: int = 16 << 20  # read at most this much source
+    eval_batches: int = 16
+    dtype: str = "bfloat16"  # the activations' type in training (the parameters are float32)
+
+
+TINY = Config(d=64, layers=1, heads=2, ffn=128, seq=64, batch=8, steps=40, corpus_bytes=400_000, eval_batches=2,
+              dtype="float32")
+
+# name -> the activation quantizer's grid (None: float); "lsq" learns its steps
+VARIANTS = {
+    "float": None,
+    "int8": dict(dtype=jnp.int8),
+    "fp8": dict(dtype=jnp.float8_e4m3fn),
+    "int4": dict(dtype=jnp.int8, qmin=-8, qmax=7),
+    "int4 lsq": dict(dtype=jnp.int8, qmin=-8, qmax=7, lsq=True),
+}
+
+
+# ---- data -------------------------------------------------------------------------------------------
+
+def load_corpus(max_bytes):
+    """(train, validation) byte arrays from the standard library's .py files, split by file."""
+    root = sysconfig.get_paths()["stdlib"]
+    files = sorted(f for f in glob.glob(os.path.join(root, "**", "*.py"), recursive=True)
+                   if "site-packages" not in f and f"{os.sep}test" not in f[len(root):])
+    train, val, total = [], [], 0
+    for i, f in enumerate(files):
+        data = pathlib.Path(f).read_bytes()
+        (val if i % 10 == 9 else train).append(data)
+        total += len(data)
+        if total >= max_bytes:
+            break
+    as_array = lambda parts: np.frombuffer(b"\0".join(parts), np.uint8)
+    return as_array(train), as_array(val)
+
+
+def windows(data, rng, batch, seq):
+    starts = rng.integers(0, len(data) - seq - 1, batch)
+    idx = starts[:, None] + np.arange(seq + 1)
+    return jnp.asarray(data[idx].astype(np.int32))
+
+
+# ---- the model ----------------------------------------------------------------------------------
+
+def init(cfg, key):
+    keys = iter(jax.random.split(key, 4 * cfg.layers + 2))
+    dense = lambda k, n: jax.random.normal(next(keys), (k, n), jnp.float32) / math.sqrt(k)
+    layers = [dict(norm1=jnp.ones(cfg.d), wqkv=dense(cfg.d, 3 * cfg.d), wo=dense(cfg.d, cfg.d) / math.sqrt(2 * cfg.layers),
+                   norm2=jnp.ones(cfg.d), w13=dense(cfg.d, 2 * cfg.ffn),
+                   w2=dense(cfg.ffn, cfg.d) / math.sqrt(2 * cfg.layers)) for _ in range(cfg.layers)]
+    return dict(embed=jax.random.normal(next(keys), (256, cfg.d)) * 0.02, layers=layers, norm=jnp.ones(cfg.d),
+                head=dense(cfg.d, 256), steps=jnp.ones((cfg.layers, 4)))  # steps: LSQ's, one per projection
+
+
+def rms_norm(x, w, eps=1e-6):
+    xf = x.astype(jnp.float32)
+    return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + eps) * w.astype(jnp.float32)).astype(x.dtype)
+
+
+def attention(qkv, heads, cache=None, pos=None):
+    """Causal attention of qkv [B, S, 3D]; with a cache (k, v [B, T, H, hd]), the S new tokens at
+    positions pos.. are written into it and attend to everything up to themselves."""
+    b, s, three_d = qkv.shape
+    q, k, v = jnp.split(qkv.reshape(b, s, 3, heads, three_d // (3 * heads)), 3, axis=2)
+    q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
+    q_pos = jnp.arange(s)
+    if cache is not None:
+        k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, pos, 0, 0))
+        v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, pos, 0, 0))
+        cache, q_pos = (k, v), q_pos + pos
+    logits = jnp.einsum("bshd,bthd->bhst", q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
+    logits = jnp.where(q_pos[:, None] >= jnp.arange(k.shape[1])[None, :], logits, -jnp.inf)
+    out = jnp.einsum("bhst,bthd->bshd", jax.nn.softmax(logits, -1).astype(v.dtype), v)
+    return out.reshape(b, s, -1), cache
+
+
+class FloatOps:
+    """The projections in the compute dtype: the float model (and the bf16 baseline)."""
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+    def norm_proj(self, x, norm, w, i, j):
+        return rms_norm(x, norm.astype(x.dtype)) @ w.astype(x.dtype)
+
+    def proj_add(self, a, w, residual, i, j):
+        return residual + a @ w.astype(a.dtype)
+
+    def silu_proj_add(self, g, u, w, residual, i, j):
+        return residual + (jax.nn.silu(g) * u) @ w.astype(g.dtype)
+
+
+def fake_quantize_weight(w, grid):
+    """Per output channel (a column of w [K, N]), straight through: int8 for the integer grids."""
+    dtype = jnp.float8_e4m3fn if grid["dtype"] == jnp.float8_e4m3fn else jnp.int8
+    qmax = 448.0 if dtype == jnp.float8_e4m3fn else 127.0
+    scale = jnp.max(jnp.abs(w), axis=0) / qmax
+    back = bj.fake_quantize_per_token(w.T, jax.lax.stop_gradient(scale), dtype=dtype).T
+    return w + jax.lax.stop_gradient(back - w)
+
+
+class QatOps(FloatOps):
+    """Fake-quantized activations (the fused ops, or LSQ's learned steps) and weights."""
+    def __init__(self, dtype, grid, steps):
+        super().__init__(dtype)
+        self.grid = {k: v for k, v in grid.items() if k != "lsq"}
+        self.steps = steps if grid.get("lsq") else None
+
+    def _w(self, w, dtype):
+        return fake_quantize_weight(w, self.grid).astype(dtype)
+
+    def _lsq(self, h, i, j):
+        step = jnp.broadcast_to(self.steps[i, j], h.shape[:-1]).astype(jnp.float32)
+        grad_scale = 1 / math.sqrt(h.shape[-1] * self.grid["qmax"])
+        return bj.fake_quantize_per_token(h, step, learnable_scale=True, grad_scale=grad_scale, **self.grid)
+
+    def norm_proj(self, x, norm, w, i, j):
+        if self.steps is None:
+            h, _ = bj.rms_norm_fake_quantize_per_token(x, norm.astype(x.dtype), **self.grid)
+        else:
+            h = self._lsq(rms_norm(x, norm), i, j)
+        return h @ self._w(w, x.dtype)
+
+    def proj_add(self, a, w, residual, i, j):
+        a = bj.fake_quantize_per_token_dynamic(a, **self.grid) if self.steps is None else self._lsq(a, i, j)
+        return residual + a @ self._w(w, a.dtype)
+
+    def silu_proj_add(self, g, u, w, residual, i, j):
+        if self.steps is None:
+            m = bj.silu_mul_fake_quantize_per_token(g, u, **self.grid)
+        else:
+            m = self._lsq(jax.nn.silu(g) * u, i, j)
+        return residual + m @ self._w(w, g.dtype)
+
+
+class W8A8Ops:
+    """Real 8-bit inference in bf16: per-token activations in `fmt`, per-channel weights stored [N, K]."""
+    dtype = jnp.bfloat16
+
+    def __init__(self, fmt):
+        self.fmt = fmt
+
+    def norm_proj(self, x, norm, w, i, j):
+        q, s, _ = bj.rms_norm_quantize_per_token(x, norm, dtype=self.fmt)
+        return bj.scaled_matmul(q, s, w[0].T, w[1], out_dtype=x.dtype)
+
+    def proj_add(self, a, w, residual, i, j):
+        q, s, _ = bj.quantize_per_token_dynamic(a, dtype=self.fmt)
+        return bj.scaled_matmul(q, s, w[0].T, w[1], out_dtype=a.dtype, residual=residual)
+
+    def silu_proj_add(self, g, u, w, residual, i, j):
+        q, s = bj.silu_mul_quantize_per_token(g, u, dtype=self.fmt)
+        return bj.scaled_matmul(q, s, w[0].T, w[1], out_dtype=g.dtype, residual=residual)
+
+
+def quantize_for_inference(params, dtype):
+    """Each projection's weight [K, N] -> (q stored [N, K] in dtype, per-channel scale [N]); the norms
+    in bf16 (the fused ops take the data's dtype)."""
+    qmax = 448.0 if dtype == jnp.float8_e4m3fn else 127.0
+
+    def quantize(w):
+        scale = jnp.max(jnp.abs(w), axis=0) / qmax
+        return bj.quantize_per_token(w.T, scale, dtype=dtype), scale
+    layers = [dict(p, wqkv=quantize(p["wqkv"]), wo=quantize(p["wo"]), w13=quantize(p["w13"]), w2=quantize(p["w2"]),
+                   norm1=p["norm1"].astype(jnp.bfloat16), norm2=p["norm2"].astype(jnp.bfloat16))
+              for p in params["layers"]]
+    return dict(params, layers=layers)
+
+
+def forward(params, tokens, ops, heads, caches=None, pos=0):
+    """Logits [B, S, 256] (float32); with caches (one (k, v) per layer), also the updated caches."""
+    x = params["embed"][tokens].astype(ops.dtype)
+    new_caches = []
+    for i, p in enumerate(params["layers"]):
+        a, cache = attention(ops.norm_proj(x, p["norm1"], p["wqkv"], i, 0), heads,
+                             None if caches is None else caches[i], pos)
+        new_caches.append(cache)
+        x = ops.proj_add(a, p["wo"], x, i, 1)
+        g, u = jnp.split(ops.norm_proj(x, p["norm2"], p["w13"], i, 2), 2, axis=-1)
+        x = ops.silu_proj_add(g, u, p["w2"], x, i, 3)
+    logits = rms_norm(x, params["norm"]).astype(jnp.float32) @ params["head"]
+    return logits if caches is None else (logits, new_caches)
+
+
+def loss_of(logits, targets):
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, targets))
+
+
+def ops_for(variant, cfg, params):
+    grid = VARIANTS[variant]
+    return FloatOps(jnp.dtype(cfg.dtype)) if grid is None else QatOps(jnp.dtype(cfg.dtype), grid, params["steps"])
+
+
+# ---- training and evaluation ----------------------------------------------------------------------
+
+def optimizer(cfg):
+    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, min(100, cfg.steps // 10), cfg.steps)
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
+
+
+def train_step(variant, cfg, opt):
+    """One jitted step: (params, optimizer state, batch [B, S + 1]) -> (params, state, loss)."""
+    def loss_fn(params, batch):
+        return loss_of(forward(params, batch[:, :-1], ops_for(variant, cfg, params), cfg.heads), batch[:, 1:])
+
+    @jax.jit
+    def step(params, state, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, loss
+    return step
+
+
+def train(variant, cfg, data, seed=0, log=None):
+    """(params, per-step losses) of one variant."""
+    params = init(cfg, jax.random.key(seed))
+    opt = optimizer(cfg)
+    state, step = opt.init(params), train_step(variant, cfg, opt)
+    rng = np.random.default_rng(seed)
+    losses = []
+    for i in range(cfg.steps):
+        params, state, loss = step(params, state, windows(data[0], rng, cfg.batch, cfg.seq))
+        losses.append(float(loss))
+        if log and (i + 1) % max(1, cfg.steps // 20) == 0:
+            log(f"\r  {variant:<9} step {i + 1:>5}/{cfg.steps}  loss {np.mean(losses[-50:]):.3f}")
+    if log:
+        log("\n")
+    return params, losses
+
+
+def evaluate(params, ops, cfg, val, seed=1):
+    """Mean validation loss (nats per byte) over fixed windows."""
+    rng = np.random.default_rng(seed)
+    f = jax.jit(lambda params, batch: loss_of(forward(params, batch[:, :-1], ops, cfg.heads), batch[:, 1:]))
+    return float(np.mean([f(params, windows(val, rng, cfg.batch, cfg.seq)) for _ in range(cfg.eval_batches)]))
+
+
+def run(cfg, variants=tuple(VARIANTS), log=None):
+    """Trains every variant and evaluates it (QAT) and the float model through it (PTQ)."""
+    data = load_corpus(cfg.corpus_bytes)
+    trained = {v: train(v, cfg, data, log=log) for v in variants}
+    float_params = trained["float"][0]
+    table = {}
+    for v in variants:
+        params, losses = trained[v]
+        row = dict(qat=evaluate(params, ops_for(v, cfg, params), cfg, data[1]), losses=losses)
+        if v != "float" and not VARIANTS[v].get("lsq"):
+            row["ptq"] = evaluate(float_params, ops_for(v, cfg, float_params), cfg, data[1])
+        table[v] = row
+    for name, dtype in (("W8A8 int8", jnp.int8), ("W8A8 fp8", jnp.float8_e4m3fn)):
+        source = "int8" if dtype == jnp.int8 else "fp8"
+        params = trained[source][0] if source in trained else float_params
+        table[name] = dict(qat=evaluate(quantize_for_inference(params, dtype), W8A8Ops(dtype), cfg, data[1]))
+    return table, trained, data
+
+
+# ---- inference timing and generation ------------------------------------------------------------
+
+def bf16_params(params):
+    return jax.tree.map(lambda w: w.astype(jnp.bfloat16) if w.dtype == jnp.float32 else w, params)
+
+
+def time_train_steps(cfg, data, reps=20):
+    """Device seconds of one train step of each variant."""
+    from timing import time_per_call
+    params, opt = init(cfg, jax.random.key(0)), optimizer(cfg)
+    batch = windows(data[0], np.random.default_rng(0), cfg.batch, cfg.seq)
+    return {v: time_per_call(train_step(v, cfg, opt), [(params, opt.init(params), batch)], reps) for v in VARIANTS}
+
+
+def time_inference(params, cfg, reps=20):
+    """tokens/s of prefill (batch 16 x 1024) and of one decode step (batch 16, 1024 cached) on this
+    device, bf16 against W8A8 fp8 and int8 (device time, benchmarks/timing.py)."""
+    from timing import time_per_call
+    batch, length = 16, 1024
+    hd = cfg.d // cfg.heads
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (batch, length)), jnp.int32)
+    caches = [(jnp.zeros((batch, length + 1, cfg.heads, hd), jnp.bfloat16),) * 2 for _ in range(cfg.layers)]
+    ways = {"bf16": (bf16_params(params), FloatOps(jnp.bfloat16)),
+            "W8A8 fp8": (quantize_for_inference(params, jnp.float8_e4m3fn), W8A8Ops(jnp.float8_e4m3fn)),
+            "W8A8 int8": (quantize_for_inference(params, jnp.int8), W8A8Ops(jnp.int8))}
+    out = {}
+    for name, (p, ops) in ways.items():
+        prefill = lambda p, t: forward(p, t, ops, cfg.heads)
+        decode = lambda p, t, c: forward(p, t, ops, cfg.heads, c, length)
+        out[name] = dict(prefill=batch * length / time_per_call(prefill, [(p, tokens)], reps),
+                         decode=batch / time_per_call(decode, [(p, tokens[:, :1], caches)], reps))
+    return out
+
+
+def generate(params, ops, cfg, prompt, n):
+    """Greedy bytes after `prompt`, one decode step each through the KV cache."""
+    hd = cfg.d // cfg.heads
+    tokens = jnp.asarray(np.frombuffer(prompt.encode(), np.uint8).astype(np.int32))[None]
+    total = tokens.shape[1] + n
+    caches = [(jnp.zeros((1, total, cfg.heads, hd), ops.dtype),) * 2 for _ in range(cfg.layers)]
+    step = jax.jit(lambda p, t, c, pos: forward(p, t, ops, cfg.heads, c, pos))
+    logits, caches = step(params, tokens, caches, 0)
+    out = []
+    for i in range(n):
+        nxt = jnp.argmax(logits[:, -1], -1)[:, None].astype(jnp.int32)
+        out.append(int(nxt[0, 0]))
+        logits, caches = step(params, nxt, caches, tokens.shape[1] + i)
+    return prompt + bytes(out).decode("utf-8", "replace")
+
+
+def plot(trained, png):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for name, (_, losses) in trained.items():
+        k = max(1, len(losses) // 50)
+        ax.plot(np.convolve(losses, np.ones(k) / k, mode="valid"), label=name)
+    ax.set(xlabel="step", ylabel="train loss (nats / byte)", title="byte-level LM on the stdlib, QAT variants")
+    ax.set_ylim(top=min(3.0, ax.get_ylim()[1]))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=Config.steps)
+    p.add_argument("--tiny", action="store_true", help="the test suite's configuration")
+    p.add_argument("--time", action="store_true", help="prefill/decode tokens/s, bf16 vs W8A8 (meant for a GPU)")
+    p.add_argument("--png", default=None, help="save the loss curves here")
+    p.add_argument("--json", type=pathlib.Path, default=None, help="write the table here")
+    args = p.parse_args(argv)
+    cfg = TINY if args.tiny else dataclasses.replace(Config(), steps=args.steps)
+    log = None if args.tiny else lambda s: print(s, end="", flush=True)
+    table, trained, data = run(cfg, log=log)
+    ln2 = math.log(2)
+    print(f"\n{jax.devices()[0].device_kind}, {cfg}\n{'variant':<10} {'QAT val bpb':>12} {'PTQ val bpb':>12}")
+    for name, row in table.items():
+        ptq = f"{row['ptq'] / ln2:>12.4f}" if "ptq" in row else f"{'':>12}"
+        print(f"{name:<10} {row['qat'] / ln2:>12.4f} {ptq}")
+    result = dict(device=jax.devices()[0].device_kind, config=dataclasses.asdict(cfg),
+                  table={k: {m: v for m, v in row.items() if m != "losses"} for k, row in table.items()})
+    if args.time:
+        sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "benchmarks"))  # timing.py: device time
+        result["train_step_us"] = steps = {v: t * 1e6 for v, t in time_train_steps(cfg, data).items()}
+        print("train step, device µs: " + ", ".join(f"{v} {t:.0f} ({t / steps['float']:.3f}x)" for v, t in steps.items()))
+        result["tokens_per_s"] = speed = time_inference(trained["fp8"][0], cfg)
+        for name, s in speed.items():
+            print(f"{name:<10} prefill {s['prefill']:>12,.0f} tok/s   decode {s['decode']:>10,.0f} tok/s")
+        params = quantize_for_inference(trained["fp8"][0], jnp.float8_e4m3fn)
+        result["sample"] = generate(params, W8A8Ops(jnp.float8_e4m3fn), cfg, "def ", 200)
+        print("W8A8 fp8 sample:\n" + result["sample"])
+    if args.png:
+        plot(trained, args.png)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    return table
+
+
+if __name__ == "__main__":
+    main()
