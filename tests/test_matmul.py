@@ -216,16 +216,19 @@ def test_cuda_lowering(monkeypatch):
 
 def test_cuda_lowering_blockwise(monkeypatch):
     """Blockwise float8: a_scale stored [K/128][rows] and b_scale [N/128][K/128] (operand layouts),
-    the block factors replicated; int8 blocks lower to XLA's dot."""
-    a, a_scale, b, b_scale = blockwise_operands(cases.rng(), (2, 5), 384, 256, jnp.float8_e4m3fn)
+    the block factors replicated; rows padded to a multiple of 4; int8 blocks lower to XLA's dot."""
+    a, a_scale, b, b_scale = blockwise_operands(cases.rng(), (2, 6), 384, 256, jnp.float8_e4m3fn)
     text = _cuda_text(monkeypatch, a, a_scale, b, b_scale)
     call = next(line for line in text.splitlines() if "custom_call @baracuda_scaled_matmul" in line)
-    assert "tensor<1x2x5x384xf8E4M3FN>, tensor<1x2x5x3xf32>" in call
+    assert "tensor<1x2x6x384xf8E4M3FN>, tensor<1x2x6x3xf32>" in call
     assert "operand_layouts = [dense<[3, 2, 1, 0]> : tensor<4xindex>, dense<[2, 1, 0, 3]> : tensor<4xindex>, " \
            "dense<[0, 1]> : tensor<2xindex>, dense<[0, 1]> : tensor<2xindex>]" in call
     assert "need_replication={l, m, n, o, p}" in call
     int8 = _cuda_text(monkeypatch, a.astype(jnp.int8), a_scale, b.astype(jnp.int8), b_scale)
     assert "baracuda_scaled_matmul" not in int8 and "dot_general" in int8
+    padded = _cuda_text(monkeypatch, a[:, :5], a_scale[:, :5], b, b_scale)  # 10 rows -> 12
+    call = next(line for line in padded.splitlines() if "custom_call @baracuda_scaled_matmul" in line)
+    assert "tensor<1x1x12x384xf8E4M3FN>, tensor<1x1x12x3xf32>" in call and "stablehlo.pad" in padded
 
 
 def test_token_sharded_a_needs_no_collective():
