@@ -8,11 +8,10 @@ every tenth file is validation. Model: decoder-only, pre-norm (RMSNorm), causal 
 
 Variants, trained with the same steps, seed and batches (one jitted step each):
 - float;
-- QAT: `rms_norm_fake_quantize_per_token` before the QKV and gate/up projections,
-  `fake_quantize_per_token_dynamic` before the attention's output projection, and
-  `silu_mul_fake_quantize_per_token` before the down projection; weights fake-quantized per output
-  channel (straight-through). Activations in int8, float8 e4m3, or 4 bits (int8 storage, qmin -8,
-  qmax 7, with int8 weights);
+- QAT of the activations: `rms_norm_fake_quantize_per_token` before the QKV and gate/up
+  projections, `fake_quantize_per_token_dynamic` before the attention's output projection, and
+  `silu_mul_fake_quantize_per_token` before the down projection, in int8, float8 e4m3, or 4 bits
+  (int8 storage, qmin -8, qmax 7); the weights stay float in training (served per output channel);
 - LSQ at 4 bits: a learned step per projection (`fake_quantize_per_token(learnable_scale=True)`);
 - PTQ: the float model evaluated through each variant's quantizers.
 
@@ -42,10 +41,10 @@ import baracuda_jax as bj
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    d: int = 384
+    d: int = 512
     layers: int = 4
-    heads: int = 6
-    ffn: int = 1024
+    heads: int = 8
+    ffn: int = 1408
     seq: int = 256
     batch: int = 32
     steps: int = 1500
@@ -141,24 +140,12 @@ class FloatOps:
         return residual + (jax.nn.silu(g) * u) @ w.astype(g.dtype)
 
 
-def fake_quantize_weight(w, grid):
-    """Per output channel (a column of w [K, N]), straight through: int8 for the integer grids."""
-    dtype = jnp.float8_e4m3fn if grid["dtype"] == jnp.float8_e4m3fn else jnp.int8
-    qmax = 448.0 if dtype == jnp.float8_e4m3fn else 127.0
-    scale = jnp.max(jnp.abs(w), axis=0) / qmax
-    back = bj.fake_quantize_per_token(w.T, jax.lax.stop_gradient(scale), dtype=dtype).T
-    return w + jax.lax.stop_gradient(back - w)
-
-
 class QatOps(FloatOps):
-    """Fake-quantized activations (the fused ops, or LSQ's learned steps) and weights."""
+    """Fake-quantized activations: the fused ops (dynamic scales), or LSQ's learned steps."""
     def __init__(self, dtype, grid, steps):
         super().__init__(dtype)
         self.grid = {k: v for k, v in grid.items() if k != "lsq"}
         self.steps = steps if grid.get("lsq") else None
-
-    def _w(self, w, dtype):
-        return fake_quantize_weight(w, self.grid).astype(dtype)
 
     def _lsq(self, h, i, j):
         step = jnp.broadcast_to(self.steps[i, j], h.shape[:-1]).astype(jnp.float32)
@@ -170,18 +157,18 @@ class QatOps(FloatOps):
             h, _ = bj.rms_norm_fake_quantize_per_token(x, norm.astype(x.dtype), **self.grid)
         else:
             h = self._lsq(rms_norm(x, norm), i, j)
-        return h @ self._w(w, x.dtype)
+        return h @ w.astype(x.dtype)
 
     def proj_add(self, a, w, residual, i, j):
         a = bj.fake_quantize_per_token_dynamic(a, **self.grid) if self.steps is None else self._lsq(a, i, j)
-        return residual + a @ self._w(w, a.dtype)
+        return residual + a @ w.astype(a.dtype)
 
     def silu_proj_add(self, g, u, w, residual, i, j):
         if self.steps is None:
             m = bj.silu_mul_fake_quantize_per_token(g, u, **self.grid)
         else:
             m = self._lsq(jax.nn.silu(g) * u, i, j)
-        return residual + m @ self._w(w, g.dtype)
+        return residual + m @ w.astype(g.dtype)
 
 
 class W8A8Ops:
@@ -339,17 +326,18 @@ def time_inference(params, cfg, reps=20):
     return out
 
 
-def generate(params, ops, cfg, prompt, n):
-    """Greedy bytes after `prompt`, one decode step each through the KV cache."""
+def generate(params, ops, cfg, prompt, n, temperature=0.7, seed=0):
+    """n bytes sampled after `prompt`, one decode step each through the KV cache."""
     hd = cfg.d // cfg.heads
     tokens = jnp.asarray(np.frombuffer(prompt.encode(), np.uint8).astype(np.int32))[None]
     total = tokens.shape[1] + n
     caches = [(jnp.zeros((1, total, cfg.heads, hd), ops.dtype),) * 2 for _ in range(cfg.layers)]
     step = jax.jit(lambda p, t, c, pos: forward(p, t, ops, cfg.heads, c, pos))
     logits, caches = step(params, tokens, caches, 0)
-    out = []
+    out, key = [], jax.random.key(seed)
     for i in range(n):
-        nxt = jnp.argmax(logits[:, -1], -1)[:, None].astype(jnp.int32)
+        nxt = jax.random.categorical(jax.random.fold_in(key, i), logits[:, -1] / temperature)[:, None]
+        nxt = nxt.astype(jnp.int32)
         out.append(int(nxt[0, 0]))
         logits, caches = step(params, nxt, caches, tokens.shape[1] + i)
     return prompt + bytes(out).decode("utf-8", "replace")
@@ -390,20 +378,22 @@ def main(argv=None):
         print(f"{name:<10} {row['qat'] / ln2:>12.4f} {ptq}")
     result = dict(device=jax.devices()[0].device_kind, config=dataclasses.asdict(cfg),
                   table={k: {m: v for m, v in row.items() if m != "losses"} for k, row in table.items()})
+    save = lambda: args.json.write_text(json.dumps(result, indent=1)) if args.json else None
+    save()  # after each part: a run cut short keeps what it measured
+    if args.png:
+        plot(trained, args.png)
     if args.time:
         sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "benchmarks"))  # timing.py: device time
         result["train_step_us"] = steps = {v: t * 1e6 for v, t in time_train_steps(cfg, data).items()}
         print("train step, device µs: " + ", ".join(f"{v} {t:.0f} ({t / steps['float']:.3f}x)" for v, t in steps.items()))
+        save()
         result["tokens_per_s"] = speed = time_inference(trained["fp8"][0], cfg)
         for name, s in speed.items():
             print(f"{name:<10} prefill {s['prefill']:>12,.0f} tok/s   decode {s['decode']:>10,.0f} tok/s")
         params = quantize_for_inference(trained["fp8"][0], jnp.float8_e4m3fn)
         result["sample"] = generate(params, W8A8Ops(jnp.float8_e4m3fn), cfg, "def ", 200)
         print("W8A8 fp8 sample:\n" + result["sample"])
-    if args.png:
-        plot(trained, args.png)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1))
+        save()
     return table
 
 
