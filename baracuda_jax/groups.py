@@ -2,8 +2,8 @@
 half of DeepSeek-V3's FP8 recipe (the weights' half is `scaled_matmul`'s 128 x 128 blocks).
 
 Each group is a row of the per-token dynamic ops: these are `quantize_per_token_dynamic` and friends
-on x.reshape(..., D // group_size, group_size), the same bits, and the same kernel (on the GPU its
-launch gives a short row a few lanes of a warp, not a block).
+on x.reshape(..., D // group_size, group_size), the same bits, and the same kernel (on the GPU a
+launch for short rows: one 16-byte vector a lane, several rows a thread).
 """
 
 import numpy as np
@@ -24,7 +24,8 @@ def _grouped(op, x, group_size, dtype):
     if fmt.lowest >= 0:
         raise ValueError(f"{op}: groups are quantized symmetrically; dtype must be int8 or a float8 type, "
                          f"got {fmt.name}")
-    if not isinstance(group_size, (int, np.integer)) or isinstance(group_size, bool) or group_size not in GROUP_SIZES:
+    valid = isinstance(group_size, (int, np.integer)) and not isinstance(group_size, bool)
+    if not valid or group_size not in GROUP_SIZES:
         raise ValueError(f"{op}: group_size must be one of {GROUP_SIZES}, got {group_size!r}")
     if x.ndim < 1 or x.shape[-1] % group_size:
         raise ValueError(f"{op}: x's last dim must be a multiple of group_size={group_size}; "
@@ -86,9 +87,9 @@ def dequantize_per_token_group(q, scale, *, dtype, scale_layout="row"):
     _check_layout(op, scale_layout, q.ndim)
     if scale_layout == "column":
         scale = jnp.swapaxes(scale, -1, -2)
-    if q.ndim < 1 or scale.ndim != q.ndim or scale.shape[:-1] != q.shape[:-1] or q.shape[-1] % max(scale.shape[-1], 1):
-        raise ValueError(f"{op}: scale must be q.shape[:-1] + (G,) with G dividing D (the {scale_layout} layout); "
-                         f"got q {tuple(q.shape)} and scale {tuple(jnp.shape(scale))} after the layout")
-    groups = scale.shape[-1]
+    groups = scale.shape[-1] if scale.ndim else 0
+    if q.ndim < 1 or scale.ndim != q.ndim or scale.shape[:-1] != q.shape[:-1] or groups < 1 or q.shape[-1] % groups:
+        raise ValueError(f"{op}: scale must be q.shape[:-1] + (G,) with G dividing D, G >= 1 (the {scale_layout} "
+                         f"layout); got q {tuple(q.shape)} and scale {tuple(scale.shape)} after the layout")
     grouped = q.reshape(*q.shape[:-1], groups, q.shape[-1] // groups)
     return dequantize_per_token(grouped, scale, dtype=dtype).reshape(q.shape)

@@ -96,9 +96,10 @@ def windows(data, rng, batch, seq):
 def init(cfg, key):
     keys = iter(jax.random.split(key, 4 * cfg.layers + 2))
     dense = lambda k, n: jax.random.normal(next(keys), (k, n), jnp.float32) / math.sqrt(k)
-    layers = [dict(norm1=jnp.ones(cfg.d), wqkv=dense(cfg.d, 3 * cfg.d), wo=dense(cfg.d, cfg.d) / math.sqrt(2 * cfg.layers),
-                   norm2=jnp.ones(cfg.d), w13=dense(cfg.d, 2 * cfg.ffn),
-                   w2=dense(cfg.ffn, cfg.d) / math.sqrt(2 * cfg.layers)) for _ in range(cfg.layers)]
+    depth = math.sqrt(2 * cfg.layers)  # scales down the projections into the residual stream
+    layers = [dict(norm1=jnp.ones(cfg.d), wqkv=dense(cfg.d, 3 * cfg.d), wo=dense(cfg.d, cfg.d) / depth,
+                   norm2=jnp.ones(cfg.d), w13=dense(cfg.d, 2 * cfg.ffn), w2=dense(cfg.ffn, cfg.d) / depth)
+              for _ in range(cfg.layers)]
     return dict(embed=jax.random.normal(next(keys), (256, cfg.d)) * 0.02, layers=layers, norm=jnp.ones(cfg.d),
                 head=dense(cfg.d, 256), steps=jnp.ones((cfg.layers, 4)))  # steps: LSQ's, one per projection
 
@@ -385,7 +386,8 @@ def main(argv=None):
     if args.time:
         sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "benchmarks"))  # timing.py: device time
         result["train_step_us"] = steps = {v: t * 1e6 for v, t in time_train_steps(cfg, data).items()}
-        print("train step, device µs: " + ", ".join(f"{v} {t:.0f} ({t / steps['float']:.3f}x)" for v, t in steps.items()))
+        print("train step, device µs: " + ", ".join(f"{v} {t:.0f} ({t / steps['float']:.3f}x)"
+                                                    for v, t in steps.items()))
         save()
         result["tokens_per_s"] = speed = time_inference(trained["fp8"][0], cfg)
         for name, s in speed.items():
