@@ -83,13 +83,17 @@ def test_rms_norm_matches_reference_bit_for_bit(device, shape, x_dtype, fmt):
     w = weight_of(r, shape[-1], x_dtype)
     for residual in (None, res):
         for scale in (None, static_scale(r, rows, fmt)):
-            kw = dict(residual=residual, scale=scale, dtype=fmt)
-            for ours, theirs in ((bj.rms_norm_quantize_per_token, ref.rms_norm_quantize_per_token),
-                                 (bj.rms_norm_fake_quantize_per_token, ref.rms_norm_fake_quantize_per_token)):
-                got = run(device, lambda x, w: ours(x, w, **kw), x, w)
-                want = run(jax.devices("cpu")[0], lambda x, w: theirs(x, w, **kw), x, w)
-                for g, t in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-                    assert_same_bits(g, t)
+            assert_norm_matches_reference(device, x, w, residual=residual, scale=scale, dtype=fmt)
+
+
+def assert_norm_matches_reference(device, x, w, **kw):
+    """Both norm ops (quantize and fake-quantize) give the CPU reference's bits."""
+    for ours, theirs in ((bj.rms_norm_quantize_per_token, ref.rms_norm_quantize_per_token),
+                         (bj.rms_norm_fake_quantize_per_token, ref.rms_norm_fake_quantize_per_token)):
+        got = run(device, lambda x, w: ours(x, w, **kw), x, w)
+        want = run(jax.devices("cpu")[0], lambda x, w: theirs(x, w, **kw), x, w)
+        for g, t in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            assert_same_bits(g, t)
 
 
 @pytest.mark.parametrize("shape", EXACT_SHAPES, ids=str)
@@ -101,12 +105,7 @@ def test_narrow_int_grid_bit_for_bit(device, shape):
     w = weight_of(r, shape[-1], jnp.bfloat16)
     for scale in (None, static_scale(r, shape[:-1], jnp.int8)):
         kw = dict(residual=res, scale=scale, dtype=jnp.int8, qmin=-8, qmax=7)
-        for ours, theirs in ((bj.rms_norm_quantize_per_token, ref.rms_norm_quantize_per_token),
-                             (bj.rms_norm_fake_quantize_per_token, ref.rms_norm_fake_quantize_per_token)):
-            got = run(device, lambda x, w: ours(x, w, **kw), x, w)
-            want = run(jax.devices("cpu")[0], lambda x, w: theirs(x, w, **kw), x, w)
-            for g, t in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-                assert_same_bits(g, t)
+        assert_norm_matches_reference(device, x, w, **kw)
         q = np.asarray(run(device, lambda x, w: bj.rms_norm_quantize_per_token(x, w, **kw)[0], x, w))
         assert q.min() >= -8 and q.max() <= 7
         del kw["residual"]
