@@ -49,13 +49,17 @@ class Config:
     batch: int = 32
     steps: int = 1500
     lr: float = 2e-3
+    weight_decay: float = 0.1
     corpus_bytes: int = 16 << 20  # read at most this much source
-    eval_batches: int = 16
+    eval_batches: int = 64
     dtype: str = "bfloat16"  # the activations' type in training (the parameters are float32)
 
 
 TINY = Config(d=64, layers=1, heads=2, ffn=128, seq=64, batch=8, steps=40, corpus_bytes=400_000, eval_batches=2,
               dtype="float32")
+
+# The timing-only width (untrained weights): projections large enough for an 8-bit GEMM to pay.
+WIDE = dict(d=2048, heads=16, ffn=5632)
 
 # name -> the activation quantizer's grid (None: float); "lsq" learns its steps
 VARIANTS = {
@@ -69,11 +73,17 @@ VARIANTS = {
 
 # ---- data -------------------------------------------------------------------------------------------
 
+# Data written as Python rather than Python code: the codecs' tables and pydoc's topic text (2 MB,
+# whose near-copies in both splits made the validation loss depend on whether a run learnt to copy).
+NOT_CODE = ("site-packages", f"{os.sep}test", f"{os.sep}encodings{os.sep}", f"{os.sep}pydoc_data{os.sep}")
+
+
 def load_corpus(max_bytes):
-    """(train, validation) byte arrays from the standard library's .py files, split by file."""
+    """(train, validation) byte arrays from the standard library's .py files (tests and NOT_CODE
+    left out), split by file."""
     root = sysconfig.get_paths()["stdlib"]
     files = sorted(f for f in glob.glob(os.path.join(root, "**", "*.py"), recursive=True)
-                   if "site-packages" not in f and f"{os.sep}test" not in f[len(root):])
+                   if not any(part in f[len(root):] for part in NOT_CODE))
     train, val, total = [], [], 0
     for i, f in enumerate(files):
         data = pathlib.Path(f).read_bytes()
@@ -109,20 +119,32 @@ def rms_norm(x, w, eps=1e-6):
     return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + eps) * w.astype(jnp.float32)).astype(x.dtype)
 
 
-def attention(qkv, heads, cache=None, pos=None):
-    """Causal attention of qkv [B, S, 3D]; with a cache (k, v [B, T, H, hd]), the S new tokens at
-    positions pos.. are written into it and attend to everything up to themselves."""
+def rope(x, positions):
+    """Rotary position embedding of x [B, S, H, hd] at positions [S] (half-split pairs, base 10000)."""
+    half = x.shape[-1] // 2
+    angles = positions[:, None].astype(jnp.float32) * 10000.0 ** (-jnp.arange(half) / half)
+    cos, sin = jnp.cos(angles)[:, None], jnp.sin(angles)[:, None]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).astype(x.dtype)
+
+
+def attention(qkv, heads, cache=None, pos=0):
+    """Causal attention of qkv [B, S, 3D] at positions pos..pos+S-1. With a cache (k, v [B, T, H, hd]),
+    the new keys and values are written into it and the queries attend to its first pos + S entries
+    (pos = 0 when S > 1: a prefill). cuDNN's fused attention without a cache on a GPU (16-bit data),
+    XLA's elsewhere."""
     b, s, three_d = qkv.shape
     q, k, v = jnp.split(qkv.reshape(b, s, 3, heads, three_d // (3 * heads)), 3, axis=2)
-    q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
-    q_pos = jnp.arange(s)
+    positions = pos + jnp.arange(s)
+    q, k, v = rope(q[:, :, 0], positions), rope(k[:, :, 0], positions), v[:, :, 0]
+    lengths = None
     if cache is not None:
         k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, pos, 0, 0))
         v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, pos, 0, 0))
-        cache, q_pos = (k, v), q_pos + pos
-    logits = jnp.einsum("bshd,bthd->bhst", q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
-    logits = jnp.where(q_pos[:, None] >= jnp.arange(k.shape[1])[None, :], logits, -jnp.inf)
-    out = jnp.einsum("bhst,bthd->bshd", jax.nn.softmax(logits, -1).astype(v.dtype), v)
+        cache, lengths = (k, v), jnp.full((b,), pos + s, jnp.int32)
+    fused = cache is None and jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+    out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), is_causal=s > 1,
+                                       key_value_seq_lengths=lengths, implementation="cudnn" if fused else "xla")
     return out.reshape(b, s, -1), cache
 
 
@@ -133,6 +155,10 @@ class FloatOps:
 
     def norm_proj(self, x, norm, w, i, j):
         return rms_norm(x, norm.astype(x.dtype)) @ w.astype(x.dtype)
+
+    def gate_up(self, x, norm, w, i, j):
+        """(gate, up) of the FFN: one projection, split."""
+        return jnp.split(self.norm_proj(x, norm, w, i, j), 2, axis=-1)
 
     def proj_add(self, a, w, residual, i, j):
         return residual + a @ w.astype(a.dtype)
@@ -183,6 +209,13 @@ class W8A8Ops:
         q, s, _ = bj.rms_norm_quantize_per_token(x, norm, dtype=self.fmt)
         return bj.scaled_matmul(q, s, w[0].T, w[1], out_dtype=x.dtype)
 
+    def gate_up(self, x, norm, w, i, j):
+        """Two products from one quantized input: gate and up are stored apart, so that the SiLU op
+        reads them without the copies a split of one [.., 2F] product would make (a custom call
+        takes whole buffers)."""
+        q, s, _ = bj.rms_norm_quantize_per_token(x, norm, dtype=self.fmt)
+        return [bj.scaled_matmul(q, s, wq.T, ws, out_dtype=x.dtype) for wq, ws in w]
+
     def proj_add(self, a, w, residual, i, j):
         q, s, _ = bj.quantize_per_token_dynamic(a, dtype=self.fmt)
         return bj.scaled_matmul(q, s, w[0].T, w[1], out_dtype=a.dtype, residual=residual)
@@ -200,7 +233,8 @@ def quantize_for_inference(params, dtype):
     def quantize(w):
         scale = jnp.max(jnp.abs(w), axis=0) / qmax
         return bj.quantize_per_token(w.T, scale, dtype=dtype), scale
-    layers = [dict(p, wqkv=quantize(p["wqkv"]), wo=quantize(p["wo"]), w13=quantize(p["w13"]), w2=quantize(p["w2"]),
+    layers = [dict(p, wqkv=quantize(p["wqkv"]), wo=quantize(p["wo"]), w2=quantize(p["w2"]),
+                   w13=[quantize(w) for w in jnp.split(p["w13"], 2, axis=1)],  # gate and up apart
                    norm1=p["norm1"].astype(jnp.bfloat16), norm2=p["norm2"].astype(jnp.bfloat16))
               for p in params["layers"]]
     return dict(params, layers=layers)
@@ -215,7 +249,7 @@ def forward(params, tokens, ops, heads, caches=None, pos=0):
                              None if caches is None else caches[i], pos)
         new_caches.append(cache)
         x = ops.proj_add(a, p["wo"], x, i, 1)
-        g, u = jnp.split(ops.norm_proj(x, p["norm2"], p["w13"], i, 2), 2, axis=-1)
+        g, u = ops.gate_up(x, p["norm2"], p["w13"], i, 2)
         x = ops.silu_proj_add(g, u, p["w2"], x, i, 3)
     logits = rms_norm(x, params["norm"]).astype(jnp.float32) @ params["head"]
     return logits if caches is None else (logits, new_caches)
@@ -234,7 +268,7 @@ def ops_for(variant, cfg, params):
 
 def optimizer(cfg):
     schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, min(100, cfg.steps // 10), cfg.steps)
-    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=cfg.weight_decay))
 
 
 def train_step(variant, cfg, opt):
@@ -259,12 +293,12 @@ def train(variant, cfg, data, seed=0, log=None):
     losses = []
     for i in range(cfg.steps):
         params, state, loss = step(params, state, windows(data[0], rng, cfg.batch, cfg.seq))
-        losses.append(float(loss))
+        losses.append(loss)  # kept on the device: no sync per step
         if log and (i + 1) % max(1, cfg.steps // 20) == 0:
-            log(f"\r  {variant:<9} step {i + 1:>5}/{cfg.steps}  loss {np.mean(losses[-50:]):.3f}")
+            log(f"\r  {variant:<9} seed {seed} step {i + 1:>5}/{cfg.steps}  loss {np.mean(losses[-50:]):.3f}")
     if log:
         log("\n")
-    return params, losses
+    return params, np.asarray(jnp.stack(losses))
 
 
 def evaluate(params, ops, cfg, val, seed=1):
@@ -274,23 +308,33 @@ def evaluate(params, ops, cfg, val, seed=1):
     return float(np.mean([f(params, windows(val, rng, cfg.batch, cfg.seq)) for _ in range(cfg.eval_batches)]))
 
 
-def run(cfg, variants=tuple(VARIANTS), log=None):
-    """Trains every variant and evaluates it (QAT) and the float model through it (PTQ)."""
-    data = load_corpus(cfg.corpus_bytes)
-    trained = {v: train(v, cfg, data, log=log) for v in variants}
+def evaluate_variants(trained, cfg, val):
+    """{name: {"qat": loss, "ptq": loss}}: each trained variant through its own quantizers, the float model
+    through each variant's (PTQ), and the W8A8 models served from the 8-bit QAT weights."""
     float_params = trained["float"][0]
     table = {}
-    for v in variants:
-        params, losses = trained[v]
-        row = dict(qat=evaluate(params, ops_for(v, cfg, params), cfg, data[1]), losses=losses)
+    for v, (params, _) in trained.items():
+        table[v] = dict(qat=evaluate(params, ops_for(v, cfg, params), cfg, val))
         if v != "float" and not VARIANTS[v].get("lsq"):
-            row["ptq"] = evaluate(float_params, ops_for(v, cfg, float_params), cfg, data[1])
-        table[v] = row
-    for name, dtype in (("W8A8 int8", jnp.int8), ("W8A8 fp8", jnp.float8_e4m3fn)):
-        source = "int8" if dtype == jnp.int8 else "fp8"
+            table[v]["ptq"] = evaluate(float_params, ops_for(v, cfg, float_params), cfg, val)
+    for name, dtype, source in (("W8A8 int8", jnp.int8, "int8"), ("W8A8 fp8", jnp.float8_e4m3fn, "fp8")):
         params = trained[source][0] if source in trained else float_params
-        table[name] = dict(qat=evaluate(quantize_for_inference(params, dtype), W8A8Ops(dtype), cfg, data[1]))
-    return table, trained, data
+        table[name] = dict(qat=evaluate(quantize_for_inference(params, dtype), W8A8Ops(dtype), cfg, val))
+    return table
+
+
+def run(cfg, variants=tuple(VARIANTS), seeds=(0,), log=None):
+    """Trains every variant once per seed (initialization and batches) and evaluates them. Returns
+    ({name: {"qat": [loss per seed], "ptq": [...]}}, the first seed's {variant: (params, losses)}, data)."""
+    data = load_corpus(cfg.corpus_bytes)
+    table, first = {}, None
+    for seed in seeds:
+        trained = {v: train(v, cfg, data, seed, log) for v in variants}
+        for name, row in evaluate_variants(trained, cfg, data[1]).items():
+            for kind, loss in row.items():
+                table.setdefault(name, {}).setdefault(kind, []).append(loss)
+        first = first or trained
+    return table, first, data
 
 
 # ---- inference timing and generation ------------------------------------------------------------
@@ -361,40 +405,70 @@ def plot(trained, png):
     fig.savefig(png, dpi=110)
 
 
+def bpb(losses):
+    """'mean ± sd' in bits per byte of per-seed losses in nats per byte."""
+    b = np.asarray(losses) / math.log(2)
+    return f"{b.mean():.4f} ± {b.std():.4f}" if len(b) > 1 else f"{b[0]:.4f}"
+
+
+def summary(table):
+    """The targets' figures, per seed then mean and sd: each QAT loss against float's (%), and the
+    share of 4-bit PTQ's gap that each 4-bit QAT run recovers."""
+    f = np.asarray(table["float"]["qat"])
+    out = {f"{v} vs float %": 100 * (np.asarray(table[v]["qat"]) / f - 1) for v in ("int8", "fp8") if v in table}
+    if "int4" in table:
+        gap = np.asarray(table["int4"]["ptq"]) - f
+        for v in ("int4", "int4 lsq"):
+            out[f"{v} recovers % of PTQ gap"] = 100 * (np.asarray(table["int4"]["ptq"]) - table[v]["qat"]) / gap
+    return {k: dict(per_seed=v.tolist(), mean=float(v.mean()), sd=float(v.std())) for k, v in out.items()}
+
+
+def time_all(cfg, params, data, log):
+    """Train-step device time of every variant, then W8A8 against bf16 inference, of `params` at `cfg`."""
+    steps = {v: t * 1e6 for v, t in time_train_steps(cfg, data).items()}
+    log(f"d={cfg.d} train step, device µs: " + ", ".join(f"{v} {t:.0f} ({t / steps['float']:.3f}x)"
+                                                      for v, t in steps.items()) + "\n")
+    speed = time_inference(params, cfg)
+    for name, s in speed.items():
+        log(f"d={cfg.d} {name:<10} prefill {s['prefill']:>12,.0f} tok/s   decode {s['decode']:>10,.0f} tok/s\n")
+    return dict(train_step_us=steps, tokens_per_s=speed)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=Config.steps)
+    p.add_argument("--seeds", type=int, default=1, help="train every variant with seeds 0..N-1")
     p.add_argument("--tiny", action="store_true", help="the test suite's configuration")
-    p.add_argument("--time", action="store_true", help="prefill/decode tokens/s, bf16 vs W8A8 (meant for a GPU)")
+    p.add_argument("--time", action="store_true", help="train-step time and prefill/decode tokens/s, bf16 vs "
+                   "W8A8, of the trained model and of the untrained WIDE one (meant for a GPU)")
     p.add_argument("--png", default=None, help="save the loss curves here")
     p.add_argument("--json", type=pathlib.Path, default=None, help="write the table here")
     args = p.parse_args(argv)
     cfg = TINY if args.tiny else dataclasses.replace(Config(), steps=args.steps)
-    log = None if args.tiny else lambda s: print(s, end="", flush=True)
-    table, trained, data = run(cfg, log=log)
-    ln2 = math.log(2)
-    print(f"\n{jax.devices()[0].device_kind}, {cfg}\n{'variant':<10} {'QAT val bpb':>12} {'PTQ val bpb':>12}")
+    log = (lambda s: None) if args.tiny else (lambda s: print(s, end="", flush=True))
+    table, trained, data = run(cfg, seeds=tuple(range(args.seeds)), log=log)
+    print(f"\n{jax.devices()[0].device_kind}, {cfg}, {args.seeds} seed(s)\n"
+          f"{'variant':<10} {'QAT val bpb':>16} {'PTQ val bpb':>16}")
     for name, row in table.items():
-        ptq = f"{row['ptq'] / ln2:>12.4f}" if "ptq" in row else f"{'':>12}"
-        print(f"{name:<10} {row['qat'] / ln2:>12.4f} {ptq}")
-    result = dict(device=jax.devices()[0].device_kind, config=dataclasses.asdict(cfg),
-                  table={k: {m: v for m, v in row.items() if m != "losses"} for k, row in table.items()})
+        print(f"{name:<10} {bpb(row['qat']):>16} {bpb(row['ptq']) if 'ptq' in row else '':>16}")
+    result = dict(device=jax.devices()[0].device_kind, config=dataclasses.asdict(cfg), table=table,
+                  summary=summary(table))
+    for k, v in result["summary"].items():
+        print(f"{k:<30} {v['mean']:+8.2f} ± {v['sd']:.2f}   per seed: " + " ".join(f"{x:+.2f}" for x in v["per_seed"]))
     save = lambda: args.json.write_text(json.dumps(result, indent=1)) if args.json else None
     save()  # after each part: a run cut short keeps what it measured
     if args.png:
         plot(trained, args.png)
     if args.time:
         sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "benchmarks"))  # timing.py: device time
-        result["train_step_us"] = steps = {v: t * 1e6 for v, t in time_train_steps(cfg, data).items()}
-        print("train step, device µs: " + ", ".join(f"{v} {t:.0f} ({t / steps['float']:.3f}x)"
-                                                    for v, t in steps.items()))
+        result["timing"] = time_all(cfg, trained["fp8"][0], data, log)
         save()
-        result["tokens_per_s"] = speed = time_inference(trained["fp8"][0], cfg)
-        for name, s in speed.items():
-            print(f"{name:<10} prefill {s['prefill']:>12,.0f} tok/s   decode {s['decode']:>10,.0f} tok/s")
         params = quantize_for_inference(trained["fp8"][0], jnp.float8_e4m3fn)
         result["sample"] = generate(params, W8A8Ops(jnp.float8_e4m3fn), cfg, "def ", 200)
         print("W8A8 fp8 sample:\n" + result["sample"])
+        save()
+        wide = dataclasses.replace(cfg, **WIDE)
+        result["timing_wide"] = dict(config=WIDE, **time_all(wide, init(wide, jax.random.key(0)), data, log))
         save()
     return table
 
