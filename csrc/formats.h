@@ -39,8 +39,9 @@ struct IntegerGrid {
   // round_half_even(v) + zp: the value that is clamped and masked.
   template <class G, class P, class M>
   BJ_HD static M shifted(const G& g, const P& p, M v) {
-    const M r = round_half_even(v);
-    return g.has_zp ? r + p.zp : r;
+    // Without a zero point, adding -0 leaves every value as it is (-0 included) and keeps the select
+    // out of the element loop (a select on the grid's flag stops GCC's vectorizer).
+    return round_half_even(v) + (g.has_zp ? p.zp : M(-0.0));
   }
   template <class G, class P, class M>
   BJ_HD static M saturate(const G& g, const P& p, M v) {

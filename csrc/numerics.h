@@ -45,7 +45,7 @@ struct QParams {
     return {s, M(1) / s, has_zp ? M(zero_point[r]) : M(0)};
   }
   // q - zp: the value measured from the zero point.
-  BJ_HD M centered(const RowParams<M>& p, M q) const { return has_zp ? q - p.zp : q; }
+  BJ_HD M centered(const RowParams<M>& p, M q) const { return q - (has_zp ? p.zp : M(0)); }  // q - 0 is q
   BJ_HD M clamp(M t) const { return t < qmin ? qmin : (t > qmax ? qmax : t); }
 };
 

@@ -11,7 +11,9 @@
 #include <cuda_fp16.h>
 #define BJ_HD __host__ __device__ __forceinline__
 #else
-#define BJ_HD inline
+// Always inlined on the host too: a call left in a row loop (GCC's inliner gives up on the larger
+// producers, host_exp's polynomial) keeps the loop scalar.
+#define BJ_HD inline __attribute__((always_inline))
 #endif
 
 namespace baracuda {
