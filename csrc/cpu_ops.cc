@@ -1,6 +1,7 @@
 // CPU backend: the handlers of handlers.h over a row engine on XLA's thread
 // pool, exported to Python as FFI capsules.
 #include <algorithm>
+#include <cstring>
 #include <atomic>
 #include <condition_variable>
 #include <memory>
@@ -139,9 +140,12 @@ struct CpuExec {
   template <class Op, class Out, class M, class... In>
   ffi::Error reduce_rows(const Op& op, int64_t rows, int64_t cols, Out* out, M* sums, const In*... in) {
     ParallelRows::run(pool, rows, cols, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r)
-        sums[r] = reduce_raw<Out, In...>(op, op.row(r), cols, Raw<Out>::of(out + r * cols),
-                                         Raw<In>::of(in + r * cols)...);
+      std::vector<M> terms(cols);
+      for (int64_t r = r0; r < r1; ++r) {
+        reduce_terms<Out, In...>(op, op.row(r), cols, Raw<Out>::of(out + r * cols), terms.data(),
+                                 Raw<In>::of(in + r * cols)...);
+        sums[r] = lane_sum(terms.data(), cols);
+      }
     });
     return ffi::Error::Success();
   }
@@ -168,6 +172,7 @@ struct CpuExec {
     using M = math_t<T>;
     ParallelRows::run(pool, rows, cols, [&](int64_t r0, int64_t r1) {
       std::vector<T> h(cols);
+      std::vector<M> squares(cols);
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t at = r * cols;
         const T* rv = io.x + at;
@@ -176,7 +181,8 @@ struct CpuExec {
                            Raw<T>::of(io.residual + at));
           rv = io.r_out + at;
         }
-        const M inv = io.norm.inv_rms(square_sum<T, M>(cols, Raw<T>::of(rv)));
+        map_raw<M, T>(Square{}, 0, cols, squares.data(), Raw<T>::of(rv));
+        const M inv = io.norm.inv_rms(lane_sum(squares.data(), cols));
         io.inv_rms[r] = inv;
         map_raw<T, T, T>(Normed<M>{}, inv, cols, Raw<T>::of(h.data()), Raw<T>::of(rv), Raw<T>::of(io.weight));
         RowParams<M> p;
@@ -199,12 +205,12 @@ struct CpuExec {
     using M = math_t<T>;
     const int64_t per_group = io.rows_per_group(rows);
     ParallelRows::run(pool, io.groups, cols * per_group, [&](int64_t g0, int64_t g1) {
-      std::vector<M> dh(cols);
+      std::vector<M> dh(cols), terms(cols);
       for (int64_t k = g0; k < g1; ++k) {
         M* dw = io.dw_groups + k * cols;
         std::fill(dw, dw + cols, M(0));
         for (int64_t r = k * per_group; r < std::min(rows, (k + 1) * per_group); ++r)
-          norm_grad_row(io, r, cols, dh.data(), dw);
+          norm_grad_row(io, r, cols, dh.data(), terms.data(), dw);
       }
     });
     std::vector<M> sum(cols, M(0)), slice(cols);
@@ -233,6 +239,9 @@ struct CpuExec {
   };
   struct Residual {
     template <class T> T operator()(int, T x, T res) const { return RmsNorm<T>::residual(x, res); }
+  };
+  struct Square {
+    template <class T> auto operator()(int, T r) const { return RmsNorm<T>::square(r); }
   };
   template <class M>
   struct Normed {
@@ -275,58 +284,33 @@ struct CpuExec {
     }
   }
 
-  // The row's sum of squares in kLanes interleaved lanes, added in lane order, then the tail.
-  template <class T, class M>
-  BJ_VECTOR_CLONES static M square_sum(int64_t cols, const typename Raw<T>::type* __restrict__ r) {
-    constexpr int kLanes = 8;
-    M lanes[kLanes] = {};
-    int64_t c = 0;
-    for (; c + kLanes <= cols; c += kLanes)
-#pragma GCC unroll 8
-      for (int k = 0; k < kLanes; ++k) lanes[k] += RmsNorm<T>::square(Raw<T>::value(r[c + k]));
-    M sum = 0;
-    for (int k = 0; k < kLanes; ++k) sum += lanes[k];
-    for (; c < cols; ++c) sum += RmsNorm<T>::square(Raw<T>::value(r[c]));
-    return sum;
-  }
-
   BJ_VECTOR_CLONES static void add_row(float* __restrict__ sum, const float* __restrict__ part, int64_t cols) {
     for (int64_t c = 0; c < cols; ++c) sum[c] += part[c];
   }
 
-  // One row of the norm backward: dh and the row's sum c (lanes as above), dw's terms added
-  // into `dw`, then dx.
+  // One row of the norm backward: dh, the terms of the row's sum c (lane_sum) and dw's terms
+  // added into `dw`, then dx. (grad_terms takes io by value, as map_raw its op: fields that no
+  // store can change, so that the loop vectorizes.)
   template <class T, class G, class M>
-  static void norm_grad_row(const NormGradRows<T, G>& io, int64_t r, int64_t cols, M* dh, M* dw) {
+  static void norm_grad_row(const NormGradRows<T, G>& io, int64_t r, int64_t cols, M* dh, M* terms, M* dw) {
     const int64_t at = r * cols;
-    const auto p = io.mask.row(r);
     const M inv = io.inv_rms[r];
-    const M c = grad_terms<T>(io, p, inv, cols, Raw<T>::of(io.g + at), Raw<T>::of(io.r + at),
-                              Raw<T>::of(io.weight), dh, dw);
-    grad_dx<T>(inv, io.grad.mean(c), cols, Raw<T>::of(io.dx + at), Raw<T>::of(io.r + at), Raw<T>::of(io.weight),
-               dh, io.g_residual ? Raw<T>::of(io.g_residual + at) : nullptr);
+    grad_terms<T>(io, io.mask.row(r), inv, cols, Raw<T>::of(io.g + at), Raw<T>::of(io.r + at),
+                  Raw<T>::of(io.weight), dh, terms, dw);
+    grad_dx<T>(inv, io.grad.mean(lane_sum(terms, cols)), cols, Raw<T>::of(io.dx + at), Raw<T>::of(io.r + at),
+               Raw<T>::of(io.weight), dh, io.g_residual ? Raw<T>::of(io.g_residual + at) : nullptr);
   }
   template <class T, class IO, class P, class M, class B>
-  BJ_VECTOR_CLONES static M grad_terms(const IO& io, const P p, const M inv, int64_t cols, const B* __restrict__ g,
-                                       const B* __restrict__ r, const B* __restrict__ w, M* __restrict__ dh,
-                                       M* __restrict__ dw) {
-    constexpr int kLanes = 8;
-    M lanes[kLanes] = {};
-    const auto term = [&](int64_t c, M& acc) {
+  BJ_VECTOR_CLONES static void grad_terms(const IO io, const P p, const M inv, int64_t cols, const B* __restrict__ g,
+                                          const B* __restrict__ r, const B* __restrict__ w, M* __restrict__ dh,
+                                          M* __restrict__ terms, M* __restrict__ dw) {
+    for (int64_t c = 0; c < cols; ++c) {
       const T rc = Raw<T>::value(r[c]), wc = Raw<T>::value(w[c]);
       dh[c] = io.dh(p, Raw<T>::value(g[c]), RmsNorm<T>::normed(rc, inv, wc));
       const auto t = RmsNormGrad<T>::terms(dh[c], rc, inv, wc);
-      acc += t.dn * t.n;
+      terms[c] = t.dn * t.n;
       dw[c] += dh[c] * t.n;
-    };
-    int64_t c = 0;
-    for (; c + kLanes <= cols; c += kLanes)
-#pragma GCC unroll 8
-      for (int k = 0; k < kLanes; ++k) term(c + k, lanes[k]);
-    M sum = 0;
-    for (int k = 0; k < kLanes; ++k) sum += lanes[k];
-    for (; c < cols; ++c) term(c, sum);
-    return sum;
+    }
   }
   template <class T, class M, class B>
   BJ_VECTOR_CLONES static void grad_dx(const M inv, const M mean, int64_t cols, B* __restrict__ dx,
@@ -339,22 +323,37 @@ struct CpuExec {
     }
   }
 
-  // The row's sum in kLanes interleaved lanes, added in lane order, then the
-  // tail: a fixed order (the same on every run and for any split), laid out
-  // for vectors.
+  // An op that adds each element's term into a sum: out, and each term in `terms` (op adds it to
+  // a zero of its own; from +0, x comes back, and the sum of the terms is the same whatever the
+  // sign of a zero term).
   template <class Out, class... In, class Op, class P>
-  BJ_VECTOR_CLONES static typename Op::M reduce_raw(const Op op, const P p, int64_t cols, typename Raw<Out>::type* __restrict__ out,
-                         const typename Raw<In>::type* __restrict__... in) {
-    using M = typename Op::M;
+  BJ_VECTOR_CLONES static void reduce_terms(const Op op, const P p, int64_t cols,
+                                            typename Raw<Out>::type* __restrict__ out, typename Op::M* __restrict__ terms,
+                                            const typename Raw<In>::type* __restrict__... in) {
+    for (int64_t c = 0; c < cols; ++c) {
+      typename Op::M t = 0;
+      out[c] = Raw<Out>::bits(op(p, Raw<In>::value(in[c])..., t));
+      terms[c] = t;
+    }
+  }
+
+  // The sum of t[0, cols) in kLanes interleaved lanes (lane k adds t[k], t[k + kLanes], ... in
+  // order), the lanes added in order, then the tail: one fixed order, the same on every run and
+  // for any split of the rows, and one vector add per kLanes terms.
+  template <class M>
+  BJ_VECTOR_CLONES static M lane_sum(const M* __restrict__ t, int64_t cols) {
     constexpr int kLanes = 8;
-    M lanes[kLanes] = {};
+    typedef M Lanes __attribute__((vector_size(kLanes * sizeof(M))));
+    Lanes lanes = {};
     int64_t c = 0;
-    for (; c + kLanes <= cols; c += kLanes)
-#pragma GCC unroll 8  // one vector's worth of lanes, for the straight-line (SLP) vectorizer
-      for (int k = 0; k < kLanes; ++k) out[c + k] = Raw<Out>::bits(op(p, Raw<In>::value(in[c + k])..., lanes[k]));
+    for (; c + kLanes <= cols; c += kLanes) {
+      Lanes v;
+      std::memcpy(&v, t + c, sizeof v);
+      lanes += v;
+    }
     M sum = 0;
     for (int k = 0; k < kLanes; ++k) sum += lanes[k];
-    for (; c < cols; ++c) out[c] = Raw<Out>::bits(op(p, Raw<In>::value(in[c])..., sum));
+    for (; c < cols; ++c) sum += t[c];
     return sum;
   }
 
