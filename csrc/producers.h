@@ -30,7 +30,7 @@ BJ_HD float ieee_sqrt(float v) { return sqrtf(v); }
 // v = n ln2 + r, |r| <= ln2/2, Cephes' degree-6 polynomial for e^r, then 2^n in two exact halves
 // (so that results down to the subnormals round once). Selects, no branches. Checked against a
 // double-precision exp over all 2^32 floats: within 0.99 ulp, inf, 0 and NaN where expf gives them.
-inline float host_exp(float v) {
+BJ_HD float host_exp(float v) {
   const float x = v < -104.0f ? -104.0f : (v > 89.0f ? 89.0f : v);  // beyond: 0 and inf anyway
   const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln2)
   const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
