@@ -33,13 +33,16 @@ def test_matches_composition_and_reference(device, shape, x_dtype, dtype, group_
     if r.random() < 0.3:
         kw["scale_ub"] = float(r.uniform(0.01, 10))
     got = run(device, bj.quantize_per_token_group, x, group_size=group_size, **kw)
-    for want in (run(device, _composed, x, group_size=group_size, **kw),
-                 run(device, ref.quantize_per_token_group, x, group_size=group_size, **kw)):
-        for g, w in zip(got, want):
-            assert_same_bits(g, w)
+    for g, w in zip(got, run(device, _composed, x, group_size=group_size, **kw)):
+        assert_same_bits(g, w)
     assert got[1].shape == (*shape[:-1], shape[-1] // group_size)
-    assert_same_bits(run(device, bj.fake_quantize_per_token_group, x, group_size=group_size, **kw),
-                     run(device, ref.fake_quantize_per_token_group, x, group_size=group_size, **kw))
+    # XLA:GPU converts float64 to float8 through float32, rounding twice (test_bitexact skips it too;
+    # the CPU runs the reference there, and test_gpu holds the CPU and GPU kernels together)
+    if not (device.platform == "gpu" and x_dtype == jnp.float64 and dtype != jnp.int8):
+        for g, w in zip(got, run(device, ref.quantize_per_token_group, x, group_size=group_size, **kw)):
+            assert_same_bits(g, w)
+        assert_same_bits(run(device, bj.fake_quantize_per_token_group, x, group_size=group_size, **kw),
+                         run(device, ref.fake_quantize_per_token_group, x, group_size=group_size, **kw))
     assert_same_bits(run(device, bj.dequantize_per_token_group, *got, dtype=x_dtype),
                      run(device, ref.dequantize_per_token_group, *got, dtype=x_dtype))
 
