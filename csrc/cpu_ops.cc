@@ -328,7 +328,8 @@ struct CpuExec {
   // sign of a zero term).
   template <class Out, class... In, class Op, class P>
   BJ_VECTOR_CLONES static void reduce_terms(const Op op, const P p, int64_t cols,
-                                            typename Raw<Out>::type* __restrict__ out, typename Op::M* __restrict__ terms,
+                                            typename Raw<Out>::type* __restrict__ out,
+                                            typename Op::M* __restrict__ terms,
                                             const typename Raw<In>::type* __restrict__... in) {
     for (int64_t c = 0; c < cols; ++c) {
       typename Op::M t = 0;
