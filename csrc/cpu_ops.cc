@@ -1,9 +1,9 @@
 // CPU backend: the handlers of handlers.h over a row engine on XLA's thread
 // pool, exported to Python as FFI capsules.
 #include <algorithm>
-#include <cstring>
 #include <atomic>
 #include <condition_variable>
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
