@@ -208,24 +208,27 @@ class W8A8Ops:
     def __init__(self, fmt):
         self.fmt = fmt
 
+    def _matmul(self, q, s, w, out_dtype, residual=None):
+        return bj.scaled_matmul(q, s, w[0].T, w[1], out_dtype=out_dtype, residual=residual)
+
     def norm_proj(self, x, norm, w, i, j):
         q, s, _ = bj.rms_norm_quantize_per_token(x, norm, dtype=self.fmt)
-        return bj.scaled_matmul(q, s, w[0].T, w[1], out_dtype=x.dtype)
+        return self._matmul(q, s, w, x.dtype)
 
     def gate_up(self, x, norm, w, i, j):
         """Two products from one quantized input: gate and up are stored apart, so that the SiLU op
         reads them without the copies a split of one [.., 2F] product would make (a custom call
         takes whole buffers)."""
         q, s, _ = bj.rms_norm_quantize_per_token(x, norm, dtype=self.fmt)
-        return [bj.scaled_matmul(q, s, wq.T, ws, out_dtype=x.dtype) for wq, ws in w]
+        return [self._matmul(q, s, half, x.dtype) for half in w]
 
     def proj_add(self, a, w, residual, i, j):
         q, s, _ = bj.quantize_per_token_dynamic(a, dtype=self.fmt)
-        return bj.scaled_matmul(q, s, w[0].T, w[1], out_dtype=a.dtype, residual=residual)
+        return self._matmul(q, s, w, a.dtype, residual)
 
     def silu_proj_add(self, g, u, w, residual, i, j):
         q, s = bj.silu_mul_quantize_per_token(g, u, dtype=self.fmt)
-        return bj.scaled_matmul(q, s, w[0].T, w[1], out_dtype=g.dtype, residual=residual)
+        return self._matmul(q, s, w, g.dtype, residual)
 
 
 def quantize_for_inference(params, dtype):
