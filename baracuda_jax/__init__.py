@@ -10,6 +10,10 @@ from baracuda_jax.groups import (dequantize_per_token_group, fake_quantize_per_t
 from baracuda_jax.matmul import scaled_matmul
 from baracuda_jax.ops import (dequantize_per_token, fake_quantize_per_token, fake_quantize_per_token_dynamic,
                               quantize_per_token, quantize_per_token_dynamic)
+from baracuda_jax.primitives import check_targets
+
+check_targets()  # every family is declared by now: the declarations against the compiled op tables
+del check_targets
 
 __all__ = [
     "HAS_CUDA_KERNELS",

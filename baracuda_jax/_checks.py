@@ -222,3 +222,17 @@ MATMUL_BLOCK = 128  # blockwise scales: 1 x 128 groups of a, 128 x 128 blocks of
 def is_blockwise(b_scale) -> bool:
     """Whether scaled_matmul's scales are blockwise: b_scale is 2-D ([K // 128, N // 128])."""
     return np.ndim(b_scale) == 2
+
+
+def row_qparams(op, data_name, data, scale, zero_point, math_dtype):
+    """Accepts scale/zero_point of shape data.shape[:-1] or data.shape[:-1] + (1,), checks them,
+    and converts scale to the math type. Returns (scale, zero_point operands as a tuple)."""
+    scale = jnp.asarray(scale)
+    zero_point = None if zero_point is None else jnp.asarray(zero_point)
+    rows = tuple(data.shape[:-1])
+    if data.ndim >= 1 and scale.shape == rows + (1,):
+        scale = scale[..., 0]
+    if zero_point is not None and data.ndim >= 1 and zero_point.shape == rows + (1,):
+        zero_point = zero_point[..., 0]
+    row_operands(op, data_name, data, scale, zero_point)
+    return scale.astype(math_dtype), (() if zero_point is None else (zero_point,))

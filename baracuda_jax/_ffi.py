@@ -26,17 +26,16 @@ def gpu_kernels_available() -> bool:
         return bool(jax.devices("cuda"))
     except RuntimeError:  # no CUDA backend (no plugin, no GPU or no driver)
         return False
-TARGETS = frozenset(_cpu.registrations())  # csrc/ops.def: the same names on every platform
 
-for _name, _target in _cpu.registrations().items():
-    jax.ffi.register_ffi_target(_name, _target, platform="cpu")
-    jax.ffi.register_ffi_target_as_batch_partitionable(_name)  # see primitives._partitioning_attributes
-if _cuda is not None:
-    for _name, _target in _cuda.registrations().items():
-        jax.ffi.register_ffi_target(_name, _target, platform="CUDA")
-    for _name, _target in _cuda.gemm_registrations().items():  # CUDA only: the CPU lowers to XLA's dot
-        jax.ffi.register_ffi_target(_name, _target, platform="CUDA")
-        jax.ffi.register_ffi_target_as_batch_partitionable(_name)
+# csrc/ffi/ops.def: the same name on every platform that has the op; the CUDA module also has the
+# ops the CPU lowers to XLA's own code (the scaled matmul).
+_TABLES = {"cpu": _cpu.registrations(), "cuda": {} if _cuda is None else _cuda.registrations()}
+TARGETS = frozenset().union(*_TABLES.values())
+
+for _platform, _table in _TABLES.items():
+    for _name, _target in _table.items():
+        jax.ffi.register_ffi_target(_name, _target, platform="CUDA" if _platform == "cuda" else "cpu")
+        jax.ffi.register_ffi_target_as_batch_partitionable(_name)  # see primitives._partitioning_attributes
 
 
 def _cublaslt_candidates():
@@ -65,13 +64,14 @@ def cublaslt_version():
         return None
 
 
-def check_targets(declared: set) -> None:
-    """The primitives' targets and the compiled op table must name the same ops."""
-    tables = {"the CPU module": TARGETS}
-    if _cuda is not None:
-        tables["the CUDA module"] = frozenset(_cuda.registrations())
-    for module, registered in tables.items():
-        if declared != registered:
-            raise ImportError(f"baracuda_jax: the primitives and {module} disagree: declared but not registered "
-                              f"{sorted(declared - registered)}, registered but not declared "
-                              f"{sorted(registered - declared)}; rebuild the package")
+def check_targets(declared: dict[str, set[str]]) -> None:
+    """The primitives' targets (platform -> names) and the compiled op tables must name the same ops."""
+    modules = {"cpu": "the CPU module", "cuda": "the CUDA module"}
+    for platform, table in _TABLES.items():
+        if platform == "cuda" and _cuda is None:
+            continue
+        want, registered = declared.get(platform, set()), set(table)
+        if want != registered:
+            raise ImportError(f"baracuda_jax: the primitives and {modules[platform]} disagree: declared but not "
+                              f"registered {sorted(want - registered)}, registered but not declared "
+                              f"{sorted(registered - want)}; rebuild the package")

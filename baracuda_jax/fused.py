@@ -10,12 +10,111 @@ Symmetric grids (int8, float8_e4m3fn, float8_e5m2; for int8 optionally narrower,
 
 from functools import partial
 
+import numpy as np
 import jax
 import jax.numpy as jnp
 
 from baracuda_jax import _checks
-from baracuda_jax.ops import _row_operands
-from baracuda_jax.primitives import rms_norm_grad_p, rms_norm_quantize_p, silu_mul_grad_p, silu_mul_quantize_p
+from baracuda_jax._checks import row_qparams
+from baracuda_jax.primitives import GROUPS, PER_COLUMN, PER_ROW, ROWS, OpDecl, define, like
+
+# ---- shape rules: the checks a direct bind gets too ---------------------------------------------
+
+def _symmetric_format(op, dtype, qmin, qmax):
+    fmt = _checks.resolved_grid(op, dtype, qmin, qmax)
+    if not fmt.is_float and fmt.lowest >= 0:
+        raise ValueError(f"{op}: {fmt.name} has no symmetric grid; use int8 or a float8 dtype")
+    return fmt
+
+
+def _fused_output(op, data, dtype, fake, qmin, qmax):
+    """The quantized output ([..., D] in the format, or in data's dtype when fake)."""
+    _checks.fused_float_dtype(op, data.dtype)
+    fmt = _symmetric_format(op, dtype, qmin, qmax)
+    return like(data, data.shape, data.dtype if fake else fmt.dtype)
+
+
+def _rms_norm_layout(params):
+    """(x, weight, [residual], [scale]) -> (out, inv_rms, [scale], [residual_out])"""
+    res, dyn = params["has_residual"], params["dynamic"]
+    return ((ROWS, PER_COLUMN) + (ROWS,) * res + (PER_ROW,) * (not dyn),
+            (ROWS, PER_ROW) + (PER_ROW,) * dyn + (ROWS,) * res)
+
+
+def _rms_norm_aval(x, weight, *rest, dtype, fake, qmin, qmax, eps, has_residual, dynamic, scale_ub):
+    op = "rms_norm_quantize_per_token"
+    out = _fused_output(op, x, dtype, fake, qmin, qmax)
+    _checks.norm_operands(op, x, weight, rest[0] if has_residual else None, eps)
+    rows = x.shape[:-1]
+    if not dynamic:
+        _checks.row_operands(op, "x", x, rest[-1], None, np.float32)
+    return (out, like(x, rows, np.float32), *((like(x, rows, np.float32),) if dynamic else ()),
+            *((like(x, x.shape, x.dtype),) if has_residual else ()))
+
+
+def _rms_norm_grad_layout(params):
+    """(g, r, weight, scale, inv_rms, [g_residual]) -> (dx, dw, dw_groups)"""
+    return (ROWS, ROWS, PER_COLUMN, PER_ROW, PER_ROW) + (ROWS,) * params["has_residual"], (ROWS, PER_COLUMN, GROUPS)
+
+
+def dw_groups(rows, d):
+    """How many groups of rows the norm backward sums d(weight) over (a block each on the GPU),
+    then sums in order: at least 512 (or one per row), more for short rows, up to 8 MiB of sums."""
+    return max(1, min(rows, max(512, (2 << 20) // max(d, 1))))
+
+
+def _rms_norm_grad_aval(g, r, weight, scale, inv_rms, *g_residual, dtype, qmin, qmax, has_residual):
+    op = "rms_norm_fake_quantize_per_token_grad"
+    _fused_output(op, r, dtype, True, qmin, qmax)
+    _checks.norm_operands(op, r, weight, g_residual[0] if g_residual else None, 1.0)
+    for name, a in (("g", g),):
+        if a.shape != r.shape or a.dtype != r.dtype:
+            raise TypeError(f"{op}: {name} {a.str_short()} must match r {r.str_short()}")
+    _checks.row_operands(op, "r", r, scale, None, np.float32)
+    _checks.row_operands(op, "r", r, inv_rms, None, np.float32)
+    groups = dw_groups(int(np.prod(r.shape[:-1])), r.shape[-1])
+    return (like(r, r.shape, r.dtype), weight.update(weak_type=False),
+            weight.update(shape=(groups, r.shape[-1]), dtype=np.dtype(np.float32), weak_type=False))
+
+
+def _silu_mul_layout(params):
+    """(a, b, [scale]) -> (out, [scale])"""
+    dyn = params["dynamic"]
+    return (ROWS, ROWS) + (PER_ROW,) * (not dyn), (ROWS,) + (PER_ROW,) * dyn
+
+
+def _silu_mul_aval(a, b, *scale, dtype, fake, qmin, qmax, dynamic, scale_ub):
+    op = "silu_mul_quantize_per_token"
+    out = _fused_output(op, a, dtype, fake, qmin, qmax)
+    _checks.same_as(op, "b", b, "a", a)
+    if not dynamic:
+        _checks.row_operands(op, "a", a, scale[0], None, np.float32)
+    return (out, *((like(a, a.shape[:-1], np.float32),) if dynamic else ()))
+
+
+def _silu_mul_grad_aval(g, a, b, scale, *, dtype, qmin, qmax):
+    op = "silu_mul_fake_quantize_per_token_grad"
+    _fused_output(op, a, dtype, True, qmin, qmax)
+    _checks.same_as(op, "b", b, "a", a)
+    _checks.same_as(op, "g", g, "a", a)
+    _checks.row_operands(op, "a", a, scale, None, np.float32)
+    return like(a, a.shape, a.dtype), like(a, a.shape, a.dtype)
+
+
+# ---- the declarations ---------------------------------------------------------------------------
+
+_GRID = ("qmin", "qmax")
+rms_norm_quantize_p = define(OpDecl("rms_norm_quantize_per_token", (), (), ("format", *_GRID, "eps", "has_residual",
+                                   "scale_ub"), _rms_norm_aval, layout=_rms_norm_layout))
+rms_norm_grad_p = define(OpDecl("rms_norm_fake_quantize_per_token_grad", (), (), ("format", *_GRID),
+                                _rms_norm_grad_aval, layout=_rms_norm_grad_layout))
+silu_mul_quantize_p = define(OpDecl("silu_mul_quantize_per_token", (), (), ("format", *_GRID, "scale_ub"),
+                                    _silu_mul_aval, layout=_silu_mul_layout))
+silu_mul_grad_p = define(OpDecl("silu_mul_fake_quantize_per_token_grad", (ROWS, ROWS, ROWS, PER_ROW), (ROWS, ROWS),
+                                ("format", *_GRID), _silu_mul_grad_aval))
+
+
+# ---- the public functions -----------------------------------------------------------------------
 
 
 def _grid(op, dtype, scale, scale_ub, qmin, qmax):
@@ -28,7 +127,7 @@ def _grid(op, dtype, scale, scale_ub, qmin, qmax):
 
 def _static_scale(op, name, data, scale):
     """A static scale: one per row (shape data.shape[:-1], or with a trailing 1), as float32."""
-    return () if scale is None else (_row_operands(op, name, data, scale, None, jnp.float32)[0],)
+    return () if scale is None else (row_qparams(op, name, data, scale, None, jnp.float32)[0],)
 
 
 def _norm_call(op, x, weight, residual, eps, scale, dtype, scale_ub, fake, qmin, qmax):

@@ -15,12 +15,11 @@ import warnings
 import numpy as np
 import jax
 import jax.numpy as jnp
-from jax.extend.core import Primitive
-from jax.interpreters import ad, batching, mlir
+from jax.interpreters import ad, mlir
 
 from baracuda_jax import _checks, _ffi, reference
-from baracuda_jax.primitives import (FACTORS, PER_COLUMN, PER_ROW, ROWS, OpDecl, batch_by_roles, batch_lift, like,
-                                     lower_lifted, partition_attributes, static_shapes)
+from baracuda_jax.primitives import (FACTORS, PER_COLUMN, PER_ROW, ROWS, OpDecl, batch_lift, define, like, lower_lifted,
+                                     partition_attributes, static_shapes)
 
 _OP = "scaled_matmul"
 WORKSPACE_BYTES = 32 << 20  # cuBLASLt's workspace, as XLA gives its own GEMMs on Hopper
@@ -135,7 +134,7 @@ def _cuda_lowering(ctx, *operands, out_dtype):
     rank = a_scale_aval.ndim
     a_scale_layout = (*range(rank - 2, -1, -1), rank - 1) if blockwise else None
     layouts = [None, a_scale_layout, (0, 1), (0, 1) if blockwise else None, None][:len(operands)]
-    rule = jax.ffi.ffi_lowering("baracuda_scaled_matmul", operand_layouts=layouts, extra_attributes=attrs)
+    rule = jax.ffi.ffi_lowering(f"baracuda_{_OP}", operand_layouts=layouts, extra_attributes=attrs)
     return rule(ctx.replace(avals_out=results), *operands)[:1]
 
 
@@ -153,14 +152,10 @@ def _no_derivative(primals, tangents, **params):
                     f"(the straight-through estimator) and a float matmul")
 
 
-scaled_matmul_p = Primitive(_OP)
-scaled_matmul_p.def_impl(lambda *args, **params: jax.jit(functools.partial(scaled_matmul_p.bind, **params))(*args))
-scaled_matmul_p.def_abstract_eval(_abstract_eval)
-mlir.register_lowering(scaled_matmul_p, _reference_lowering, platform="cpu")
-mlir.register_lowering(scaled_matmul_p, _cuda_lowering, platform="cuda")
-# vmap by the operands' roles (primitives.batch_by_roles): a batch axis of a, a_scale or the
-# residual is more rows, one call; b and b_scale are never broadcast over rows, like a norm's
-# per-column weight, and a batched one runs once per batch element.
-_ROLES = OpDecl(_OP, (ROWS, PER_ROW, PER_COLUMN, PER_COLUMN), (ROWS,), (), _abstract_eval, optional=(ROWS,))
-batching.primitive_batchers[scaled_matmul_p] = functools.partial(batch_by_roles, _ROLES, scaled_matmul_p)
+# vmap by the operands' roles: a batch axis of a, a_scale or the residual is more rows, one call; b
+# and b_scale are never broadcast over rows, like a norm's per-column weight, and a batched one runs
+# once per batch element. The target is CUDA's only: the CPU lowers to XLA's dot.
+scaled_matmul_p = define(OpDecl(_OP, (ROWS, PER_ROW, PER_COLUMN, PER_COLUMN), (ROWS,), (), _abstract_eval,
+                                optional=(ROWS,), targets=("cuda",),
+                                lowerings={"cpu": _reference_lowering, "cuda": _cuda_lowering}))
 ad.primitive_jvps[scaled_matmul_p] = _no_derivative

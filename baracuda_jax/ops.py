@@ -1,4 +1,7 @@
-"""The public ops: argument normalisation, then a primitive bind, with their derivative rules."""
+"""The per-token ops: quantize, dequantize and fake-quantize by a given per-row scale (and zero
+point), their backward kernels (straight-through and LSQ), and the dynamic ops, which take each
+row's scale from its range. Declarations, shape rules, public functions and derivative rules.
+"""
 
 from functools import partial
 
@@ -7,22 +10,79 @@ import jax
 import jax.numpy as jnp
 
 from baracuda_jax import _checks, _range
-from baracuda_jax.primitives import (dequantize_p, fake_quantize_dynamic_p, fake_quantize_grad_p,
-                                     fake_quantize_lsq_grad_p, fake_quantize_p, quantize_dynamic_p, quantize_p)
+from baracuda_jax._checks import row_qparams
+from baracuda_jax.primitives import PER_ROW, ROWS, OpDecl, define, like
+
+# ---- shape rules: the checks a direct bind gets too ------------------------------------------
+
+def _quantize_aval(x, scale, zero_point=None, *, qmin, qmax, dtype):
+    op = "quantize_per_token"
+    _checks.float_dtype(op, "x", x.dtype)
+    _checks.row_operands(op, "x", x, scale, zero_point, _checks.math_dtype(x.dtype))
+    _checks.resolved_grid(op, dtype, qmin, qmax, zero_point)
+    return like(x, x.shape, dtype)
 
 
-def _row_operands(op, data_name, data, scale, zero_point, math_dtype):
-    """Accepts scale/zero_point of shape data.shape[:-1] or data.shape[:-1] + (1,), checks them,
-    and converts scale to the math type. Returns (scale, zero_point operands as a tuple)."""
-    scale = jnp.asarray(scale)
-    zero_point = None if zero_point is None else jnp.asarray(zero_point)
-    rows = tuple(data.shape[:-1])
-    if data.ndim >= 1 and scale.shape == rows + (1,):
-        scale = scale[..., 0]
-    if zero_point is not None and data.ndim >= 1 and zero_point.shape == rows + (1,):
-        zero_point = zero_point[..., 0]
-    _checks.row_operands(op, data_name, data, scale, zero_point)
-    return scale.astype(math_dtype), (() if zero_point is None else (zero_point,))
+def _dequantize_aval(q, scale, zero_point=None, *, dtype):
+    op = "dequantize_per_token"
+    fmt = _checks.format_of(op, "q", q.dtype)
+    dtype = _checks.float_dtype(op, "dtype", dtype)
+    _checks.row_operands(op, "q", q, scale, zero_point, _checks.math_dtype(dtype))
+    if fmt.is_float and zero_point is not None:
+        raise ValueError(f"{op}: {fmt.name} takes no zero_point")
+    return like(q, q.shape, dtype)
+
+
+def _fake_quantize_aval(*operands, qmin, qmax, dtype, n_grads=0):
+    op = "fake_quantize_per_token"
+    grads, (x, scale, *zp) = operands[:n_grads], operands[n_grads:]
+    zero_point = zp[0] if zp else None
+    _checks.float_dtype(op, "x", x.dtype)
+    _checks.row_operands(op, "x", x, scale, zero_point, _checks.math_dtype(x.dtype))
+    _checks.resolved_grid(op, dtype, qmin, qmax, zero_point)
+    for g in grads:  # the backward's cotangent
+        if g.shape != x.shape or g.dtype != x.dtype:
+            raise TypeError(f"{op}: the cotangent {g.str_short()} must match x {x.str_short()}")
+    return like(x, x.shape, x.dtype)
+
+
+def _lsq_grad_aval(g, x, scale, *zp, **params):
+    dx = _fake_quantize_aval(g, x, scale, *zp, n_grads=1, **params)
+    return dx, like(x, scale.shape, scale.dtype)
+
+
+def _dynamic_aval(x, *, symmetric, qmin, qmax, dtype, scale_ub, pow2_scale, fake):
+    op = "fake_quantize_per_token_dynamic" if fake else "quantize_per_token_dynamic"
+    _checks.float_dtype(op, "x", x.dtype)
+    if x.ndim < 1:
+        raise ValueError(f"{op}: x must have rank >= 1 (one token per row of the last axis), got a scalar")
+    grid = {} if _checks.format_of(op, "dtype", dtype).is_float else dict(qmin=qmin, qmax=qmax)
+    _checks.dynamic_grid(op, dtype, symmetric, None if scale_ub == float("inf") else scale_ub, pow2_scale, **grid)
+    rows = x.shape[:-1]
+    return (like(x, x.shape, x.dtype if fake else dtype), like(x, rows, _checks.math_dtype(x.dtype)),
+            like(x, rows, np.int32))
+
+
+
+# ---- the declarations ---------------------------------------------------------------------------
+
+_GRID = ("qmin", "qmax")
+_DYNAMIC = ("symmetric", *_GRID, "scale_ub", "pow2_scale")
+quantize_p = define(OpDecl("quantize_per_token", (ROWS, PER_ROW), (ROWS,), _GRID, _quantize_aval, (PER_ROW,)))
+dequantize_p = define(OpDecl("dequantize_per_token", (ROWS, PER_ROW), (ROWS,), (), _dequantize_aval, (PER_ROW,)))
+fake_quantize_p = define(OpDecl("fake_quantize_per_token", (ROWS, PER_ROW), (ROWS,), ("format", *_GRID),
+                                _fake_quantize_aval, (PER_ROW,)))
+fake_quantize_grad_p = define(OpDecl("fake_quantize_per_token_grad", (ROWS, ROWS, PER_ROW), (ROWS,),
+                                     ("format", *_GRID), partial(_fake_quantize_aval, n_grads=1), (PER_ROW,)))
+fake_quantize_lsq_grad_p = define(OpDecl("fake_quantize_per_token_lsq_grad", (ROWS, ROWS, PER_ROW), (ROWS, PER_ROW),
+                                         ("format", *_GRID), _lsq_grad_aval, (PER_ROW,)))
+quantize_dynamic_p = define(OpDecl("quantize_per_token_dynamic", (ROWS,), (ROWS, PER_ROW, PER_ROW), _DYNAMIC,
+                                   partial(_dynamic_aval, fake=False)))
+fake_quantize_dynamic_p = define(OpDecl("fake_quantize_per_token_dynamic", (ROWS,), (ROWS, PER_ROW, PER_ROW),
+                                        ("format", *_DYNAMIC), partial(_dynamic_aval, fake=True)))
+
+
+# ---- the public functions ----------------------------------------------------------------------
 
 
 def quantize_per_token(x, scale, zero_point=None, *, qmin=None, qmax=None, dtype=jnp.int8):
@@ -39,7 +99,7 @@ def quantize_per_token(x, scale, zero_point=None, *, qmin=None, qmax=None, dtype
     x = jnp.asarray(x)
     _checks.float_dtype(op, "x", x.dtype)
     fmt, qmin, qmax = _checks.grid(op, dtype, qmin, qmax, zero_point)
-    scale, zp = _row_operands(op, "x", x, scale, zero_point, _checks.math_dtype(x.dtype))
+    scale, zp = row_qparams(op, "x", x, scale, zero_point, _checks.math_dtype(x.dtype))
     return _quantize(x, scale, zp, qmin, qmax, fmt.dtype)
 
 
@@ -68,7 +128,7 @@ def dequantize_per_token(q, scale, zero_point=None, *, dtype=None):
     scale = jnp.asarray(scale)
     _checks.float_dtype(op, "scale", scale.dtype)
     dtype = _checks.float_dtype(op, "dtype", scale.dtype if dtype is None else dtype)
-    scale, zp = _row_operands(op, "q", q, scale, zero_point, _checks.math_dtype(dtype))
+    scale, zp = row_qparams(op, "q", q, scale, zero_point, _checks.math_dtype(dtype))
     return _dequantize(q, scale, zp, dtype)
 
 
@@ -108,7 +168,7 @@ def fake_quantize_per_token(x, scale, zero_point=None, *, qmin=None, qmax=None, 
     x = jnp.asarray(x)
     _checks.float_dtype(op, "x", x.dtype)
     fmt, qmin, qmax = _checks.grid(op, dtype, qmin, qmax, zero_point)
-    scale, zp = _row_operands(op, "x", x, scale, zero_point, _checks.math_dtype(x.dtype))
+    scale, zp = row_qparams(op, "x", x, scale, zero_point, _checks.math_dtype(x.dtype))
     if _checks.flag(op, "learnable_scale", learnable_scale):
         return _fake_quantize_lsq(x, scale, zp, qmin, qmax, fmt.dtype, grad_scale)
     if grad_scale is not None:

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from baracuda_jax import _checks, _range
-from baracuda_jax.ops import _row_operands
+
 
 
 def _col(v):
@@ -66,7 +66,7 @@ def _prepare(op, x, scale, zero_point, qmin, qmax, dtype):
     x = jnp.asarray(x)
     _checks.float_dtype(op, "x", x.dtype)
     fmt, qmin, qmax = _checks.grid(op, dtype, qmin, qmax, zero_point)
-    scale, zp = _row_operands(op, "x", x, scale, zero_point, _checks.math_dtype(x.dtype))
+    scale, zp = _checks.row_qparams(op, "x", x, scale, zero_point, _checks.math_dtype(x.dtype))
     return x, scale, zp, fmt, qmin, qmax
 
 
@@ -80,7 +80,7 @@ def dequantize_per_token(q, scale, zero_point=None, *, dtype=None):
     scale = jnp.asarray(scale)
     dtype = _checks.float_dtype("dequantize_per_token", "dtype", scale.dtype if dtype is None else dtype)
     m = _checks.math_dtype(dtype)
-    scale, zp = _row_operands("dequantize_per_token", "q", q, scale, zero_point, m)
+    scale, zp = _checks.row_qparams("dequantize_per_token", "q", q, scale, zero_point, m)
     return (_centered(q.astype(m), zp) * _col(scale)).astype(dtype)
 
 

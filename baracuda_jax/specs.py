@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import baracuda_jax as bj
 from baracuda_jax import _checks, reference as ref
 from baracuda_jax._formats import FORMATS, Format
-from baracuda_jax.primitives import fake_quantize_grad_p, fake_quantize_lsq_grad_p
+from baracuda_jax.ops import fake_quantize_grad_p, fake_quantize_lsq_grad_p
 
 FLOATS = tuple(np.dtype(t) for t in (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64))
 

@@ -68,7 +68,7 @@ def test_bad_input_raises_at_trace_time(fn, args, kwargs, error, words, jit):
 
 def test_primitive_abstract_eval_checks_too():
     """Binding the primitive directly (past the public wrapper) is still checked at trace time."""
-    from baracuda_jax.primitives import quantize_p
+    from baracuda_jax.ops import quantize_p
     with pytest.raises(TypeError, match="scale has dtype float16; expected float32"):
         jax.eval_shape(lambda x, s: quantize_p.bind(x, s, qmin=-128, qmax=127, dtype=np.dtype(np.int8)),
                        X, S.astype(jnp.float16))
