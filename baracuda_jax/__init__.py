@@ -3,13 +3,21 @@ calls on CPU and CUDA, and the scaled 8-bit matmul (cuBLASLt) that consumes it."
 
 from baracuda_jax import reference
 from baracuda_jax._ffi import HAS_CUDA_KERNELS, gpu_kernels_available
-from baracuda_jax.fused import (rms_norm_fake_quantize_per_token, rms_norm_quantize_per_token,
-                                silu_mul_fake_quantize_per_token, silu_mul_quantize_per_token)
-from baracuda_jax.groups import (dequantize_per_token_group, fake_quantize_per_token_group,
-                                 quantize_per_token_group)
+from baracuda_jax.fused import (
+    rms_norm_fake_quantize_per_token,
+    rms_norm_quantize_per_token,
+    silu_mul_fake_quantize_per_token,
+    silu_mul_quantize_per_token,
+)
+from baracuda_jax.groups import dequantize_per_token_group, fake_quantize_per_token_group, quantize_per_token_group
 from baracuda_jax.matmul import scaled_matmul
-from baracuda_jax.ops import (dequantize_per_token, fake_quantize_per_token, fake_quantize_per_token_dynamic,
-                              quantize_per_token, quantize_per_token_dynamic)
+from baracuda_jax.ops import (
+    dequantize_per_token,
+    fake_quantize_per_token,
+    fake_quantize_per_token_dynamic,
+    quantize_per_token,
+    quantize_per_token_dynamic,
+)
 from baracuda_jax.primitives import check_targets
 
 check_targets()  # every family is declared by now: the declarations against the compiled op tables

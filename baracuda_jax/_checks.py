@@ -3,8 +3,8 @@
 Every error names the op, the argument, what it got and what was expected.
 """
 
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 
 from baracuda_jax._formats import FORMATS, Format
 
@@ -61,8 +61,9 @@ def grid(op: str, dtype, qmin, qmax, zero_point=None) -> tuple[Format, int, int]
     if fmt.is_float:
         for name, v in (("qmin", qmin), ("qmax", qmax), ("zero_point", zero_point)):
             if v is not None:
-                raise ValueError(f"{op}: {fmt.name} takes no {name}: its grid is fixed, [{fmt.lowest}, {fmt.max}], "
-                                 f"and symmetric")
+                raise ValueError(
+                    f"{op}: {fmt.name} takes no {name}: its grid is fixed, [{fmt.lowest}, {fmt.max}], and symmetric"
+                )
         return fmt, fmt.lowest, fmt.max
     qmin = fmt.lowest if qmin is None else qmin
     qmax = fmt.max if qmax is None else qmax
@@ -82,13 +83,16 @@ def resolved_grid(op: str, dtype, qmin, qmax, zero_point=None) -> Format:
     if not fmt.is_float:
         return grid(op, dtype, qmin, qmax, zero_point)[0]
     if (qmin, qmax) != (fmt.lowest, fmt.max) or zero_point is not None:
-        raise ValueError(f"{op}: {fmt.name} has the fixed grid [{fmt.lowest}, {fmt.max}] and no zero point; "
-                         f"got qmin={qmin}, qmax={qmax}{', a zero_point' if zero_point is not None else ''}")
+        raise ValueError(
+            f"{op}: {fmt.name} has the fixed grid [{fmt.lowest}, {fmt.max}] and no zero point; "
+            f"got qmin={qmin}, qmax={qmax}{', a zero_point' if zero_point is not None else ''}"
+        )
     return fmt
 
 
-def dynamic_grid(op: str, dtype, symmetric, scale_ub=None, pow2_scale=False, qmin=None, qmax=None
-                 ) -> tuple[Format, int, int, float]:
+def dynamic_grid(
+    op: str, dtype, symmetric, scale_ub=None, pow2_scale=False, qmin=None, qmax=None
+) -> tuple[Format, int, int, float]:
     """The dynamic ops' grid: the format's full range, or [qmin, qmax] inside an integer format's
     (4-bit activations stored in int8: -8, 7). Symmetric quantization needs a signed format and
     qmin < 0 < qmax; float8 is symmetric only. scale_ub (symmetric only) bounds each row's amax;
@@ -96,11 +100,14 @@ def dynamic_grid(op: str, dtype, symmetric, scale_ub=None, pow2_scale=False, qmi
     fmt, qmin, qmax = grid(op, dtype, qmin, qmax)
     symmetric = flag(op, "symmetric", symmetric)
     if symmetric and fmt.lowest >= 0:
-        raise ValueError(f"{op}: symmetric=True needs a signed dtype (scale = amax / qmax has no {fmt.name} "
-                         f"counterpart without a zero point); use symmetric=False for {fmt.name}")
+        raise ValueError(
+            f"{op}: symmetric=True needs a signed dtype (scale = amax / qmax has no {fmt.name} "
+            f"counterpart without a zero point); use symmetric=False for {fmt.name}"
+        )
     if symmetric and not qmin < 0 < qmax:
-        raise ValueError(f"{op}: a symmetric grid needs qmin < 0 < qmax (scale = amax / qmax); "
-                         f"got qmin={qmin}, qmax={qmax}")
+        raise ValueError(
+            f"{op}: a symmetric grid needs qmin < 0 < qmax (scale = amax / qmax); got qmin={qmin}, qmax={qmax}"
+        )
     if qmin == qmax:
         raise ValueError(f"{op}: a dynamic grid needs qmin < qmax; got qmin = qmax = {qmin}")
     if not symmetric and fmt.is_float:
@@ -110,10 +117,15 @@ def dynamic_grid(op: str, dtype, symmetric, scale_ub=None, pow2_scale=False, qmi
     if scale_ub is None:
         return fmt, qmin, qmax, float("inf")
     if not symmetric:
-        raise ValueError(f"{op}: scale_ub bounds the amax of symmetric quantization; "
-                         f"it does not apply with symmetric=False")
-    if (not isinstance(scale_ub, (int, float, np.floating, np.integer)) or isinstance(scale_ub, bool)
-            or not np.isfinite(scale_ub) or scale_ub <= 0):
+        raise ValueError(
+            f"{op}: scale_ub bounds the amax of symmetric quantization; it does not apply with symmetric=False"
+        )
+    if (
+        not isinstance(scale_ub, (int, float, np.floating, np.integer))
+        or isinstance(scale_ub, bool)
+        or not np.isfinite(scale_ub)
+        or scale_ub <= 0
+    ):
         raise ValueError(f"{op}: scale_ub must be a positive finite Python float, got {scale_ub!r}")
     return fmt, qmin, qmax, float(scale_ub)
 
@@ -125,20 +137,26 @@ def row_operands(op: str, data_name: str, data, scale, zero_point, scale_dtype=N
     receive it already converted to the math type); otherwise any float dtype.
     """
     if data.ndim < 1:
-        raise ValueError(f"{op}: {data_name} must have rank >= 1 (one token per row of the last axis), "
-                         f"got a scalar of shape {tuple(data.shape)}")
+        raise ValueError(
+            f"{op}: {data_name} must have rank >= 1 (one token per row of the last axis), "
+            f"got a scalar of shape {tuple(data.shape)}"
+        )
     rows = tuple(data.shape[:-1])
     if tuple(scale.shape) != rows:
-        raise ValueError(f"{op}: scale has shape {tuple(scale.shape)}; expected {rows} or {rows + (1,)}, "
-                         f"one value per row of {data_name} (shape {tuple(data.shape)})")
+        raise ValueError(
+            f"{op}: scale has shape {tuple(scale.shape)}; expected {rows} or {rows + (1,)}, "
+            f"one value per row of {data_name} (shape {tuple(data.shape)})"
+        )
     if scale_dtype is None:
         float_dtype(op, "scale", scale.dtype)
     elif scale.dtype != scale_dtype:
         raise TypeError(f"{op}: scale has dtype {scale.dtype}; expected {np.dtype(scale_dtype).name}")
     if zero_point is not None:
         if tuple(zero_point.shape) != rows:
-            raise ValueError(f"{op}: zero_point has shape {tuple(zero_point.shape)}; expected {rows} or "
-                             f"{rows + (1,)}, one value per row of {data_name} (shape {tuple(data.shape)})")
+            raise ValueError(
+                f"{op}: zero_point has shape {tuple(zero_point.shape)}; expected {rows} or "
+                f"{rows + (1,)}, one value per row of {data_name} (shape {tuple(data.shape)})"
+            )
         if zero_point.dtype != np.int32:
             raise TypeError(f"{op}: zero_point has dtype {zero_point.dtype}; expected int32")
 
@@ -156,8 +174,10 @@ def fused_float_dtype(op: str, dtype, name: str = "x") -> np.dtype:
 
 def same_as(op: str, name: str, a, ref_name: str, ref) -> None:
     if tuple(a.shape) != tuple(ref.shape) or a.dtype != ref.dtype:
-        raise ValueError(f"{op}: {name} has shape {tuple(a.shape)} and dtype {a.dtype}; expected {ref_name}'s, "
-                         f"{tuple(ref.shape)} {ref.dtype}")
+        raise ValueError(
+            f"{op}: {name} has shape {tuple(a.shape)} and dtype {a.dtype}; expected {ref_name}'s, "
+            f"{tuple(ref.shape)} {ref.dtype}"
+        )
 
 
 def norm_operands(op: str, x, weight, residual, eps) -> None:
@@ -165,8 +185,10 @@ def norm_operands(op: str, x, weight, residual, eps) -> None:
     if x.ndim < 1:
         raise ValueError(f"{op}: x must have rank >= 1 (one token per row of the last axis), got a scalar")
     if tuple(weight.shape) != (x.shape[-1],) or weight.dtype != x.dtype:
-        raise ValueError(f"{op}: weight has shape {tuple(weight.shape)} and dtype {weight.dtype}; expected "
-                         f"[D] = {(x.shape[-1],)} with x's dtype {x.dtype}")
+        raise ValueError(
+            f"{op}: weight has shape {tuple(weight.shape)} and dtype {weight.dtype}; expected "
+            f"[D] = {(x.shape[-1],)} with x's dtype {x.dtype}"
+        )
     if residual is not None:
         same_as(op, "residual", residual, "x", x)
     if not isinstance(eps, (float, int, np.floating)) or isinstance(eps, bool) or not eps > 0:
@@ -193,26 +215,34 @@ def matmul_operands(op: str, a, a_scale, b, b_scale, out_dtype, residual=None) -
     if is_blockwise(b_scale):
         if k % MATMUL_BLOCK or n % MATMUL_BLOCK:
             raise ValueError(f"{op}: blockwise scales need K and N to be multiples of {MATMUL_BLOCK}; got K={k}, N={n}")
-        wants = (("a_scale", a_scale, (*a.shape[:-1], k // MATMUL_BLOCK)),
-                 ("b_scale", b_scale, (k // MATMUL_BLOCK, n // MATMUL_BLOCK)))
+        wants = (
+            ("a_scale", a_scale, (*a.shape[:-1], k // MATMUL_BLOCK)),
+            ("b_scale", b_scale, (k // MATMUL_BLOCK, n // MATMUL_BLOCK)),
+        )
         for name, s, want in wants:
             if tuple(s.shape) != want:
-                raise ValueError(f"{op}: {name} has shape {tuple(s.shape)}; blockwise scales (b_scale of rank 2) "
-                                 f"are a_scale a.shape[:-1] + (K // {MATMUL_BLOCK},) and b_scale "
-                                 f"[K // {MATMUL_BLOCK}, N // {MATMUL_BLOCK}]: expected {want}")
+                raise ValueError(
+                    f"{op}: {name} has shape {tuple(s.shape)}; blockwise scales (b_scale of rank 2) "
+                    f"are a_scale a.shape[:-1] + (K // {MATMUL_BLOCK},) and b_scale "
+                    f"[K // {MATMUL_BLOCK}, N // {MATMUL_BLOCK}]: expected {want}"
+                )
             float_dtype(op, name, s.dtype)
     else:
         for name, s, want in (("a_scale", a_scale, tuple(a.shape[:-1])), ("b_scale", b_scale, (n,))):
             if tuple(s.shape) not in (want, ()):
-                raise ValueError(f"{op}: {name} has shape {tuple(s.shape)}; expected {want} or a scalar (or, "
-                                 f"blockwise, a_scale a.shape[:-1] + (K // {MATMUL_BLOCK},) with b_scale "
-                                 f"[K // {MATMUL_BLOCK}, N // {MATMUL_BLOCK}])")
+                raise ValueError(
+                    f"{op}: {name} has shape {tuple(s.shape)}; expected {want} or a scalar (or, "
+                    f"blockwise, a_scale a.shape[:-1] + (K // {MATMUL_BLOCK},) with b_scale "
+                    f"[K // {MATMUL_BLOCK}, N // {MATMUL_BLOCK}])"
+                )
             float_dtype(op, name, s.dtype)
     out_dtype = fused_float_dtype(op, out_dtype, "out_dtype")
     want = (*a.shape[:-1], n)
     if residual is not None and (tuple(residual.shape) != want or residual.dtype != out_dtype):
-        raise ValueError(f"{op}: residual has shape {tuple(residual.shape)} and dtype {residual.dtype}; expected "
-                         f"the output's, {want} {out_dtype.name}")
+        raise ValueError(
+            f"{op}: residual has shape {tuple(residual.shape)} and dtype {residual.dtype}; expected "
+            f"the output's, {want} {out_dtype.name}"
+        )
     return out_dtype
 
 

@@ -27,6 +27,7 @@ def gpu_kernels_available() -> bool:
     except RuntimeError:  # no CUDA backend (no plugin, no GPU or no driver)
         return False
 
+
 # csrc/ffi/ops.def: the same name on every platform that has the op; the CUDA module also has the
 # ops the CPU lowers to XLA's own code (the scaled matmul).
 _TABLES = {"cpu": _cpu.registrations(), "cuda": {} if _cuda is None else _cuda.registrations()}
@@ -44,6 +45,7 @@ def _cublaslt_candidates():
     paths = []
     try:
         import nvidia
+
         paths = [p for root in nvidia.__path__ for p in glob.glob(os.path.join(root, "*", "lib", "libcublasLt.so.*"))]
     except ImportError:
         pass
@@ -60,7 +62,8 @@ def cublaslt_version():
     try:
         return _cuda.load_cublaslt(_cublaslt_candidates())
     except RuntimeError as err:
-        warnings.warn(f"baracuda_jax: {err}; scaled_matmul runs as XLA's dot and a rescale", RuntimeWarning)
+        message = f"baracuda_jax: {err}; scaled_matmul runs as XLA's dot and a rescale"
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
         return None
 
 
@@ -72,6 +75,8 @@ def check_targets(declared: dict[str, set[str]]) -> None:
             continue
         want, registered = declared.get(platform, set()), set(table)
         if want != registered:
-            raise ImportError(f"baracuda_jax: the primitives and {modules[platform]} disagree: declared but not "
-                              f"registered {sorted(want - registered)}, registered but not declared "
-                              f"{sorted(registered - want)}; rebuild the package")
+            raise ImportError(
+                f"baracuda_jax: the primitives and {modules[platform]} disagree: declared but not "
+                f"registered {sorted(want - registered)}, registered but not declared "
+                f"{sorted(registered - want)}; rebuild the package"
+            )

@@ -8,8 +8,8 @@ reference.py (where it rounds differently from these two kinds).
 
 import dataclasses
 
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,5 +34,6 @@ def _float8(t):
     return Format(np.dtype(t), True, -fmax, fmax)
 
 
-FORMATS = {f.dtype: f for f in (_integer(jnp.int8), _integer(jnp.uint8),
-                                  _float8(jnp.float8_e4m3fn), _float8(jnp.float8_e5m2))}
+FORMATS = {
+    f.dtype: f for f in (_integer(jnp.int8), _integer(jnp.uint8), _float8(jnp.float8_e4m3fn), _float8(jnp.float8_e5m2))
+}

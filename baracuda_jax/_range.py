@@ -4,9 +4,9 @@ Shared by the jnp reference and by the dynamic ops' axis_name path, where a row'
 pmin/pmax of its pieces on several devices.
 """
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from baracuda_jax import _checks
 

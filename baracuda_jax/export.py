@@ -25,5 +25,6 @@ def disabled_checks():
 
 def export(fun, *, platforms=("cpu", "cuda"), disabled_checks_=(), **kwargs):
     """`jax.export.export` with our custom calls allowed; `fun` is a `jax.jit`-wrapped function."""
-    return jax.export.export(fun, platforms=platforms,
-                             disabled_checks=[*disabled_checks(), *disabled_checks_], **kwargs)
+    return jax.export.export(
+        fun, platforms=platforms, disabled_checks=[*disabled_checks(), *disabled_checks_], **kwargs
+    )

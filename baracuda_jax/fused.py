@@ -10,15 +10,16 @@ Symmetric grids (int8, float8_e4m3fn, float8_e5m2; for int8 optionally narrower,
 
 from functools import partial
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from baracuda_jax import _checks
 from baracuda_jax._checks import row_qparams
 from baracuda_jax.primitives import GROUPS, PER_COLUMN, PER_ROW, ROWS, OpDecl, define, like
 
 # ---- shape rules: the checks a direct bind gets too ---------------------------------------------
+
 
 def _symmetric_format(op, dtype, qmin, qmax):
     fmt = _checks.resolved_grid(op, dtype, qmin, qmax)
@@ -37,8 +38,10 @@ def _fused_output(op, data, dtype, fake, qmin, qmax):
 def _rms_norm_layout(params):
     """(x, weight, [residual], [scale]) -> (out, inv_rms, [scale], [residual_out])"""
     res, dyn = params["has_residual"], params["dynamic"]
-    return ((ROWS, PER_COLUMN) + (ROWS,) * res + (PER_ROW,) * (not dyn),
-            (ROWS, PER_ROW) + (PER_ROW,) * dyn + (ROWS,) * res)
+    return (
+        (ROWS, PER_COLUMN) + (ROWS,) * res + (PER_ROW,) * (not dyn),
+        (ROWS, PER_ROW) + (PER_ROW,) * dyn + (ROWS,) * res,
+    )
 
 
 def _rms_norm_aval(x, weight, *rest, dtype, fake, qmin, qmax, eps, has_residual, dynamic, scale_ub):
@@ -48,8 +51,12 @@ def _rms_norm_aval(x, weight, *rest, dtype, fake, qmin, qmax, eps, has_residual,
     rows = x.shape[:-1]
     if not dynamic:
         _checks.row_operands(op, "x", x, rest[-1], None, np.float32)
-    return (out, like(x, rows, np.float32), *((like(x, rows, np.float32),) if dynamic else ()),
-            *((like(x, x.shape, x.dtype),) if has_residual else ()))
+    return (
+        out,
+        like(x, rows, np.float32),
+        *((like(x, rows, np.float32),) if dynamic else ()),
+        *((like(x, x.shape, x.dtype),) if has_residual else ()),
+    )
 
 
 def _rms_norm_grad_layout(params):
@@ -73,8 +80,11 @@ def _rms_norm_grad_aval(g, r, weight, scale, inv_rms, *g_residual, dtype, qmin, 
     _checks.row_operands(op, "r", r, scale, None, np.float32)
     _checks.row_operands(op, "r", r, inv_rms, None, np.float32)
     groups = dw_groups(int(np.prod(r.shape[:-1])), r.shape[-1])
-    return (like(r, r.shape, r.dtype), weight.update(weak_type=False),
-            weight.update(shape=(groups, r.shape[-1]), dtype=np.dtype(np.float32), weak_type=False))
+    return (
+        like(r, r.shape, r.dtype),
+        weight.update(weak_type=False),
+        weight.update(shape=(groups, r.shape[-1]), dtype=np.dtype(np.float32), weak_type=False),
+    )
 
 
 def _silu_mul_layout(params):
@@ -104,14 +114,40 @@ def _silu_mul_grad_aval(g, a, b, scale, *, dtype, qmin, qmax):
 # ---- the declarations ---------------------------------------------------------------------------
 
 _GRID = ("qmin", "qmax")
-rms_norm_quantize_p = define(OpDecl("rms_norm_quantize_per_token", (), (), ("format", *_GRID, "eps", "has_residual",
-                                   "scale_ub"), _rms_norm_aval, layout=_rms_norm_layout))
-rms_norm_grad_p = define(OpDecl("rms_norm_fake_quantize_per_token_grad", (), (), ("format", *_GRID),
-                                _rms_norm_grad_aval, layout=_rms_norm_grad_layout))
-silu_mul_quantize_p = define(OpDecl("silu_mul_quantize_per_token", (), (), ("format", *_GRID, "scale_ub"),
-                                    _silu_mul_aval, layout=_silu_mul_layout))
-silu_mul_grad_p = define(OpDecl("silu_mul_fake_quantize_per_token_grad", (ROWS, ROWS, ROWS, PER_ROW), (ROWS, ROWS),
-                                ("format", *_GRID), _silu_mul_grad_aval))
+rms_norm_quantize_p = define(
+    OpDecl(
+        "rms_norm_quantize_per_token",
+        (),
+        (),
+        ("format", *_GRID, "eps", "has_residual", "scale_ub"),
+        _rms_norm_aval,
+        layout=_rms_norm_layout,
+    )
+)
+rms_norm_grad_p = define(
+    OpDecl(
+        "rms_norm_fake_quantize_per_token_grad",
+        (),
+        (),
+        ("format", *_GRID),
+        _rms_norm_grad_aval,
+        layout=_rms_norm_grad_layout,
+    )
+)
+silu_mul_quantize_p = define(
+    OpDecl(
+        "silu_mul_quantize_per_token", (), (), ("format", *_GRID, "scale_ub"), _silu_mul_aval, layout=_silu_mul_layout
+    )
+)
+silu_mul_grad_p = define(
+    OpDecl(
+        "silu_mul_fake_quantize_per_token_grad",
+        (ROWS, ROWS, ROWS, PER_ROW),
+        (ROWS, ROWS),
+        ("format", *_GRID),
+        _silu_mul_grad_aval,
+    )
+)
 
 
 # ---- the public functions -----------------------------------------------------------------------
@@ -136,8 +172,16 @@ def _norm_call(op, x, weight, residual, eps, scale, dtype, scale_ub, fake, qmin,
     _checks.fused_float_dtype(op, x.dtype)
     _checks.norm_operands(op, x, weight, residual, eps)
     fmt, qmin, qmax, ub = _grid(op, dtype, scale, scale_ub, qmin, qmax)
-    params = dict(dtype=fmt.dtype, fake=fake, qmin=qmin, qmax=qmax, eps=float(eps),
-                  has_residual=residual is not None, dynamic=scale is None, scale_ub=ub)
+    params = dict(
+        dtype=fmt.dtype,
+        fake=fake,
+        qmin=qmin,
+        qmax=qmax,
+        eps=float(eps),
+        has_residual=residual is not None,
+        dynamic=scale is None,
+        scale_ub=ub,
+    )
     return x, weight, () if residual is None else (residual,), _static_scale(op, "x", x, scale), params
 
 
@@ -148,8 +192,9 @@ def _norm_forward(x, weight, residual, scale, params):
     return out, s, more[0] if residual else x, inv
 
 
-def rms_norm_quantize_per_token(x, weight, *, residual=None, eps=1e-6, scale=None, dtype=jnp.int8, scale_ub=None,
-                                qmin=None, qmax=None):
+def rms_norm_quantize_per_token(
+    x, weight, *, residual=None, eps=1e-6, scale=None, dtype=jnp.int8, scale_ub=None, qmin=None, qmax=None
+):
     """(q, scale, residual_out): r = x + residual (rounded to x's dtype; x when residual is None),
     h = r * rsqrt(mean(r^2) + eps) * weight (in float32, rounded to x's dtype), then the per-token
     quantization of h: by the given per-row `scale`, or dynamic (scale = min(amax, scale_ub) / qmax).
@@ -160,13 +205,15 @@ def rms_norm_quantize_per_token(x, weight, *, residual=None, eps=1e-6, scale=Non
     An inference op: to train, use rms_norm_fake_quantize_per_token.
     """
     op = "rms_norm_quantize_per_token"
-    x, weight, residual, scale, params = _norm_call(op, x, weight, residual, eps, scale, dtype, scale_ub, False,
-                                                    qmin, qmax)
+    x, weight, residual, scale, params = _norm_call(
+        op, x, weight, residual, eps, scale, dtype, scale_ub, False, qmin, qmax
+    )
     return _norm_forward(x, weight, residual, scale, params)[:3]
 
 
-def rms_norm_fake_quantize_per_token(x, weight, *, residual=None, eps=1e-6, scale=None, dtype=jnp.int8,
-                                     scale_ub=None, qmin=None, qmax=None):
+def rms_norm_fake_quantize_per_token(
+    x, weight, *, residual=None, eps=1e-6, scale=None, dtype=jnp.int8, scale_ub=None, qmin=None, qmax=None
+):
     """(y, residual_out), y = dequantize(quantize(h)) in x's dtype, h and residual_out as in
     rms_norm_quantize_per_token.
 
@@ -176,8 +223,9 @@ def rms_norm_fake_quantize_per_token(x, weight, *, residual=None, eps=1e-6, scal
     order (csrc/producers.h).
     """
     op = "rms_norm_fake_quantize_per_token"
-    x, weight, residual, scale, params = _norm_call(op, x, weight, residual, eps, scale, dtype, scale_ub, True,
-                                                    qmin, qmax)
+    x, weight, residual, scale, params = _norm_call(
+        op, x, weight, residual, eps, scale, dtype, scale_ub, True, qmin, qmax
+    )
     return _rms_norm_fake(x, weight, residual, scale, tuple(sorted(params.items())))
 
 
@@ -203,8 +251,18 @@ def _rms_norm_fake_bwd(params, res, cotangents):
     if isinstance(gy, jax.custom_derivatives.SymbolicZero):
         gy = jnp.zeros(gy.shape, gy.dtype)
     g_residual = () if isinstance(gr, jax.custom_derivatives.SymbolicZero) else (gr,)
-    dx, dw, _ = rms_norm_grad_p.bind(gy, r, weight, s, inv, *g_residual, dtype=p["dtype"], qmin=p["qmin"],
-                                     qmax=p["qmax"], has_residual=bool(g_residual))
+    dx, dw, _ = rms_norm_grad_p.bind(
+        gy,
+        r,
+        weight,
+        s,
+        inv,
+        *g_residual,
+        dtype=p["dtype"],
+        qmin=p["qmin"],
+        qmax=p["qmax"],
+        has_residual=bool(g_residual),
+    )
     scale_grad = () if p["dynamic"] else (jnp.zeros_like(s),)
     return dx, dw, (dx,) if has_residual else (), scale_grad
 

@@ -6,8 +6,8 @@ on x.reshape(..., D // group_size, group_size), the same bits, and the same kern
 launch for short rows: one 16-byte vector a lane, several rows a thread).
 """
 
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 
 from baracuda_jax import _checks
 from baracuda_jax.ops import dequantize_per_token, fake_quantize_per_token_dynamic, quantize_per_token_dynamic
@@ -22,14 +22,16 @@ def _grouped(op, x, group_size, dtype):
     _checks.float_dtype(op, "x", x.dtype)
     fmt = _checks.format_of(op, "dtype", dtype)
     if fmt.lowest >= 0:
-        raise ValueError(f"{op}: groups are quantized symmetrically; dtype must be int8 or a float8 type, "
-                         f"got {fmt.name}")
+        raise ValueError(
+            f"{op}: groups are quantized symmetrically; dtype must be int8 or a float8 type, got {fmt.name}"
+        )
     valid = isinstance(group_size, (int, np.integer)) and not isinstance(group_size, bool)
     if not valid or group_size not in GROUP_SIZES:
         raise ValueError(f"{op}: group_size must be one of {GROUP_SIZES}, got {group_size!r}")
     if x.ndim < 1 or x.shape[-1] % group_size:
-        raise ValueError(f"{op}: x's last dim must be a multiple of group_size={group_size}; "
-                         f"got x of shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{op}: x's last dim must be a multiple of group_size={group_size}; got x of shape {tuple(x.shape)}"
+        )
     return x.reshape(*x.shape[:-1], x.shape[-1] // group_size, group_size)
 
 
@@ -37,12 +39,14 @@ def _check_layout(op, scale_layout, ndim):
     if scale_layout not in SCALE_LAYOUTS:
         raise ValueError(f"{op}: scale_layout must be one of {SCALE_LAYOUTS}, got {scale_layout!r}")
     if scale_layout == "column" and ndim < 2:
-        raise ValueError(f"{op}: scale_layout='column' swaps the scale's last two axes (tokens, groups): "
-                         f"it needs x of rank >= 2")
+        raise ValueError(
+            f"{op}: scale_layout='column' swaps the scale's last two axes (tokens, groups): it needs x of rank >= 2"
+        )
 
 
-def quantize_per_token_group(x, group_size=128, *, dtype=jnp.float8_e4m3fn, scale_ub=None, scale_layout="row",
-                             pow2_scale=False):
+def quantize_per_token_group(
+    x, group_size=128, *, dtype=jnp.float8_e4m3fn, scale_ub=None, scale_layout="row", pow2_scale=False
+):
     """(q, scale): each group of `group_size` consecutive values of a row quantized on its own.
 
     scale = amax(group) * (1/qmax) (bounded first by scale_ub; rounded up to a power of two with
@@ -89,7 +93,9 @@ def dequantize_per_token_group(q, scale, *, dtype, scale_layout="row"):
         scale = jnp.swapaxes(scale, -1, -2)
     groups = scale.shape[-1] if scale.ndim else 0
     if q.ndim < 1 or scale.ndim != q.ndim or scale.shape[:-1] != q.shape[:-1] or groups < 1 or q.shape[-1] % groups:
-        raise ValueError(f"{op}: scale must be q.shape[:-1] + (G,) with G dividing D, G >= 1 (the {scale_layout} "
-                         f"layout); got q {tuple(q.shape)} and scale {tuple(scale.shape)} after the layout")
+        raise ValueError(
+            f"{op}: scale must be q.shape[:-1] + (G,) with G dividing D, G >= 1 (the {scale_layout} "
+            f"layout); got q {tuple(q.shape)} and scale {tuple(scale.shape)} after the layout"
+        )
     grouped = q.reshape(*q.shape[:-1], groups, q.shape[-1] // groups)
     return dequantize_per_token(grouped, scale, dtype=dtype).reshape(q.shape)

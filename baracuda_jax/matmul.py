@@ -12,14 +12,25 @@ import functools
 import math
 import warnings
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.interpreters import ad, mlir
 
 from baracuda_jax import _checks, _ffi, reference
-from baracuda_jax.primitives import (FACTORS, PER_COLUMN, PER_ROW, ROWS, OpDecl, batch_lift, define, like, lower_lifted,
-                                     partition_attributes, static_shapes)
+from baracuda_jax.primitives import (
+    FACTORS,
+    PER_COLUMN,
+    PER_ROW,
+    ROWS,
+    OpDecl,
+    batch_lift,
+    define,
+    like,
+    lower_lifted,
+    partition_attributes,
+    static_shapes,
+)
 
 _OP = "scaled_matmul"
 WORKSPACE_BYTES = 32 << 20  # cuBLASLt's workspace, as XLA gives its own GEMMs on Hopper
@@ -66,8 +77,9 @@ def scaled_matmul(a, a_scale, b, b_scale, *, out_dtype=jnp.bfloat16, residual=No
     if not _checks.is_blockwise(b_scale):
         a_scale = jnp.broadcast_to(a_scale, a.shape[:-1])
         b_scale = jnp.broadcast_to(b_scale, b.shape[1:])
-    return scaled_matmul_p.bind(a, a_scale.astype(jnp.float32), b, b_scale.astype(jnp.float32), *residual,
-                                out_dtype=out_dtype)
+    return scaled_matmul_p.bind(
+        a, a_scale.astype(jnp.float32), b, b_scale.astype(jnp.float32), *residual, out_dtype=out_dtype
+    )
 
 
 def _abstract_eval(a, a_scale, b, b_scale, *residual, out_dtype):
@@ -81,6 +93,7 @@ def _abstract_eval(a, a_scale, b, b_scale, *residual, out_dtype):
 def _reference_lowering(ctx, *operands, out_dtype):
     def composed(a, a_scale, b, b_scale, residual=None):
         return reference.scaled_matmul(a, a_scale, b, b_scale, out_dtype=out_dtype, residual=residual)
+
     return mlir.lower_fun(composed, multiple_results=False)(ctx, *operands)
 
 
@@ -90,8 +103,10 @@ def _gemm_ready(dtype):
     if version is None:
         return False
     if dtype == jnp.float8_e4m3fn and version < 120900:
-        _warn_once(f"cuBLASLt {version} has no per-row x per-column float8 scales (12.9 or newer has): "
-                   f"float8 scaled_matmul runs as XLA's dot and a rescale")
+        _warn_once(
+            f"cuBLASLt {version} has no per-row x per-column float8 scales (12.9 or newer has): "
+            f"float8 scaled_matmul runs as XLA's dot and a rescale"
+        )
         return False
     return True
 
@@ -105,9 +120,15 @@ def _cuda_lowering(ctx, *operands, out_dtype):
     a_aval, a_scale_aval, b_aval, b_scale_aval = ctx.avals_in[:4]
     k, n = b_aval.shape
     blockwise = _checks.is_blockwise(b_scale_aval)
-    if not (static_shapes(ctx.avals_in) and k % _ALIGN == 0 and n % _ALIGN == 0 and k > 0
-            and math.prod(a_aval.shape[:-1]) > 0 and _gemm_ready(a_aval.dtype)
-            and not (blockwise and a_aval.dtype != jnp.float8_e4m3fn)):  # int8 blocks: cuBLASLt has none
+    if not (
+        static_shapes(ctx.avals_in)
+        and k % _ALIGN == 0
+        and n % _ALIGN == 0
+        and k > 0
+        and math.prod(a_aval.shape[:-1]) > 0
+        and _gemm_ready(a_aval.dtype)
+        and not (blockwise and a_aval.dtype != jnp.float8_e4m3fn)
+    ):  # int8 blocks: cuBLASLt has none
         return _reference_lowering(ctx, *operands, out_dtype=out_dtype)
     if blockwise and math.prod(a_aval.shape[:-1]) % _BLOCK_ROWS:
         padded = functools.partial(_rows_padded, out_dtype=out_dtype)
@@ -115,25 +136,33 @@ def _cuda_lowering(ctx, *operands, out_dtype):
     # b [K, N] stays whole under XLA's batch partitioner only if a has more batch dims than b has dims
     lift = batch_lift(a_aval.ndim, [2])
     if lift:
-        return lower_lifted(ctx, scaled_matmul_p, operands, {"out_dtype": out_dtype}, lift,
-                            (True, True, False, False, True))
+        return lower_lifted(
+            ctx, scaled_matmul_p, operands, {"out_dtype": out_dtype}, lift, (True, True, False, False, True)
+        )
     out = ctx.avals_out[0]
     results = [out, like(out, (WORKSPACE_BYTES,), np.uint8)]
     if a_aval.dtype == np.int8:
         results.append(like(out, out.shape, np.int32))  # the int32 product before its scales
     # a's dims, N, the workspace's bytes, and the scale blocks along K and N
-    *batch, kf, nf, wf, kbf, nbf = FACTORS[:a_aval.ndim + 4]
+    *batch, kf, nf, wf, kbf, nbf = FACTORS[: a_aval.ndim + 4]
     scale_factors = [[*batch, kbf], [kbf, nbf]] if blockwise else [batch, [nf]]
-    sizes = (*a_aval.shape, n, WORKSPACE_BYTES, *((k // _checks.MATMUL_BLOCK, n // _checks.MATMUL_BLOCK)
-                                                  if blockwise else ()))
+    sizes = (
+        *a_aval.shape,
+        n,
+        WORKSPACE_BYTES,
+        *((k // _checks.MATMUL_BLOCK, n // _checks.MATMUL_BLOCK) if blockwise else ()),
+    )
     attrs = partition_attributes(
-        len(batch), [[*batch, kf], scale_factors[0], [kf, nf], scale_factors[1], [*batch, nf]][:len(operands)],
-        [[*batch, nf], [wf], [*batch, nf]][:len(results)], dict(zip([*batch, kf, nf, wf, kbf, nbf], sizes)),
-        [kf, nf, wf, *((kbf, nbf) if blockwise else ())])
+        len(batch),
+        [[*batch, kf], scale_factors[0], [kf, nf], scale_factors[1], [*batch, nf]][: len(operands)],
+        [[*batch, nf], [wf], [*batch, nf]][: len(results)],
+        dict(zip([*batch, kf, nf, wf, kbf, nbf], sizes)),
+        [kf, nf, wf, *((kbf, nbf) if blockwise else ())],
+    )
     # b column-major (stored [N][K]); blockwise, a_scale stored [K/128][rows] and b_scale [N/128][K/128]
     rank = a_scale_aval.ndim
     a_scale_layout = (*range(rank - 2, -1, -1), rank - 1) if blockwise else None
-    layouts = [None, a_scale_layout, (0, 1), (0, 1) if blockwise else None, None][:len(operands)]
+    layouts = [None, a_scale_layout, (0, 1), (0, 1) if blockwise else None, None][: len(operands)]
     rule = jax.ffi.ffi_lowering(f"baracuda_{_OP}", operand_layouts=layouts, extra_attributes=attrs)
     return rule(ctx.replace(avals_out=results), *operands)[:1]
 
@@ -148,14 +177,25 @@ def _rows_padded(a, a_scale, b, b_scale, *residual, out_dtype):
 
 
 def _no_derivative(primals, tangents, **params):
-    raise TypeError(f"{_OP} is an inference op and has no derivative: train through fake_quantize_per_token* "
-                    f"(the straight-through estimator) and a float matmul")
+    raise TypeError(
+        f"{_OP} is an inference op and has no derivative: train through fake_quantize_per_token* "
+        f"(the straight-through estimator) and a float matmul"
+    )
 
 
 # vmap by the operands' roles: a batch axis of a, a_scale or the residual is more rows, one call; b
 # and b_scale are never broadcast over rows, like a norm's per-column weight, and a batched one runs
 # once per batch element. The target is CUDA's only: the CPU lowers to XLA's dot.
-scaled_matmul_p = define(OpDecl(_OP, (ROWS, PER_ROW, PER_COLUMN, PER_COLUMN), (ROWS,), (), _abstract_eval,
-                                optional=(ROWS,), targets=("cuda",),
-                                lowerings={"cpu": _reference_lowering, "cuda": _cuda_lowering}))
+scaled_matmul_p = define(
+    OpDecl(
+        _OP,
+        (ROWS, PER_ROW, PER_COLUMN, PER_COLUMN),
+        (ROWS,),
+        (),
+        _abstract_eval,
+        optional=(ROWS,),
+        targets=("cuda",),
+        lowerings={"cpu": _reference_lowering, "cuda": _cuda_lowering},
+    )
+)
 ad.primitive_jvps[scaled_matmul_p] = _no_derivative

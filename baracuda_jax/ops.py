@@ -5,15 +5,16 @@ row's scale from its range. Declarations, shape rules, public functions and deri
 
 from functools import partial
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from baracuda_jax import _checks, _range
 from baracuda_jax._checks import row_qparams
 from baracuda_jax.primitives import PER_ROW, ROWS, OpDecl, define, like
 
 # ---- shape rules: the checks a direct bind gets too ------------------------------------------
+
 
 def _quantize_aval(x, scale, zero_point=None, *, qmin, qmax, dtype):
     op = "quantize_per_token"
@@ -59,9 +60,11 @@ def _dynamic_aval(x, *, symmetric, qmin, qmax, dtype, scale_ub, pow2_scale, fake
     grid = {} if _checks.format_of(op, "dtype", dtype).is_float else dict(qmin=qmin, qmax=qmax)
     _checks.dynamic_grid(op, dtype, symmetric, None if scale_ub == float("inf") else scale_ub, pow2_scale, **grid)
     rows = x.shape[:-1]
-    return (like(x, x.shape, x.dtype if fake else dtype), like(x, rows, _checks.math_dtype(x.dtype)),
-            like(x, rows, np.int32))
-
+    return (
+        like(x, x.shape, x.dtype if fake else dtype),
+        like(x, rows, _checks.math_dtype(x.dtype)),
+        like(x, rows, np.int32),
+    )
 
 
 # ---- the declarations ---------------------------------------------------------------------------
@@ -70,16 +73,43 @@ _GRID = ("qmin", "qmax")
 _DYNAMIC = ("symmetric", *_GRID, "scale_ub", "pow2_scale")
 quantize_p = define(OpDecl("quantize_per_token", (ROWS, PER_ROW), (ROWS,), _GRID, _quantize_aval, (PER_ROW,)))
 dequantize_p = define(OpDecl("dequantize_per_token", (ROWS, PER_ROW), (ROWS,), (), _dequantize_aval, (PER_ROW,)))
-fake_quantize_p = define(OpDecl("fake_quantize_per_token", (ROWS, PER_ROW), (ROWS,), ("format", *_GRID),
-                                _fake_quantize_aval, (PER_ROW,)))
-fake_quantize_grad_p = define(OpDecl("fake_quantize_per_token_grad", (ROWS, ROWS, PER_ROW), (ROWS,),
-                                     ("format", *_GRID), partial(_fake_quantize_aval, n_grads=1), (PER_ROW,)))
-fake_quantize_lsq_grad_p = define(OpDecl("fake_quantize_per_token_lsq_grad", (ROWS, ROWS, PER_ROW), (ROWS, PER_ROW),
-                                         ("format", *_GRID), _lsq_grad_aval, (PER_ROW,)))
-quantize_dynamic_p = define(OpDecl("quantize_per_token_dynamic", (ROWS,), (ROWS, PER_ROW, PER_ROW), _DYNAMIC,
-                                   partial(_dynamic_aval, fake=False)))
-fake_quantize_dynamic_p = define(OpDecl("fake_quantize_per_token_dynamic", (ROWS,), (ROWS, PER_ROW, PER_ROW),
-                                        ("format", *_DYNAMIC), partial(_dynamic_aval, fake=True)))
+fake_quantize_p = define(
+    OpDecl("fake_quantize_per_token", (ROWS, PER_ROW), (ROWS,), ("format", *_GRID), _fake_quantize_aval, (PER_ROW,))
+)
+fake_quantize_grad_p = define(
+    OpDecl(
+        "fake_quantize_per_token_grad",
+        (ROWS, ROWS, PER_ROW),
+        (ROWS,),
+        ("format", *_GRID),
+        partial(_fake_quantize_aval, n_grads=1),
+        (PER_ROW,),
+    )
+)
+fake_quantize_lsq_grad_p = define(
+    OpDecl(
+        "fake_quantize_per_token_lsq_grad",
+        (ROWS, ROWS, PER_ROW),
+        (ROWS, PER_ROW),
+        ("format", *_GRID),
+        _lsq_grad_aval,
+        (PER_ROW,),
+    )
+)
+quantize_dynamic_p = define(
+    OpDecl(
+        "quantize_per_token_dynamic", (ROWS,), (ROWS, PER_ROW, PER_ROW), _DYNAMIC, partial(_dynamic_aval, fake=False)
+    )
+)
+fake_quantize_dynamic_p = define(
+    OpDecl(
+        "fake_quantize_per_token_dynamic",
+        (ROWS,),
+        (ROWS, PER_ROW, PER_ROW),
+        ("format", *_DYNAMIC),
+        partial(_dynamic_aval, fake=True),
+    )
+)
 
 
 # ---- the public functions ----------------------------------------------------------------------
@@ -151,8 +181,9 @@ def _dequantize_bwd(dtype, res, g):
 _dequantize.defvjp(_dequantize_fwd, _dequantize_bwd)
 
 
-def fake_quantize_per_token(x, scale, zero_point=None, *, qmin=None, qmax=None, dtype=jnp.int8,
-                            learnable_scale=False, grad_scale=None):
+def fake_quantize_per_token(
+    x, scale, zero_point=None, *, qmin=None, qmax=None, dtype=jnp.int8, learnable_scale=False, grad_scale=None
+):
     """dequantize(quantize(x)) in x's dtype, in one fused kernel, with a straight-through gradient.
 
     The gradient passes g where qmin <= round_half_even(x/scale) + zero_point <= qmax
@@ -221,8 +252,9 @@ def _fake_quantize_lsq_bwd(qmin, qmax, dtype, grad_scale, res, g):
 _fake_quantize_lsq.defvjp(_fake_quantize_lsq_fwd, _fake_quantize_lsq_bwd, symbolic_zeros=True)
 
 
-def quantize_per_token_dynamic(x, *, dtype=jnp.int8, symmetric=True, scale_ub=None, axis_name=None,
-                               pow2_scale=False, qmin=None, qmax=None):
+def quantize_per_token_dynamic(
+    x, *, dtype=jnp.int8, symmetric=True, scale_ub=None, axis_name=None, pow2_scale=False, qmin=None, qmax=None
+):
     """(q, scale, zero_point) with each row's scale and zero point taken from its range, in one pass.
 
     Symmetric (int8, float8_e4m3fn, float8_e5m2): scale = amax * (1/qmax), qmax = 127 or
@@ -251,8 +283,9 @@ def quantize_per_token_dynamic(x, *, dtype=jnp.int8, symmetric=True, scale_ub=No
     if axis_name is not None:
         scale, zp = _split_row_qparams(op, x, symmetric, qmin, qmax, scale_ub, pow2_scale, axis_name)
         return _quantize(x, scale, () if symmetric else (zp,), qmin, qmax, fmt.dtype), scale, zp
-    q, scale, zp = quantize_dynamic_p.bind(x, symmetric=symmetric, qmin=qmin, qmax=qmax, dtype=fmt.dtype,
-                                           scale_ub=scale_ub, pow2_scale=bool(pow2_scale))
+    q, scale, zp = quantize_dynamic_p.bind(
+        x, symmetric=symmetric, qmin=qmin, qmax=qmax, dtype=fmt.dtype, scale_ub=scale_ub, pow2_scale=bool(pow2_scale)
+    )
     return q, scale, zp
 
 
@@ -262,13 +295,16 @@ def _split_row_qparams(op, x, symmetric, qmin, qmax, scale_ub, pow2_scale, axis_
     try:
         lo, hi = jax.lax.pmin(lo, axis_name), jax.lax.pmax(hi, axis_name)
     except NameError as e:
-        raise NameError(f"{op}: axis_name={axis_name!r} must name a mesh axis of an enclosing shard_map (the axis "
-                        f"that splits D); outside shard_map, leave it None ({e})") from None
+        raise NameError(
+            f"{op}: axis_name={axis_name!r} must name a mesh axis of an enclosing shard_map (the axis "
+            f"that splits D); outside shard_map, leave it None ({e})"
+        ) from None
     return _range.qparams(lo, hi, symmetric, qmin, qmax, scale_ub, pow2_scale)
 
 
-def fake_quantize_per_token_dynamic(x, *, dtype=jnp.int8, symmetric=True, scale_ub=None, axis_name=None,
-                                    pow2_scale=False, qmin=None, qmax=None):
+def fake_quantize_per_token_dynamic(
+    x, *, dtype=jnp.int8, symmetric=True, scale_ub=None, axis_name=None, pow2_scale=False, qmin=None, qmax=None
+):
     """dequantize(quantize_per_token_dynamic(x)) in x's dtype, in one fused pass, with a
     straight-through gradient (g where the value was not clipped; the scale gets none).
     scale_ub, axis_name, pow2_scale, qmin, qmax: as for quantize_per_token_dynamic."""
@@ -288,8 +324,9 @@ def _fake_quantize_dynamic(x, symmetric, qmin, qmax, dtype, scale_ub, pow2_scale
 
 
 def _fake_quantize_dynamic_fwd(x, symmetric, qmin, qmax, dtype, scale_ub, pow2_scale):
-    y, scale, zp = fake_quantize_dynamic_p.bind(x, symmetric=symmetric, qmin=qmin, qmax=qmax, dtype=dtype,
-                                                scale_ub=scale_ub, pow2_scale=pow2_scale)
+    y, scale, zp = fake_quantize_dynamic_p.bind(
+        x, symmetric=symmetric, qmin=qmin, qmax=qmax, dtype=dtype, scale_ub=scale_ub, pow2_scale=pow2_scale
+    )
     return y, (x, scale, () if symmetric else (zp,))
 
 

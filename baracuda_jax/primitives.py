@@ -22,12 +22,12 @@ import dataclasses
 from functools import partial
 from typing import Callable
 
-import numpy as np
 import jax
+import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir
 
-from baracuda_jax import _checks, _ffi
+from baracuda_jax import _ffi
 
 ROWS, PER_ROW, PER_COLUMN, GROUPS = "rows", "per_row", "per_column", "groups"
 _PLATFORMS = ("cpu", "cuda")
@@ -53,7 +53,7 @@ class OpDecl:
     def roles(self, n_operands, params):
         if self.layout is not None:
             return self.layout(params)
-        return self.operands + self.optional[:n_operands - len(self.operands)], self.results
+        return self.operands + self.optional[: n_operands - len(self.operands)], self.results
 
     def row_local(self, params):
         """Whether every result is per row: the op then batches and partitions over the rows."""
@@ -79,13 +79,16 @@ def partition_attributes(num_batch, operand_factors, result_factors, sizes, repl
     dims of the data operand. Shardy reads the sharding rule; the `replicated` factors must not
     be split (a reduction runs over them).
     """
-    attrs = {"mhlo.frontend_attributes": mlir.ir.DictAttr.get(
-        {"num_batch_dims": mlir.ir.StringAttr.get(str(num_batch))})}
+    attrs = {
+        "mhlo.frontend_attributes": mlir.ir.DictAttr.get({"num_batch_dims": mlir.ir.StringAttr.get(str(num_batch))})
+    }
     if jax.config.jax_use_shardy_partitioner:
         spec = lambda factors: "[" + ", ".join(factors) + "]"
-        rule = (f"#sdy.op_sharding_rule<({', '.join(map(spec, operand_factors))})->"
-                f"({', '.join(map(spec, result_factors))}) "
-                f"{{{', '.join(f'{f}={n}' for f, n in sizes.items())}}} need_replication={{{', '.join(replicated)}}}>")
+        rule = (
+            f"#sdy.op_sharding_rule<({', '.join(map(spec, operand_factors))})->"
+            f"({', '.join(map(spec, result_factors))}) "
+            f"{{{', '.join(f'{f}={n}' for f, n in sizes.items())}}} need_replication={{{', '.join(replicated)}}}>"
+        )
         attrs["sdy.sharding_rule"] = mlir.ir.Attribute.parse(rule)
     return attrs
 
@@ -104,10 +107,11 @@ def _partitioning_attributes(decl, ctx, params):
     if not static_shapes((*ctx.avals_in, *ctx.avals_out)):
         return None  # shape polymorphism: leave partitioning to XLA's default
     data = ctx.avals_in[roles.index(ROWS)]
-    *batch, d = FACTORS[:data.ndim]
+    *batch, d = FACTORS[: data.ndim]
     factors = {ROWS: [*batch, d], PER_ROW: batch, PER_COLUMN: [d]}
-    return partition_attributes(len(batch), [factors[r] for r in roles], [factors[r] for r in results],
-                                dict(zip([*batch, d], data.shape)), [d])
+    return partition_attributes(
+        len(batch), [factors[r] for r in roles], [factors[r] for r in results], dict(zip([*batch, d], data.shape)), [d]
+    )
 
 
 FACTORS = "ijklmnopqrstuvwxyz"  # Shardy's factor names, used in this order
@@ -126,11 +130,13 @@ def batch_lift(data_ndim, other_ndims):
 def lower_lifted(ctx, prim, operands, params, lift, per_row):
     """Lowers prim with `lift` unit dims in front of the per-row operands and results (free
     reshapes); the inner call then partitions with its other operands replicated."""
+
     def lifted(*args):
         args = [jax.lax.expand_dims(x, range(lift)) if row else x for x, row in zip(args, per_row)]
         out = prim.bind(*args, **params)
         drop = lambda y: jax.lax.squeeze(y, range(lift))
         return [drop(y) for y in out] if prim.multiple_results else drop(out)
+
     return mlir.lower_fun(lifted, multiple_results=prim.multiple_results)(ctx, *operands)
 
 
@@ -139,7 +145,7 @@ def like(aval, shape, dtype):
     shard_map track them): the outputs live where the [..., D] operand lives."""
     sharding = aval.sharding
     if len(sharding.spec) > len(shape):  # the per-row outputs drop D
-        sharding = sharding.update(spec=sharding.spec[:len(shape)])
+        sharding = sharding.update(spec=sharding.spec[: len(shape)])
     return aval.update(shape=tuple(shape), dtype=np.dtype(dtype), weak_type=False, sharding=sharding)
 
 
@@ -157,6 +163,7 @@ def batch_by_roles(decl, prim, args, dims, **params):
             for i, x in zip(batched, xs):
                 full[i] = x
             return prim.bind(*full, **params)
+
         out = jax.lax.map(one, [jax.numpy.moveaxis(args[i], dims[i], 0) for i in batched])
         return (out, [0] * len(out)) if prim.multiple_results else (out, 0)
     moved = []
@@ -164,8 +171,9 @@ def batch_by_roles(decl, prim, args, dims, **params):
         if role == PER_COLUMN:
             moved.append(arg)
         else:
-            moved.append(jax.numpy.broadcast_to(arg, (size, *arg.shape)) if dim is None
-                         else jax.numpy.moveaxis(arg, dim, 0))
+            moved.append(
+                jax.numpy.broadcast_to(arg, (size, *arg.shape)) if dim is None else jax.numpy.moveaxis(arg, dim, 0)
+            )
     out = prim.bind(*moved, **params)
     return (out, [0] * len(out)) if prim.multiple_results else (out, 0)
 
@@ -193,8 +201,9 @@ def define(decl: OpDecl) -> Primitive:
         roles = decl.roles(len(operands), params)[0]
         if decl.row_local(params):
             per_row = [r in (ROWS, PER_ROW) for r in roles]
-            lift = batch_lift(ctx.avals_in[roles.index(ROWS)].ndim,
-                              [a.ndim for a, row in zip(ctx.avals_in, per_row) if not row])
+            lift = batch_lift(
+                ctx.avals_in[roles.index(ROWS)].ndim, [a.ndim for a, row in zip(ctx.avals_in, per_row) if not row]
+            )
             if lift:
                 return lower_lifted(ctx, prim, operands, params, lift, per_row)
         rule = jax.ffi.ffi_lowering(target, extra_attributes=_partitioning_attributes(decl, ctx, params))
@@ -209,5 +218,3 @@ def define(decl: OpDecl) -> Primitive:
 def check_targets() -> None:
     """The declarations and the compiled op tables must name the same targets, platform by platform."""
     _ffi.check_targets({p: {target_of(d) for d in DECLARED.values() if p in d.targets} for p in _PLATFORMS})
-
-

@@ -12,12 +12,11 @@ division to an approximate `div.full` unless XLA_FLAGS has
 `--xla_backend_extra_options=-nvptx-prec-divf32=2`; with it, these match the kernels bit for bit.
 """
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from baracuda_jax import _checks, _range
-
 
 
 def _col(v):
@@ -115,21 +114,26 @@ def _dynamic(op, x, dtype, symmetric, scale_ub, pow2_scale, qmin, qmax):
     return x, s, None if symmetric else zp, zp, grid
 
 
-def quantize_per_token_dynamic(x, *, dtype=jnp.int8, symmetric=True, scale_ub=None, pow2_scale=False, qmin=None,
-                               qmax=None):
-    x, s, zp, zp_out, grid = _dynamic("quantize_per_token_dynamic", x, dtype, symmetric, scale_ub, pow2_scale,
-                                      qmin, qmax)
+def quantize_per_token_dynamic(
+    x, *, dtype=jnp.int8, symmetric=True, scale_ub=None, pow2_scale=False, qmin=None, qmax=None
+):
+    x, s, zp, zp_out, grid = _dynamic(
+        "quantize_per_token_dynamic", x, dtype, symmetric, scale_ub, pow2_scale, qmin, qmax
+    )
     return quantize_per_token(x, s, zp, **grid), s, zp_out
 
 
-def fake_quantize_per_token_dynamic(x, *, dtype=jnp.int8, symmetric=True, scale_ub=None, pow2_scale=False,
-                                    qmin=None, qmax=None):
-    x, s, zp, _, grid = _dynamic("fake_quantize_per_token_dynamic", x, dtype, symmetric, scale_ub, pow2_scale,
-                                 qmin, qmax)
+def fake_quantize_per_token_dynamic(
+    x, *, dtype=jnp.int8, symmetric=True, scale_ub=None, pow2_scale=False, qmin=None, qmax=None
+):
+    x, s, zp, _, grid = _dynamic(
+        "fake_quantize_per_token_dynamic", x, dtype, symmetric, scale_ub, pow2_scale, qmin, qmax
+    )
     return fake_quantize_per_token(x, s, zp, **grid)
 
 
 # ---- the fused producers (csrc/producers.h): the jnp composition, then the per-token op ---------
+
 
 def _rounded(h, dtype):
     """float32 h rounded to the data's dtype. XLA:CPU may drop a round trip float32 -> bfloat16 ->
@@ -175,15 +179,17 @@ def _quantize_h(h, scale, dtype, scale_ub, fake, qmin, qmax):
     return op(h, scale, dtype=dtype, **grid), jnp.asarray(scale).astype(jnp.float32).reshape(h.shape[:-1])
 
 
-def rms_norm_quantize_per_token(x, weight, *, residual=None, eps=1e-6, scale=None, dtype=jnp.int8, scale_ub=None,
-                                qmin=None, qmax=None):
+def rms_norm_quantize_per_token(
+    x, weight, *, residual=None, eps=1e-6, scale=None, dtype=jnp.int8, scale_ub=None, qmin=None, qmax=None
+):
     h, r = rms_norm(x, weight, residual, eps)
     q, s = _quantize_h(h, scale, dtype, scale_ub, False, qmin, qmax)
     return q, s, r
 
 
-def rms_norm_fake_quantize_per_token(x, weight, *, residual=None, eps=1e-6, scale=None, dtype=jnp.int8,
-                                     scale_ub=None, qmin=None, qmax=None):
+def rms_norm_fake_quantize_per_token(
+    x, weight, *, residual=None, eps=1e-6, scale=None, dtype=jnp.int8, scale_ub=None, qmin=None, qmax=None
+):
     h, r = rms_norm(x, weight, residual, eps)
     return _quantize_h(h, scale, dtype, scale_ub, True, qmin, qmax)[0], r
 
@@ -217,8 +223,9 @@ def scaled_matmul(a, a_scale, b, b_scale, *, out_dtype=jnp.bfloat16, residual=No
 def _blockwise_product(a, a_scale, b, b_scale, acc_type):
     kb, (k, n) = b_scale.shape[0], b.shape
     blocks = a.reshape(*a.shape[:-1], kb, k // kb)
-    acc = jax.lax.dot_general(blocks, b.reshape(kb, k // kb, n), (((a.ndim,), (1,)), ((a.ndim - 1,), (0,))),
-                              preferred_element_type=acc_type)  # [kb, ..., N]
+    acc = jax.lax.dot_general(
+        blocks, b.reshape(kb, k // kb, n), (((a.ndim,), (1,)), ((a.ndim - 1,), (0,))), preferred_element_type=acc_type
+    )  # [kb, ..., N]
     a_scale = jnp.moveaxis(a_scale, -1, 0)[..., None]  # [kb, ..., 1]
     b_scale = jnp.repeat(b_scale, n // b_scale.shape[1], axis=1).reshape(kb, *(1,) * (a.ndim - 1), n)
     return jnp.sum(acc.astype(jnp.float32) * a_scale * b_scale, axis=0)
@@ -226,8 +233,10 @@ def _blockwise_product(a, a_scale, b, b_scale, acc_type):
 
 # ---- per-token groups: the per-token dynamic ops on x.reshape(..., D // g, g) ---------------------
 
-def quantize_per_token_group(x, group_size=128, *, dtype=jnp.float8_e4m3fn, scale_ub=None, scale_layout="row",
-                             pow2_scale=False):
+
+def quantize_per_token_group(
+    x, group_size=128, *, dtype=jnp.float8_e4m3fn, scale_ub=None, scale_layout="row", pow2_scale=False
+):
     x = jnp.asarray(x)
     grouped = x.reshape(*x.shape[:-1], x.shape[-1] // group_size, group_size)
     q, s, _ = quantize_per_token_dynamic(grouped, dtype=dtype, scale_ub=scale_ub, pow2_scale=pow2_scale)
@@ -237,8 +246,9 @@ def quantize_per_token_group(x, group_size=128, *, dtype=jnp.float8_e4m3fn, scal
 def fake_quantize_per_token_group(x, group_size=128, *, dtype=jnp.float8_e4m3fn, scale_ub=None, pow2_scale=False):
     x = jnp.asarray(x)
     grouped = x.reshape(*x.shape[:-1], x.shape[-1] // group_size, group_size)
-    return fake_quantize_per_token_dynamic(grouped, dtype=dtype, scale_ub=scale_ub, pow2_scale=pow2_scale
-                                           ).reshape(x.shape)
+    return fake_quantize_per_token_dynamic(grouped, dtype=dtype, scale_ub=scale_ub, pow2_scale=pow2_scale).reshape(
+        x.shape
+    )
 
 
 def dequantize_per_token_group(q, scale, *, dtype, scale_layout="row"):

@@ -11,12 +11,13 @@ functions on large shapes.
 import dataclasses
 from typing import Callable
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import baracuda_jax as bj
-from baracuda_jax import _checks, reference as ref
+from baracuda_jax import _checks
+from baracuda_jax import reference as ref
 from baracuda_jax._formats import FORMATS, Format
 from baracuda_jax.ops import fake_quantize_grad_p, fake_quantize_lsq_grad_p
 
@@ -49,13 +50,21 @@ def case(x_dtype, q_dtype, zero_point=False):
     return Case(np.dtype(x_dtype), FORMATS[np.dtype(q_dtype)], zero_point)
 
 
-def cases(x_dtypes=FLOATS, formats=tuple(FORMATS.values())):
+ALL_FORMATS = tuple(FORMATS.values())
+
+
+def cases(x_dtypes=FLOATS, formats=ALL_FORMATS):
     """The dtype matrix: every float x, every format, symmetric and (integer formats) with a zero point."""
-    return [Case(np.dtype(x), f, zp) for x in x_dtypes for f in formats
-            for zp in ((False, True) if not f.is_float else (False,))]
+    return [
+        Case(np.dtype(x), f, zp)
+        for x in x_dtypes
+        for f in formats
+        for zp in ((False, True) if not f.is_float else (False,))
+    ]
 
 
 # ---- operands ----------------------------------------------------------------------------------
+
 
 def _f8_ties(key, shape, fmt):
     """Midpoints between neighbouring finite values of a float8 format (exact ties of its rounding)."""
@@ -82,8 +91,11 @@ def scales(key, rows, dtype=jnp.float32, edges=True):
     """Positive scales, half of them powers of two (so that x * inv keeps exact ties); with edges,
     a few rows get 0, inf, NaN and a negative scale."""
     k1, k2, k3, k4 = jax.random.split(key, 4)
-    s = jnp.where(jax.random.bernoulli(k1, 0.5, rows), jnp.exp2(jax.random.randint(k2, rows, -8, 3).astype(jnp.float32)),
-                  jax.random.uniform(k3, rows, jnp.float32, 1e-3, 4.0))
+    s = jnp.where(
+        jax.random.bernoulli(k1, 0.5, rows),
+        jnp.exp2(jax.random.randint(k2, rows, -8, 3).astype(jnp.float32)),
+        jax.random.uniform(k3, rows, jnp.float32, 1e-3, 4.0),
+    )
     n = int(np.prod(rows))
     if edges and n >= 6:
         idx = jax.random.choice(k4, n, (4,), replace=False)
@@ -134,12 +146,17 @@ def inputs(key, shape, case: Case, edges=True, subnormals=True):
     ks, kz, kx, kq, kg = jax.random.split(key, 5)
     qmin, qmax = case.grid or (case.fmt.lowest, case.fmt.max)
     scale = scales(ks, rows, jnp.float32, edges)
-    return dict(x=activations(kx, shape, case, scale, edges, subnormals), scale=scale,
-                zero_point=zero_points(kz, rows, qmin, qmax, edges) if case.zero_point else None,
-                q=quantized(kq, shape, case.fmt), g=jax.random.normal(kg, shape, case.x_dtype))
+    return dict(
+        x=activations(kx, shape, case, scale, edges, subnormals),
+        scale=scale,
+        zero_point=zero_points(kz, rows, qmin, qmax, edges) if case.zero_point else None,
+        q=quantized(kq, shape, case.fmt),
+        g=jax.random.normal(kg, shape, case.x_dtype),
+    )
 
 
 # ---- the table ---------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class OpSpec:
@@ -157,12 +174,16 @@ class OpSpec:
 
 def _grad_kernel(prim):
     """The backward primitive itself (jax.grad would add the forward pass)."""
+
     def make(case):
         qmin, qmax = case.grid or (case.fmt.lowest, case.fmt.max)
+
         def call(g, x, s, zp=None):
             s = s.astype(_checks.math_dtype(x.dtype))
             return prim.bind(g, x, s, *(() if zp is None else (zp,)), qmin=qmin, qmax=qmax, dtype=case.fmt.dtype)
+
         return call
+
     return make
 
 
@@ -182,20 +203,61 @@ def _dequantize(fn):
     return lambda case: lambda q, s, zp=None: fn(q, s, zp, dtype=case.x_dtype)
 
 
-SPECS = {s.name: s for s in [
-    OpSpec("quantize", ("x", "scale", "zero_point"), _static(bj.quantize_per_token),
-           _static(ref.quantize_per_token), lambda xb, qb: xb + qb),
-    OpSpec("dequantize", ("q", "scale", "zero_point"), _dequantize(bj.dequantize_per_token),
-           _dequantize(ref.dequantize_per_token), lambda xb, qb: qb + xb),
-    OpSpec("fake_quant", ("x", "scale", "zero_point"), _static(bj.fake_quantize_per_token),
-           _static(ref.fake_quantize_per_token), lambda xb, qb: 2 * xb),
-    OpSpec("ste_backward", ("g", "x", "scale", "zero_point"), _grad_kernel(fake_quantize_grad_p),
-           _backward(ref.fake_quantize_per_token_grad), lambda xb, qb: 3 * xb),
-    # dx and the per-row ds in one pass
-    OpSpec("lsq_backward", ("g", "x", "scale", "zero_point"), _grad_kernel(fake_quantize_lsq_grad_p),
-           _backward(ref.fake_quantize_per_token_lsq_grad), lambda xb, qb: 3 * xb, sums=True),
-    OpSpec("dynamic", ("x",), _dynamic(bj.quantize_per_token_dynamic), _dynamic(ref.quantize_per_token_dynamic),
-           lambda xb, qb: xb + qb, dynamic=True),
-    OpSpec("fake_dynamic", ("x",), _dynamic(bj.fake_quantize_per_token_dynamic),
-           _dynamic(ref.fake_quantize_per_token_dynamic), lambda xb, qb: 2 * xb, dynamic=True),
-]}
+SPECS = {
+    s.name: s
+    for s in [
+        OpSpec(
+            "quantize",
+            ("x", "scale", "zero_point"),
+            _static(bj.quantize_per_token),
+            _static(ref.quantize_per_token),
+            lambda xb, qb: xb + qb,
+        ),
+        OpSpec(
+            "dequantize",
+            ("q", "scale", "zero_point"),
+            _dequantize(bj.dequantize_per_token),
+            _dequantize(ref.dequantize_per_token),
+            lambda xb, qb: qb + xb,
+        ),
+        OpSpec(
+            "fake_quant",
+            ("x", "scale", "zero_point"),
+            _static(bj.fake_quantize_per_token),
+            _static(ref.fake_quantize_per_token),
+            lambda xb, qb: 2 * xb,
+        ),
+        OpSpec(
+            "ste_backward",
+            ("g", "x", "scale", "zero_point"),
+            _grad_kernel(fake_quantize_grad_p),
+            _backward(ref.fake_quantize_per_token_grad),
+            lambda xb, qb: 3 * xb,
+        ),
+        # dx and the per-row ds in one pass
+        OpSpec(
+            "lsq_backward",
+            ("g", "x", "scale", "zero_point"),
+            _grad_kernel(fake_quantize_lsq_grad_p),
+            _backward(ref.fake_quantize_per_token_lsq_grad),
+            lambda xb, qb: 3 * xb,
+            sums=True,
+        ),
+        OpSpec(
+            "dynamic",
+            ("x",),
+            _dynamic(bj.quantize_per_token_dynamic),
+            _dynamic(ref.quantize_per_token_dynamic),
+            lambda xb, qb: xb + qb,
+            dynamic=True,
+        ),
+        OpSpec(
+            "fake_dynamic",
+            ("x",),
+            _dynamic(bj.fake_quantize_per_token_dynamic),
+            _dynamic(ref.fake_quantize_per_token_dynamic),
+            lambda xb, qb: 2 * xb,
+            dynamic=True,
+        ),
+    ]
+}

@@ -21,13 +21,13 @@ import pathlib
 import platform
 import sys
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
+from timing import time_per_call
 
 import baracuda_jax as bj
 from baracuda_jax import specs
-from timing import time_per_call
 
 WORKING_SET = 256 << 20
 
@@ -61,23 +61,44 @@ def bench_row(op, n, d, x_dtype, q_dtype, reps):
     if jax.devices()[0].platform == "gpu":
         words = max(1, nbytes // 8)  # uint32 words read and written: the same byte count
         t_copy = time_per_call(_copy, [(jnp.full((words,), i, jnp.uint32),) for i in range(k)], reps)
-    return dict(op=op, n=n, d=d, x_dtype=jnp.dtype(x_dtype).name, q_dtype=jnp.dtype(q_dtype).name,
-                bytes=nbytes, k=k, us_ours=t_ours * 1e6, us_jnp=t_jnp * 1e6, us_copy=t_copy * 1e6,
-                gbs_ours=nbytes / t_ours / 1e9, gbs_jnp=nbytes / t_jnp / 1e9, gbs_copy=nbytes / t_copy / 1e9)
+    return dict(
+        op=op,
+        n=n,
+        d=d,
+        x_dtype=jnp.dtype(x_dtype).name,
+        q_dtype=jnp.dtype(q_dtype).name,
+        bytes=nbytes,
+        k=k,
+        us_ours=t_ours * 1e6,
+        us_jnp=t_jnp * 1e6,
+        us_copy=t_copy * 1e6,
+        gbs_ours=nbytes / t_ours / 1e9,
+        gbs_jnp=nbytes / t_jnp / 1e9,
+        gbs_copy=nbytes / t_copy / 1e9,
+    )
 
 
 def grid(quick, shapes=None):
     if shapes:
-        return [(op, n, d, jnp.bfloat16, q) for q in (jnp.int8, jnp.float8_e4m3fn) for op in specs.SPECS
-                for n, d in shapes]
+        return [
+            (op, n, d, jnp.bfloat16, q) for q in (jnp.int8, jnp.float8_e4m3fn) for op in specs.SPECS for n, d in shapes
+        ]
     if quick:
-        return [(op, n, d, jnp.bfloat16, q) for op in specs.SPECS for q in (jnp.int8, jnp.float8_e4m3fn)
-                for n, d in [(16, 4096), (1024, 4096)]]
+        return [
+            (op, n, d, jnp.bfloat16, q)
+            for op in specs.SPECS
+            for q in (jnp.int8, jnp.float8_e4m3fn)
+            for n, d in [(16, 4096), (1024, 4096)]
+        ]
     shapes = [(n, d) for n in (1, 16, 64, 1024, 8192, 32768) for d in (4096, 16384)] + [(16, 4097), (8192, 4097)]
-    rows = [(op, n, d, jnp.bfloat16, q) for q in (jnp.int8, jnp.float8_e4m3fn) for op in specs.SPECS
-            for n, d in shapes]
-    for x_dtype, q_dtype in [(jnp.float16, jnp.int8), (jnp.float32, jnp.int8), (jnp.bfloat16, jnp.uint8),
-                             (jnp.bfloat16, jnp.float8_e5m2), (jnp.float32, jnp.float8_e4m3fn)]:
+    rows = [(op, n, d, jnp.bfloat16, q) for q in (jnp.int8, jnp.float8_e4m3fn) for op in specs.SPECS for n, d in shapes]
+    for x_dtype, q_dtype in [
+        (jnp.float16, jnp.int8),
+        (jnp.float32, jnp.int8),
+        (jnp.bfloat16, jnp.uint8),
+        (jnp.bfloat16, jnp.float8_e5m2),
+        (jnp.float32, jnp.float8_e4m3fn),
+    ]:
         rows += [(op, n, d, x_dtype, q_dtype) for op in specs.SPECS for n, d in [(8192, 4097), (32768, 16384)]]
     return rows
 
@@ -92,36 +113,57 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="a few small shapes (the demo)")
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--ops", nargs="*", default=None, help="only these ops")
-    p.add_argument("--shapes", nargs="*", default=None, metavar="NxD",
-                   help="these shapes instead of the grid's, bf16 -> int8 and float8_e4m3fn")
+    p.add_argument(
+        "--shapes",
+        nargs="*",
+        default=None,
+        metavar="NxD",
+        help="these shapes instead of the grid's, bf16 -> int8 and float8_e4m3fn",
+    )
     p.add_argument("--min-elements", type=int, default=0, help="only shapes with at least this many elements")
     p.add_argument("--max-elements", type=int, default=None, help="only shapes with at most this many elements")
-    p.add_argument("--json", type=pathlib.Path, default=None, help="write the results here (nothing is written without it)")
+    p.add_argument(
+        "--json", type=pathlib.Path, default=None, help="write the results here (nothing is written without it)"
+    )
     args = p.parse_args(argv)
     reps = args.reps or (5 if args.quick else 15)
     shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.shapes or ()]
-    rows = [r for r in grid(args.quick, shapes)
-            if (args.ops is None or r[0] in args.ops)
-            and args.min_elements <= r[1] * r[2] <= (args.max_elements or r[1] * r[2])]
-    print(f"device: {device_name()}, jax {jax.__version__}, baracuda_jax {bj.__version__}; {len(rows)} rows, each "
-          f"timed after compiling and warming up ours, jnp and a copy")
+    rows = [
+        r
+        for r in grid(args.quick, shapes)
+        if (args.ops is None or r[0] in args.ops)
+        and args.min_elements <= r[1] * r[2] <= (args.max_elements or r[1] * r[2])
+    ]
+    print(
+        f"device: {device_name()}, jax {jax.__version__}, baracuda_jax {bj.__version__}; {len(rows)} rows, each "
+        f"timed after compiling and warming up ours, jnp and a copy"
+    )
     if jax.devices()[0].platform == "cpu":
-        print("on a CPU: the best of several batches of chained calls (no copy ceiling); the kernels' targets are "
-              "GPU ones, whose figures are in the README and benchmarks/results/")
+        print(
+            "on a CPU: the best of several batches of chained calls (no copy ceiling); the kernels' targets are "
+            "GPU ones, whose figures are in the README and benchmarks/results/"
+        )
     print(LEGEND)
     header = f"{'op':<13}{'dtypes':<26}{'N x D':>14}{'ours us':>10}{'jnp us':>10}{'GB/s':>8}{'%copy':>7}{'vs jnp':>8}"
     print(header)
-    meta = dict(device=device_name(), jax=jax.__version__, date=datetime.date.today().isoformat(),
-                python=sys.version.split()[0], method=__doc__.split("\n\n")[1])
+    meta = dict(
+        device=device_name(),
+        jax=jax.__version__,
+        date=datetime.date.today().isoformat(),
+        python=sys.version.split()[0],
+        method=__doc__.split("\n\n")[1],
+    )
     results = []
     for row in rows:
         r = bench_row(*row, reps)
         results.append(r)
         shape = f"{r['n']}x{r['d']}"
-        print(f"{r['op']:<13}{r['x_dtype'] + '->' + r['q_dtype']:<26}{shape:>14}"
-              f"{r['us_ours']:>10.1f}{r['us_jnp']:>10.1f}{r['gbs_ours']:>8.0f}"
-              f"{100 * r['gbs_ours'] / r['gbs_copy']:>6.0f}%{r['us_jnp'] / r['us_ours']:>7.2f}x".replace("nan%", " n/a"),
-              flush=True)
+        print(
+            f"{r['op']:<13}{r['x_dtype'] + '->' + r['q_dtype']:<26}{shape:>14}"
+            f"{r['us_ours']:>10.1f}{r['us_jnp']:>10.1f}{r['gbs_ours']:>8.0f}"
+            f"{100 * r['gbs_ours'] / r['gbs_copy']:>6.0f}%{r['us_jnp'] / r['us_ours']:>7.2f}x".replace("nan%", " n/a"),
+            flush=True,
+        )
         if args.json:  # after every row, so that a cut-off run keeps what it timed
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(dict(meta=meta, results=results), indent=1))

@@ -12,8 +12,8 @@ import argparse
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
-
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from timing import time_per_call
 
 
@@ -31,14 +31,19 @@ def main(argv=None):
     spec = P(None, "d")
     ways = {
         "gather (plain jit)": lambda x: bj.quantize_per_token_dynamic(x)[:2],
-        "axis_name='d'": jax.shard_map(lambda x: bj.quantize_per_token_dynamic(x, axis_name="d")[:2], mesh=mesh,
-                                       in_specs=spec, out_specs=(spec, P())),
+        "axis_name='d'": jax.shard_map(
+            lambda x: bj.quantize_per_token_dynamic(x, axis_name="d")[:2],
+            mesh=mesh,
+            in_specs=spec,
+            out_specs=(spec, P()),
+        ),
     }
     x = jax.device_put(jax.random.normal(jax.random.key(0), args.shape, jnp.bfloat16), NamedSharding(mesh, spec))
     outs = [jax.jit(f)(x) for f in ways.values()]
     same = all(bool(jnp.array_equal(a, b)) for a, b in zip(*outs))
-    print(f"{jax.devices()[0].device_kind} x{len(jax.devices())}, x {args.shape} bf16 sharded along D; "
-          f"same bits: {same}")
+    print(
+        f"{jax.devices()[0].device_kind} x{len(jax.devices())}, x {args.shape} bf16 sharded along D; same bits: {same}"
+    )
     for name, f in ways.items():
         print(f"  {name:<20} {time_per_call(f, [(x,)], args.reps) * 1e6:10.1f} us")
 

@@ -13,14 +13,14 @@ import argparse
 import json
 import pathlib
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
+from bench import WORKING_SET, _copy, device_name
+from timing import time_per_call
 
 import baracuda_jax as bj
 from baracuda_jax import reference as ref
-from bench import WORKING_SET, _copy, device_name
-from timing import time_per_call
 
 F32 = jnp.float32
 
@@ -55,9 +55,11 @@ def jnp_silu_quantize(a, b, dtype):
 def _backward(fn, g_of):
     """The backward alone: the forward runs once, outside the timing, and jax.vjp's function (a
     pytree holding the residuals) is an argument of the timed call."""
+
     def args(*primals):
         out, vjp_fn = jax.vjp(fn, *primals)
         return vjp_fn, g_of(out)
+
     return lambda vjp_fn, g: vjp_fn(g), args
 
 
@@ -79,28 +81,38 @@ def row(op, t, d, q, reps):
         nbytes = t * d * (3 * xb + qb) + d * xb + 8 * t
         ours = lambda x, w, r: bj.rms_norm_quantize_per_token(x, w, residual=r, dtype=q)
         theirs = lambda x, w, r: jnp_norm_quantize(x, w, r, q)
-        args = lambda k: (jax.random.normal(k, (t, d), jnp.bfloat16), jnp.ones((d,), jnp.bfloat16),
-                          jax.random.normal(jax.random.fold_in(k, 1), (t, d), jnp.bfloat16))
+        args = lambda k: (
+            jax.random.normal(k, (t, d), jnp.bfloat16),
+            jnp.ones((d,), jnp.bfloat16),
+            jax.random.normal(jax.random.fold_in(k, 1), (t, d), jnp.bfloat16),
+        )
     elif op == "silu_quant":  # read a, b; write q
         nbytes = t * d * (2 * xb + qb) + 4 * t
         ours = lambda a, b: bj.silu_mul_quantize_per_token(a, b, dtype=q)
         theirs = lambda a, b: jnp_silu_quantize(a, b, q)
-        args = lambda k: (jax.random.normal(k, (t, d), jnp.bfloat16),
-                          jax.random.normal(jax.random.fold_in(k, 1), (t, d), jnp.bfloat16))
+        args = lambda k: (
+            jax.random.normal(k, (t, d), jnp.bfloat16),
+            jax.random.normal(jax.random.fold_in(k, 1), (t, d), jnp.bfloat16),
+        )
     elif op == "norm_fake_bwd":  # read gy, g_residual, r; write dx (+ d(weight))
         nbytes = 4 * t * d * xb
         fused = lambda x, w, r: bj.rms_norm_fake_quantize_per_token(x, w, residual=r)
         natural = lambda x, w, r: (lambda rr: (fake_quant_ste(rms_norm(rr, w)), rr))(x + r)
         (ours, ours_args), (theirs, their_args) = (_backward(f, lambda out: out) for f in (fused, natural))
-        primals = lambda k: (jax.random.normal(k, (t, d), jnp.bfloat16), jnp.ones((d,), jnp.bfloat16),
-                             jax.random.normal(jax.random.fold_in(k, 1), (t, d), jnp.bfloat16))
+        primals = lambda k: (
+            jax.random.normal(k, (t, d), jnp.bfloat16),
+            jnp.ones((d,), jnp.bfloat16),
+            jax.random.normal(jax.random.fold_in(k, 1), (t, d), jnp.bfloat16),
+        )
     else:  # silu_fake_bwd: read g, a, b; write da, db
         nbytes = 5 * t * d * xb
         fused = lambda a, b: bj.silu_mul_fake_quantize_per_token(a, b)
         natural = lambda a, b: fake_quant_ste((jax.nn.silu(a.astype(F32)) * b.astype(F32)).astype(a.dtype))
         (ours, ours_args), (theirs, their_args) = (_backward(f, lambda out: out) for f in (fused, natural))
-        primals = lambda k: (jax.random.normal(k, (t, d), jnp.bfloat16),
-                             jax.random.normal(jax.random.fold_in(k, 1), (t, d), jnp.bfloat16))
+        primals = lambda k: (
+            jax.random.normal(k, (t, d), jnp.bfloat16),
+            jax.random.normal(jax.random.fold_in(k, 1), (t, d), jnp.bfloat16),
+        )
     if op.endswith("_bwd"):
         keys = jax.random.split(jax.random.key(t + d), int(np.clip(-(-WORKING_SET // nbytes), 2, 100)))
         t_ours = time_per_call(ours, [ours_args(*primals(key)) for key in keys], reps)
@@ -116,8 +128,17 @@ def row(op, t, d, q, reps):
 def _result(op, t, d, q, nbytes, k, t_ours, t_jnp, reps):
     words = max(1, nbytes // 8)
     t_copy = time_per_call(_copy, [(jnp.full((words,), i, jnp.uint32),) for i in range(k)], reps)
-    return dict(op=op, t=t, d=d, q_dtype=jnp.dtype(q).name, bytes=nbytes, us_ours=t_ours * 1e6,
-                us_jnp=t_jnp * 1e6, us_copy=t_copy * 1e6, gbs_ours=nbytes / t_ours / 1e9)
+    return dict(
+        op=op,
+        t=t,
+        d=d,
+        q_dtype=jnp.dtype(q).name,
+        bytes=nbytes,
+        us_ours=t_ours * 1e6,
+        us_jnp=t_jnp * 1e6,
+        us_copy=t_copy * 1e6,
+        gbs_ours=nbytes / t_ours / 1e9,
+    )
 
 
 def main(argv=None):
@@ -127,15 +148,20 @@ def main(argv=None):
     p.add_argument("--json", type=pathlib.Path, default=None)
     args = p.parse_args(argv)
     print(f"device: {device_name()}, jax {jax.__version__}")
-    print(f"{'op':<15}{'q':<15}{'T x D':>12}{'ours us':>10}{'jnp us':>10}{'copy us':>9}{'GB/s':>7}{'%copy':>7}"
-          f"{'vs jnp':>8}")
+    print(
+        f"{'op':<15}{'q':<15}{'T x D':>12}{'ours us':>10}{'jnp us':>10}{'copy us':>9}{'GB/s':>7}{'%copy':>7}"
+        f"{'vs jnp':>8}"
+    )
     results = []
     for case in cases(args.quick):
         r = row(*case, args.reps)
         results.append(r)
-        print(f"{r['op']:<15}{r['q_dtype']:<15}{str(r['t']) + 'x' + str(r['d']):>12}{r['us_ours']:>10.1f}"
-              f"{r['us_jnp']:>10.1f}{r['us_copy']:>9.1f}{r['gbs_ours']:>7.0f}{100 * r['us_copy'] / r['us_ours']:>6.0f}%"
-              f"{r['us_jnp'] / r['us_ours']:>7.2f}x", flush=True)
+        print(
+            f"{r['op']:<15}{r['q_dtype']:<15}{str(r['t']) + 'x' + str(r['d']):>12}{r['us_ours']:>10.1f}"
+            f"{r['us_jnp']:>10.1f}{r['us_copy']:>9.1f}{r['gbs_ours']:>7.0f}{100 * r['us_copy'] / r['us_ours']:>6.0f}%"
+            f"{r['us_jnp'] / r['us_ours']:>7.2f}x",
+            flush=True,
+        )
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(dict(device=device_name(), jax=jax.__version__, results=results), indent=1))

@@ -11,11 +11,13 @@ import os
 
 # The reference on a GPU needs IEEE f32 division to compute the contract (see tests/conftest.py);
 # the option is the GPU backend's alone.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_extra_options=-nvptx-prec-divf32=2").strip()
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_backend_extra_options=-nvptx-prec-divf32=2"
+).strip()
 
-import numpy as np  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 import baracuda_jax as bj  # noqa: E402
 from baracuda_jax import reference as ref  # noqa: E402

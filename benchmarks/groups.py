@@ -12,17 +12,16 @@ import argparse
 import json
 import pathlib
 
-import numpy as np
 import jax
 import jax.numpy as jnp
-
-import baracuda_jax as bj
-from baracuda_jax import reference as ref
+import numpy as np
 from bench import WORKING_SET, _copy, device_name
 from timing import time_per_call
 
-SHAPES = ((1, 7168), (16, 4096), (128, 7168), (1024, 7168), (4096, 7168), (8192, 4096), (16384, 7168),
-          (32768, 4096))
+import baracuda_jax as bj
+from baracuda_jax import reference as ref
+
+SHAPES = ((1, 7168), (16, 4096), (128, 7168), (1024, 7168), (4096, 7168), (8192, 4096), (16384, 7168), (32768, 4096))
 GROUP = 128
 
 
@@ -53,17 +52,22 @@ def row(n, d, dtype, reps):
 def line(r):
     gbs = r["bytes"] / r["us_group"] / 1e3
     copy = f"{100 * r['us_copy'] / r['us_group']:>6.0f}%" if "us_copy" in r else "    n/a"
-    return (f"{r['n']:>6}x{r['d']:<6}{r['us_group']:>9.1f}{r['us_group_column']:>9.1f}{r['us_group_pow2']:>9.1f}"
-            f"{r['us_per_token']:>10.1f}{r['us_jnp']:>9.1f}{gbs:>8.0f}{copy}{r['us_jnp'] / r['us_group']:>7.2f}x"
-            f"{r['us_per_token'] / r['us_group']:>8.2f}x")
+    return (
+        f"{r['n']:>6}x{r['d']:<6}{r['us_group']:>9.1f}{r['us_group_column']:>9.1f}{r['us_group_pow2']:>9.1f}"
+        f"{r['us_per_token']:>10.1f}{r['us_jnp']:>9.1f}{gbs:>8.0f}{copy}{r['us_jnp'] / r['us_group']:>7.2f}x"
+        f"{r['us_per_token'] / r['us_group']:>8.2f}x"
+    )
 
 
-HEADER = (f"{'N x D':<13}{'group':>9}{'column':>9}{'pow2':>9}{'per-tok':>10}{'jnp':>9}{'GB/s':>8}{'%copy':>7}"
-          f"{'vs jnp':>8}{'vs tok':>9}   (us per call; ratios are time over our group op's)")
+HEADER = (
+    f"{'N x D':<13}{'group':>9}{'column':>9}{'pow2':>9}{'per-tok':>10}{'jnp':>9}{'GB/s':>8}{'%copy':>7}"
+    f"{'vs jnp':>8}{'vs tok':>9}   (us per call; ratios are time over our group op's)"
+)
 
 
 def plot(json_path, png_path):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -71,13 +75,20 @@ def plot(json_path, png_path):
     rows = data["results"]
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     x = [r["n"] * r["d"] for r in rows]
-    for way, style, label in [("copy", "k--", "copy of the same bytes"), ("group", "C1-", "quantize_per_token_group"),
-                              ("per_token", "C0-", "quantize_per_token_dynamic (per row)"),
-                              ("jnp", "C2:", "jnp reference")]:
+    for way, style, label in [
+        ("copy", "k--", "copy of the same bytes"),
+        ("group", "C1-", "quantize_per_token_group"),
+        ("per_token", "C0-", "quantize_per_token_dynamic (per row)"),
+        ("jnp", "C2:", "jnp reference"),
+    ]:
         if all("us_" + way in r for r in rows):
             ax.plot(x, [r["bytes"] / r["us_" + way] / 1e3 for r in rows], style, marker="o", markersize=3, label=label)
-    ax.set(xscale="log", xlabel="elements (N x D)", ylabel="GB/s (the group op's bytes / time)",
-           title=f"1 x {GROUP} groups, bf16 -> {rows[0]['dtype']}, {data['device']}")
+    ax.set(
+        xscale="log",
+        xlabel="elements (N x D)",
+        ylabel="GB/s (the group op's bytes / time)",
+        title=f"1 x {GROUP} groups, bf16 -> {rows[0]['dtype']}, {data['device']}",
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

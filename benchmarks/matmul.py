@@ -17,12 +17,12 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
+from bench import WORKING_SET, device_name
+from timing import time_per_call
 
 import baracuda_jax as bj
 from baracuda_jax import reference as ref
 from baracuda_jax._ffi import cublaslt_version
-from bench import WORKING_SET, device_name
-from timing import time_per_call
 
 MS = (16, 256, 4096, 8192, 16384)
 KNS = ((4096, 4096), (4096, 14336), (8192, 8192))
@@ -49,8 +49,7 @@ def _operands(key, m, k, n, dtype, blockwise, copies):
     a = (jax.random.normal(ka, (m, k), jnp.float32) * 16).astype(dtype)
     sa = jnp.full((m, k // 128) if blockwise else (m,), 1 / 64, jnp.float32)
     sw = jnp.full((k // 128, n // 128) if blockwise else (n,), 1 / 64, jnp.float32)
-    ws = [(jax.random.normal(jax.random.fold_in(kw, i), (n, k), jnp.float32) * 16).astype(dtype)
-          for i in range(copies)]
+    ws = [(jax.random.normal(jax.random.fold_in(kw, i), (n, k), jnp.float32) * 16).astype(dtype) for i in range(copies)]
     return [(a, sa, w, sw) for w in ws]
 
 
@@ -71,32 +70,59 @@ def row(m, k, n, reps, ways=WAYS):
 def table(results):
     ways = [w for w in WAYS if "us_" + w in results[0]]
     ours = [w for w in ("ours_fp8", "ours_int8", "ours_fp8_block") if w in ways]
-    lines = [f"{'M':>6} {'K':>5} {'N':>6} " + " ".join(f"{w:>10}" for w in ways)
-             + "".join(f" {w[5:] + '/bf16':>10}" for w in ours) + "   (us; speed-up over the bf16 dot)"]
+    lines = [
+        f"{'M':>6} {'K':>5} {'N':>6} "
+        + " ".join(f"{w:>10}" for w in ways)
+        + "".join(f" {w[5:] + '/bf16':>10}" for w in ours)
+        + "   (us; speed-up over the bf16 dot)"
+    ]
     for r in results:
-        lines.append(f"{r['m']:>6} {r['k']:>5} {r['n']:>6} " + " ".join(f"{r['us_' + w]:>10.1f}" for w in ways)
-                     + "".join(f" {r['us_bf16'] / r['us_' + w]:>9.2f}x" for w in ours))
+        lines.append(
+            f"{r['m']:>6} {r['k']:>5} {r['n']:>6} "
+            + " ".join(f"{r['us_' + w]:>10.1f}" for w in ways)
+            + "".join(f" {r['us_bf16'] / r['us_' + w]:>9.2f}x" for w in ours)
+        )
     return "\n".join(lines)
 
 
 def plot(json_path, png_path):
     """TFLOP/s against M, one panel per (K, N), one line per way."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     data = json.loads(pathlib.Path(json_path).read_text())
     fig, axes = plt.subplots(1, len(KNS), figsize=(4.6 * len(KNS), 3.8), sharey=True)
-    style = {"bf16": "k--", "xla_int8": "C0:", "xla_fp8": "C1:", "ours_int8": "C0-", "ours_fp8": "C1-",
-             "xla_fp8_block": "C2:", "ours_fp8_block": "C2-"}
-    label = {"bf16": "XLA bf16 dot", "xla_int8": "XLA int8 dot + rescale", "xla_fp8": "XLA fp8 dot + rescale",
-             "ours_int8": "scaled_matmul int8", "ours_fp8": "scaled_matmul fp8",
-             "xla_fp8_block": "XLA fp8 blockwise (per-block dots)", "ours_fp8_block": "scaled_matmul fp8 blockwise"}
+    style = {
+        "bf16": "k--",
+        "xla_int8": "C0:",
+        "xla_fp8": "C1:",
+        "ours_int8": "C0-",
+        "ours_fp8": "C1-",
+        "xla_fp8_block": "C2:",
+        "ours_fp8_block": "C2-",
+    }
+    label = {
+        "bf16": "XLA bf16 dot",
+        "xla_int8": "XLA int8 dot + rescale",
+        "xla_fp8": "XLA fp8 dot + rescale",
+        "ours_int8": "scaled_matmul int8",
+        "ours_fp8": "scaled_matmul fp8",
+        "xla_fp8_block": "XLA fp8 blockwise (per-block dots)",
+        "ours_fp8_block": "scaled_matmul fp8 blockwise",
+    }
     for ax, (k, n) in zip(axes, KNS):
         rows = [r for r in data["results"] if (r["k"], r["n"]) == (k, n)]
         for way in [w for w in WAYS if all("tflops_" + w in r for r in rows)]:
-            ax.plot([r["m"] for r in rows], [r["tflops_" + way] for r in rows], style[way], marker="o", markersize=3,
-                    label=label[way])
+            ax.plot(
+                [r["m"] for r in rows],
+                [r["tflops_" + way] for r in rows],
+                style[way],
+                marker="o",
+                markersize=3,
+                label=label[way],
+            )
         ax.set(xscale="log", xlabel="M (tokens)", title=f"K={k}, N={n}")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("TFLOP/s (device time)")
@@ -124,8 +150,12 @@ def main(argv=None):
         print(table(results[-1:]).splitlines()[-1], flush=True)
         if args.json:  # after every row: a long run cut short keeps what it measured
             args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(dict(device=device_name(), jax=jax.__version__,
-                                                 cublaslt=cublaslt_version(), results=results), indent=1))
+            args.json.write_text(
+                json.dumps(
+                    dict(device=device_name(), jax=jax.__version__, cublaslt=cublaslt_version(), results=results),
+                    indent=1,
+                )
+            )
     print(f"\n{device_name()}, jax {jax.__version__}, cuBLASLt {cublaslt_version()}\n" + table(results))
 
 

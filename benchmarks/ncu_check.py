@@ -1,15 +1,16 @@
 """Runs one bench.py row, ours then jnp, three times each, for `ncu` to time (or dissect) the kernels.
 
-    ncu --clock-control none --metrics gpu__time_duration.sum python benchmarks/ncu_check.py quantize 32768 16384 [float8_e4m3fn]
+ncu --clock-control none --metrics gpu__time_duration.sum \
+    python benchmarks/ncu_check.py quantize 32768 16384 [float8_e4m3fn]
 """
 
 import sys
 
 import jax
 import jax.numpy as jnp
+from bench import _case
 
 from baracuda_jax import specs
-from bench import _case
 
 op, n, d = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 q_dtype = jnp.dtype(sys.argv[4]) if len(sys.argv) > 4 else jnp.int8

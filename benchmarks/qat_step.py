@@ -17,11 +17,11 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
-
-import baracuda_jax as bj
 from bench import device_name
 from fused import F32, fake_quant_ste, rms_norm
 from timing import time_per_call
+
+import baracuda_jax as bj
 
 SIZES = ((8192, 4096, 14336), (8192, 2048, 2048), (32768, 1024, 1024))
 
@@ -44,20 +44,27 @@ def ffn(params, x, way):
 def step(way):
     def loss(params, x):
         return jnp.mean(jnp.square(ffn(params, x, way).astype(F32)))
+
     return jax.value_and_grad(loss, argnums=(0, 1))
 
 
 def inputs(t, d, f, seed):
     k = jax.random.split(jax.random.key(seed), 5)
-    params = (jnp.ones((d,), jnp.bfloat16), jax.random.normal(k[0], (d, f), jnp.bfloat16) * d ** -0.5,
-              jax.random.normal(k[1], (d, f), jnp.bfloat16) * d ** -0.5,
-              jax.random.normal(k[2], (f, d), jnp.bfloat16) * f ** -0.5)
+    params = (
+        jnp.ones((d,), jnp.bfloat16),
+        jax.random.normal(k[0], (d, f), jnp.bfloat16) * d**-0.5,
+        jax.random.normal(k[1], (d, f), jnp.bfloat16) * d**-0.5,
+        jax.random.normal(k[2], (f, d), jnp.bfloat16) * f**-0.5,
+    )
     return params, jax.random.normal(k[3], (t, d), jnp.bfloat16)
 
 
 def kernel_table(fn, args, top=12):
     """Device time per kernel name over one step (the --profile view of where a step's time goes)."""
-    import collections, pathlib as pl, tempfile
+    import collections
+    import pathlib as pl
+    import tempfile
+
     f = jax.jit(fn)
     jax.block_until_ready(f(*args))
     with tempfile.TemporaryDirectory() as tmp:
@@ -92,8 +99,11 @@ def main(argv=None):
         sets = [inputs(t, d, f, seed) for seed in range(2)]
         us = {way: 1e6 * time_per_call(step(way), sets, args.reps) for way in ("float", "jnp", "fused")}
         results.append(dict(t=t, d=d, f=f, **{f"us_{k}": v for k, v in us.items()}))
-        print(f"{f'{t}x{d}x{f}':>18}{us['float']:>10.0f}{us['jnp']:>10.0f}{us['fused']:>10.0f}"
-              f"{us['jnp'] / us['fused']:>10.2f}x{us['float'] / us['fused']:>12.2f}x", flush=True)
+        print(
+            f"{f'{t}x{d}x{f}':>18}{us['float']:>10.0f}{us['jnp']:>10.0f}{us['fused']:>10.0f}"
+            f"{us['jnp'] / us['fused']:>10.2f}x{us['float'] / us['fused']:>12.2f}x",
+            flush=True,
+        )
         if args.profile:
             for way in ("jnp", "fused"):
                 print(f"  {way}:")

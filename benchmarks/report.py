@@ -14,7 +14,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-
 FORMATS = {"int8": "tab:blue", "float8_e4m3fn": "tab:orange"}  # the plotted output formats, bf16 input
 
 
@@ -35,15 +34,22 @@ def table(data):
     rows = [r for r in data["results"] if measured(r)]
     ops = list(dict.fromkeys(r["op"] for r in rows))
     cells = {(r["x_dtype"], r["q_dtype"], r["n"], r["d"], r["op"]): r for r in rows}
-    lines = [f"Copy ceiling of this run: {ceiling:.0f} GB/s (bytes read + written). "
-             "Each cell: our µs · speed-up over jnp · % of the bandwidth of a copy of the same bytes.", "",
-             "| dtypes | N × D | " + " | ".join(ops) + " |", "|---|---|" + "---:|" * len(ops)]
+    lines = [
+        f"Copy ceiling of this run: {ceiling:.0f} GB/s (bytes read + written). "
+        "Each cell: our µs · speed-up over jnp · % of the bandwidth of a copy of the same bytes.",
+        "",
+        "| dtypes | N × D | " + " | ".join(ops) + " |",
+        "|---|---|" + "---:|" * len(ops),
+    ]
     for key in dict.fromkeys(k[:4] for k in cells):
         out = []
         for op in ops:
             r = cells.get((*key, op))
-            out.append(f"{r['us_ours']:.1f} · {r['us_jnp'] / r['us_ours']:.2f}× · {100 * r['gbs_ours'] / r['gbs_copy']:.0f}%"
-                       if r else "")
+            out.append(
+                f"{r['us_ours']:.1f} · {r['us_jnp'] / r['us_ours']:.2f}× · {100 * r['gbs_ours'] / r['gbs_copy']:.0f}%"
+                if r
+                else ""
+            )
         lines.append(f"| {key[0]}→{key[1]} | {key[2]}×{key[3]} | " + " | ".join(out) + " |")
     return "\n".join(lines)
 
@@ -55,8 +61,9 @@ def main(path):
     rows = [r for r in data["results"] if r["x_dtype"] == "bfloat16" and r["q_dtype"] in FORMATS and measured(r)]
     ops = list(dict.fromkeys(r["op"] for r in rows))
     cols = min(4, len(ops))
-    fig, axes = plt.subplots(-(-len(ops) // cols), cols, figsize=(4.2 * cols, 3.6 * -(-len(ops) // cols)),
-                             sharey=True, squeeze=False)
+    fig, axes = plt.subplots(
+        -(-len(ops) // cols), cols, figsize=(4.2 * cols, 3.6 * -(-len(ops) // cols)), sharey=True, squeeze=False
+    )
     for ax, op in zip(axes.flat, ops):
         for fmt, color in FORMATS.items():
             rs = sorted((r for r in rows if r["op"] == op and r["q_dtype"] == fmt), key=lambda r: r["bytes"])
@@ -72,7 +79,7 @@ def main(path):
         ax.set_title(f"{op} (bf16)")
         ax.set_xlabel("MiB moved per call")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(ops):]:
+    for ax in list(axes.flat)[len(ops) :]:
         ax.axis("off")
     for row in axes:
         row[0].set_ylabel("GB/s (read + write)")

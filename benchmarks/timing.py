@@ -31,15 +31,19 @@ def _kernel_spans(fn, arg_sets, reps):
         jax.profiler.stop_trace()
         (trace,) = pathlib.Path(tmp).rglob("*.xplane.pb")
         profile = jax.profiler.ProfileData.from_file(str(trace))
-    kernels = sorted((e.start_ns, e.end_ns)
-                     for plane in profile.planes if plane.name.startswith("/device:GPU")
-                     for line in plane.lines if line.name.startswith("Stream")
-                     for e in line.events)
+    kernels = sorted(
+        (e.start_ns, e.end_ns)
+        for plane in profile.planes
+        if plane.name.startswith("/device:GPU")
+        for line in plane.lines
+        if line.name.startswith("Stream")
+        for e in line.events
+    )
     calls = reps * len(arg_sets)
     if not kernels or len(kernels) % calls:
         raise RuntimeError(f"{len(kernels)} kernel records for {calls} calls: not the same kernels per call")
     k = len(kernels) // calls
-    return [(max(end for _, end in kernels[i:i + k]) - kernels[i][0]) * 1e-9 for i in range(0, len(kernels), k)]
+    return [(max(end for _, end in kernels[i : i + k]) - kernels[i][0]) * 1e-9 for i in range(0, len(kernels), k)]
 
 
 def _chain_wall(fn, arg_sets, reps):

@@ -18,12 +18,12 @@ evaluated through the blockwise FP8 inference path.
 
 import argparse
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
+import qat
 
 import baracuda_jax as bj
-import qat
 
 SIZES = (64, 256, 256, 256, 10)
 FP8 = (1, 2)  # the layers that run in float8: K and N multiples of 128
@@ -33,8 +33,10 @@ FMAX = 448.0
 
 def init(key):
     keys = jax.random.split(key, len(SIZES) - 1)
-    return {"w": [jax.random.normal(k, (i, o)) * np.sqrt(2 / i) for k, i, o in zip(keys, SIZES, SIZES[1:])],
-            "b": [jnp.zeros(o) for o in SIZES[1:]]}
+    return {
+        "w": [jax.random.normal(k, (i, o)) * np.sqrt(2 / i) for k, i, o in zip(keys, SIZES, SIZES[1:])],
+        "b": [jnp.zeros(o) for o in SIZES[1:]],
+    }
 
 
 def block_scales(w):

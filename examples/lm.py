@@ -34,9 +34,9 @@ import pathlib
 import sys
 import sysconfig
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 import baracuda_jax as bj
@@ -58,8 +58,9 @@ class Config:
     dtype: str = "bfloat16"  # the activations' type in training (the parameters are float32)
 
 
-TINY = Config(d=64, layers=1, heads=2, ffn=128, seq=64, batch=8, steps=40, corpus_bytes=400_000, eval_batches=2,
-              dtype="float32")
+TINY = Config(
+    d=64, layers=1, heads=2, ffn=128, seq=64, batch=8, steps=40, corpus_bytes=400_000, eval_batches=2, dtype="float32"
+)
 
 # The timing-only width (untrained weights): projections large enough for an 8-bit GEMM to pay.
 WIDE = dict(d=2048, heads=16, ffn=5632)
@@ -85,8 +86,11 @@ def load_corpus(max_bytes):
     """(train, validation) byte arrays from the standard library's .py files (tests and NOT_CODE
     left out), split by file."""
     root = sysconfig.get_paths()["stdlib"]
-    files = sorted(f for f in glob.glob(os.path.join(root, "**", "*.py"), recursive=True)
-                   if not any(part in f[len(root):] for part in NOT_CODE))
+    files = sorted(
+        f
+        for f in glob.glob(os.path.join(root, "**", "*.py"), recursive=True)
+        if not any(part in f[len(root) :] for part in NOT_CODE)
+    )
     train, val, total = [], [], 0
     for i, f in enumerate(files):
         data = pathlib.Path(f).read_bytes()
@@ -106,15 +110,29 @@ def windows(data, rng, batch, seq):
 
 # ---- the model ----------------------------------------------------------------------------------
 
+
 def init(cfg, key):
     keys = iter(jax.random.split(key, 4 * cfg.layers + 2))
     dense = lambda k, n: jax.random.normal(next(keys), (k, n), jnp.float32) / math.sqrt(k)
     depth = math.sqrt(2 * cfg.layers)  # scales down the projections into the residual stream
-    layers = [dict(norm1=jnp.ones(cfg.d), wqkv=dense(cfg.d, 3 * cfg.d), wo=dense(cfg.d, cfg.d) / depth,
-                   norm2=jnp.ones(cfg.d), w13=dense(cfg.d, 2 * cfg.ffn), w2=dense(cfg.ffn, cfg.d) / depth)
-              for _ in range(cfg.layers)]
-    return dict(embed=jax.random.normal(next(keys), (256, cfg.d)) * 0.02, layers=layers, norm=jnp.ones(cfg.d),
-                head=dense(cfg.d, 256), steps=jnp.ones((cfg.layers, 4)))  # steps: LSQ's, one per projection
+    layers = [
+        dict(
+            norm1=jnp.ones(cfg.d),
+            wqkv=dense(cfg.d, 3 * cfg.d),
+            wo=dense(cfg.d, cfg.d) / depth,
+            norm2=jnp.ones(cfg.d),
+            w13=dense(cfg.d, 2 * cfg.ffn),
+            w2=dense(cfg.ffn, cfg.d) / depth,
+        )
+        for _ in range(cfg.layers)
+    ]
+    return dict(
+        embed=jax.random.normal(next(keys), (256, cfg.d)) * 0.02,
+        layers=layers,
+        norm=jnp.ones(cfg.d),
+        head=dense(cfg.d, 256),
+        steps=jnp.ones((cfg.layers, 4)),
+    )  # steps: LSQ's, one per projection
 
 
 def rms_norm(x, w, eps=1e-6):
@@ -146,13 +164,20 @@ def attention(qkv, heads, cache=None, pos=0):
         v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, pos, 0, 0))
         cache, lengths = (k, v), jnp.full((b,), pos + s, jnp.int32)
     fused = cache is None and jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
-    out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), is_causal=s > 1,
-                                       key_value_seq_lengths=lengths, implementation="cudnn" if fused else "xla")
+    out = jax.nn.dot_product_attention(
+        q,
+        k.astype(q.dtype),
+        v.astype(q.dtype),
+        is_causal=s > 1,
+        key_value_seq_lengths=lengths,
+        implementation="cudnn" if fused else "xla",
+    )
     return out.reshape(b, s, -1), cache
 
 
 class FloatOps:
     """The projections in the compute dtype: the float model (and the bf16 baseline)."""
+
     def __init__(self, dtype):
         self.dtype = dtype
 
@@ -172,6 +197,7 @@ class FloatOps:
 
 class QatOps(FloatOps):
     """Fake-quantized activations: the fused ops (dynamic scales), or LSQ's learned steps."""
+
     def __init__(self, dtype, grid, steps):
         super().__init__(dtype)
         self.grid = {k: v for k, v in grid.items() if k != "lsq"}
@@ -203,6 +229,7 @@ class QatOps(FloatOps):
 
 class W8A8Ops:
     """Real 8-bit inference in bf16: per-token activations in `fmt`, per-channel weights stored [N, K]."""
+
     dtype = jnp.bfloat16
 
     def __init__(self, fmt):
@@ -239,10 +266,19 @@ def quantize_for_inference(params, dtype):
     def quantize(w):
         scale = jnp.max(jnp.abs(w), axis=0) / qmax
         return bj.quantize_per_token(w.T, scale, dtype=dtype), scale
-    layers = [dict(p, wqkv=quantize(p["wqkv"]), wo=quantize(p["wo"]), w2=quantize(p["w2"]),
-                   w13=[quantize(w) for w in jnp.split(p["w13"], 2, axis=1)],  # gate and up apart
-                   norm1=p["norm1"].astype(jnp.bfloat16), norm2=p["norm2"].astype(jnp.bfloat16))
-              for p in params["layers"]]
+
+    layers = [
+        dict(
+            p,
+            wqkv=quantize(p["wqkv"]),
+            wo=quantize(p["wo"]),
+            w2=quantize(p["w2"]),
+            w13=[quantize(w) for w in jnp.split(p["w13"], 2, axis=1)],  # gate and up apart
+            norm1=p["norm1"].astype(jnp.bfloat16),
+            norm2=p["norm2"].astype(jnp.bfloat16),
+        )
+        for p in params["layers"]
+    ]
     return dict(params, layers=layers)
 
 
@@ -251,8 +287,9 @@ def forward(params, tokens, ops, heads, caches=None, pos=0):
     x = params["embed"][tokens].astype(ops.dtype)
     new_caches = []
     for i, p in enumerate(params["layers"]):
-        a, cache = attention(ops.norm_proj(x, p["norm1"], p["wqkv"], i, 0), heads,
-                             None if caches is None else caches[i], pos)
+        a, cache = attention(
+            ops.norm_proj(x, p["norm1"], p["wqkv"], i, 0), heads, None if caches is None else caches[i], pos
+        )
         new_caches.append(cache)
         x = ops.proj_add(a, p["wo"], x, i, 1)
         g, u = ops.gate_up(x, p["norm2"], p["w13"], i, 2)
@@ -272,6 +309,7 @@ def ops_for(variant, cfg, params):
 
 # ---- training and evaluation ----------------------------------------------------------------------
 
+
 def optimizer(cfg):
     schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, min(100, cfg.steps // 10), cfg.steps)
     return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=cfg.weight_decay))
@@ -279,6 +317,7 @@ def optimizer(cfg):
 
 def train_step(variant, cfg, opt):
     """One jitted step: (params, optimizer state, batch [B, S + 1]) -> (params, state, loss)."""
+
     def loss_fn(params, batch):
         return loss_of(forward(params, batch[:, :-1], ops_for(variant, cfg, params), cfg.heads), batch[:, 1:])
 
@@ -287,6 +326,7 @@ def train_step(variant, cfg, opt):
         loss, grads = jax.value_and_grad(loss_fn)(params, batch)
         updates, state = opt.update(grads, state, params)
         return optax.apply_updates(params, updates), state, loss
+
     return step
 
 
@@ -345,6 +385,7 @@ def run(cfg, variants=tuple(VARIANTS), seeds=(0,), log=None):
 
 # ---- inference timing and generation ------------------------------------------------------------
 
+
 def bf16_params(params):
     return jax.tree.map(lambda w: w.astype(jnp.bfloat16) if w.dtype == jnp.float32 else w, params)
 
@@ -352,6 +393,7 @@ def bf16_params(params):
 def time_train_steps(cfg, data, reps=20):
     """Device seconds of one train step of each variant."""
     from timing import time_per_call
+
     params, opt = init(cfg, jax.random.key(0)), optimizer(cfg)
     batch = windows(data[0], np.random.default_rng(0), cfg.batch, cfg.seq)
     return {v: time_per_call(train_step(v, cfg, opt), [(params, opt.init(params), batch)], reps) for v in VARIANTS}
@@ -361,19 +403,24 @@ def time_inference(params, cfg, reps=20):
     """tokens/s of prefill (batch 16 x 1024) and of one decode step (batch 16, 1024 cached) on this
     device, bf16 against W8A8 fp8 and int8 (device time, benchmarks/timing.py)."""
     from timing import time_per_call
+
     batch, length = 16, 1024
     hd = cfg.d // cfg.heads
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (batch, length)), jnp.int32)
     caches = [(jnp.zeros((batch, length + 1, cfg.heads, hd), jnp.bfloat16),) * 2 for _ in range(cfg.layers)]
-    ways = {"bf16": (bf16_params(params), FloatOps(jnp.bfloat16)),
-            "W8A8 fp8": (quantize_for_inference(params, jnp.float8_e4m3fn), W8A8Ops(jnp.float8_e4m3fn)),
-            "W8A8 int8": (quantize_for_inference(params, jnp.int8), W8A8Ops(jnp.int8))}
+    ways = {
+        "bf16": (bf16_params(params), FloatOps(jnp.bfloat16)),
+        "W8A8 fp8": (quantize_for_inference(params, jnp.float8_e4m3fn), W8A8Ops(jnp.float8_e4m3fn)),
+        "W8A8 int8": (quantize_for_inference(params, jnp.int8), W8A8Ops(jnp.int8)),
+    }
     out = {}
     for name, (p, ops) in ways.items():
         prefill = lambda p, t: forward(p, t, ops, cfg.heads)
         decode = lambda p, t, c: forward(p, t, ops, cfg.heads, c, length)
-        out[name] = dict(prefill=batch * length / time_per_call(prefill, [(p, tokens)], reps),
-                         decode=batch / time_per_call(decode, [(p, tokens[:, :1], caches)], reps))
+        out[name] = dict(
+            prefill=batch * length / time_per_call(prefill, [(p, tokens)], reps),
+            decode=batch / time_per_call(decode, [(p, tokens[:, :1], caches)], reps),
+        )
     return out
 
 
@@ -396,6 +443,7 @@ def generate(params, ops, cfg, prompt, n, temperature=0.7, seed=0):
 
 def plot(trained, png):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -432,8 +480,11 @@ def summary(table):
 def time_all(cfg, params, data, log):
     """Train-step device time of every variant, then W8A8 against bf16 inference, of `params` at `cfg`."""
     steps = {v: t * 1e6 for v, t in time_train_steps(cfg, data).items()}
-    log(f"d={cfg.d} train step, device µs: " + ", ".join(f"{v} {t:.0f} ({t / steps['float']:.3f}x)"
-                                                      for v, t in steps.items()) + "\n")
+    log(
+        f"d={cfg.d} train step, device µs: "
+        + ", ".join(f"{v} {t:.0f} ({t / steps['float']:.3f}x)" for v, t in steps.items())
+        + "\n"
+    )
     speed = time_inference(params, cfg)
     for name, s in speed.items():
         log(f"d={cfg.d} {name:<10} prefill {s['prefill']:>12,.0f} tok/s   decode {s['decode']:>10,.0f} tok/s\n")
@@ -445,20 +496,27 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=Config.steps)
     p.add_argument("--seeds", type=int, default=1, help="train every variant with seeds 0..N-1")
     p.add_argument("--tiny", action="store_true", help="the test suite's configuration")
-    p.add_argument("--time", action="store_true", help="train-step time and prefill/decode tokens/s, bf16 vs "
-                   "W8A8, of the trained model and of the untrained WIDE one (meant for a GPU)")
+    p.add_argument(
+        "--time",
+        action="store_true",
+        help="train-step time and prefill/decode tokens/s, bf16 vs "
+        "W8A8, of the trained model and of the untrained WIDE one (meant for a GPU)",
+    )
     p.add_argument("--png", default=None, help="save the loss curves here")
     p.add_argument("--json", type=pathlib.Path, default=None, help="write the table here")
     args = p.parse_args(argv)
     cfg = TINY if args.tiny else dataclasses.replace(Config(), steps=args.steps)
     log = (lambda s: None) if args.tiny else (lambda s: print(s, end="", flush=True))
     table, trained, data = run(cfg, seeds=tuple(range(args.seeds)), log=log)
-    print(f"\n{jax.devices()[0].device_kind}, {cfg}, {args.seeds} seed(s)\n"
-          f"{'variant':<10} {'QAT val bpb':>16} {'PTQ val bpb':>16}")
+    print(
+        f"\n{jax.devices()[0].device_kind}, {cfg}, {args.seeds} seed(s)\n"
+        f"{'variant':<10} {'QAT val bpb':>16} {'PTQ val bpb':>16}"
+    )
     for name, row in table.items():
         print(f"{name:<10} {bpb(row['qat']):>16} {bpb(row['ptq']) if 'ptq' in row else '':>16}")
-    result = dict(device=jax.devices()[0].device_kind, config=dataclasses.asdict(cfg), table=table,
-                  summary=summary(table))
+    result = dict(
+        device=jax.devices()[0].device_kind, config=dataclasses.asdict(cfg), table=table, summary=summary(table)
+    )
     for k, v in result["summary"].items():
         print(f"{k:<30} {v['mean']:+8.2f} ± {v['sd']:.2f}   per seed: " + " ".join(f"{x:+.2f}" for x in v["per_seed"]))
     save = lambda: args.json.write_text(json.dumps(result, indent=1)) if args.json else None

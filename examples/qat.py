@@ -15,9 +15,9 @@ loss curves when matplotlib is installed.
 import argparse
 import math
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
@@ -35,8 +35,10 @@ def load(seed=0):
 
 def init(key, x_sample):
     keys = jax.random.split(key, len(SIZES) - 1)
-    params = {"w": [jax.random.normal(k, (i, o)) * math.sqrt(2 / i) for k, i, o in zip(keys, SIZES, SIZES[1:])],
-              "b": [jnp.zeros(o) for o in SIZES[1:]]}
+    params = {
+        "w": [jax.random.normal(k, (i, o)) * math.sqrt(2 / i) for k, i, o in zip(keys, SIZES, SIZES[1:])],
+        "b": [jnp.zeros(o) for o in SIZES[1:]],
+    }
     # LSQ's initial step per layer, from the activations of the float model on a sample
     steps, h = [], x_sample
     for i, (w, b) in enumerate(zip(params["w"], params["b"])):
@@ -76,9 +78,11 @@ def adam(lr=3e-3, b1=0.9, b2=0.999, eps=1e-8):
         t = t + 1
         m = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, m, grads)
         v = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, v, grads)
-        params = jax.tree.map(lambda p, m, v: p - lr * (m / (1 - b1 ** t)) / (jnp.sqrt(v / (1 - b2 ** t)) + eps),
-                              params, m, v)
+        params = jax.tree.map(
+            lambda p, m, v: p - lr * (m / (1 - b1**t)) / (jnp.sqrt(v / (1 - b2**t)) + eps), params, m, v
+        )
         return params, (m, v, t)
+
     init_state = lambda params: (jax.tree.map(jnp.zeros_like, params), jax.tree.map(jnp.zeros_like, params), 0)
     return init_state, update
 
@@ -131,6 +135,7 @@ def main(argv=None):
         print(f"  {mode:<6} {acc:.4f}")
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:

@@ -14,9 +14,9 @@ import math
 
 import jax
 import jax.numpy as jnp
+import qat
 
 import baracuda_jax as bj
-import qat
 
 D, F, BLOCKS, CLASSES = 64, 128, 2, 10
 
@@ -24,8 +24,10 @@ D, F, BLOCKS, CLASSES = 64, 128, 2, 10
 def init(key):
     keys = iter(jax.random.split(key, 3 * BLOCKS + 1))
     normal = lambda shape: jax.random.normal(next(keys), shape, jnp.float32) / math.sqrt(shape[0])
-    blocks = [dict(norm=jnp.ones(D, jnp.float32), w1=normal((D, F)), w3=normal((D, F)), w2=normal((F, D)) * 0.5)
-              for _ in range(BLOCKS)]
+    blocks = [
+        dict(norm=jnp.ones(D, jnp.float32), w1=normal((D, F)), w3=normal((D, F)), w2=normal((F, D)) * 0.5)
+        for _ in range(BLOCKS)
+    ]
     return dict(blocks=blocks, head=normal((D, CLASSES)), bias=jnp.zeros(CLASSES, jnp.float32))
 
 
@@ -60,8 +62,10 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=600)
     args = p.parse_args(argv)
     data = qat.load()
-    results = {name: train(dtype, args.steps, data=data)
-               for name, dtype in (("float", None), ("qat int8", jnp.int8), ("qat e4m3", jnp.float8_e4m3fn))}
+    results = {
+        name: train(dtype, args.steps, data=data)
+        for name, dtype in (("float", None), ("qat int8", jnp.int8), ("qat e4m3", jnp.float8_e4m3fn))
+    }
     print(f"digits, pre-norm SwiGLU x{BLOCKS}, {args.steps} steps of 128, test accuracy:")
     for name, (_, acc) in results.items():
         print(f"  {name:<9} {acc:.4f}")

@@ -14,12 +14,12 @@ import argparse
 import pathlib
 import sys
 
+import fp8_blockwise
 import jax
 import jax.numpy as jnp
+import qat
 
 import baracuda_jax as bj
-import fp8_blockwise
-import qat
 
 FMAX = {jnp.int8: 127.0, jnp.float8_e4m3fn: 448.0}
 
@@ -107,12 +107,19 @@ def main(argv=None):
     print("digits test accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in accuracy.items()))
     if args.time:
         names = ("int8", "float8_e4m3fn", "float8 blockwise")
-        print(f"{'tokens':>7} {'bf16 us':>9} {'int8 us':>9} {'fp8 us':>9} {'fp8 blk us':>11}"
-              f"  (8 layers, D 4096, {jax.devices()[0].device_kind}; speed-ups over bf16)")
+        print(
+            f"{'tokens':>7} {'bf16 us':>9} {'int8 us':>9} {'fp8 us':>9} {'fp8 blk us':>11}"
+            f"  (8 layers, D 4096, {jax.devices()[0].device_kind}; speed-ups over bf16)"
+        )
         for tokens in (16, 256, 1024, 4096):
             t = time_stack(tokens)
-            print(f"{tokens:>7} {t['bf16']:>9.1f} " + " ".join(f"{t[n]:>9.1f}" for n in names)
-                  + "  (" + ", ".join(f"{t['bf16'] / t[n]:.2f}x" for n in names) + ")")
+            print(
+                f"{tokens:>7} {t['bf16']:>9.1f} "
+                + " ".join(f"{t[n]:>9.1f}" for n in names)
+                + "  ("
+                + ", ".join(f"{t['bf16'] / t[n]:.2f}x" for n in names)
+                + ")"
+            )
     return accuracy
 
 

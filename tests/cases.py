@@ -1,7 +1,7 @@
 """Seeds and shapes shared by the tests; the operands come from baracuda_jax.specs."""
 
-import numpy as np
 import jax
+import numpy as np
 
 # Leading dims, odd D, D=1 and N=0 among them.
 SHAPES = ((1,), (7,), (3, 1), (5, 8), (4, 33), (2, 3, 17), (2, 0, 9), (0, 4), (3, 4, 0), (16, 4097))

@@ -2,14 +2,15 @@
 
 import dataclasses
 
-import numpy as np
+import cases
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import baracuda_jax as bj
-from baracuda_jax import reference as ref, specs
-import cases
+from baracuda_jax import reference as ref
+from baracuda_jax import specs
 
 
 def assert_same_bits(got, want):
@@ -63,8 +64,10 @@ CASES = [(spec, case) for spec in specs.SPECS.values() for case in specs.cases()
 @pytest.mark.parametrize("shape", cases.SHAPES, ids=str)
 def test_matches_reference(device, shape, spec, case):
     if device.platform == "gpu" and case.fmt.is_float and case.x_dtype == np.float64:
-        pytest.skip("XLA:GPU converts float64 to float8 through float32, rounding twice; the kernels round "
-                    "once, as XLA:CPU does (tested on the CPU, and CPU against GPU kernels in test_gpu.py)")
+        pytest.skip(
+            "XLA:GPU converts float64 to float8 through float32, rounding twice; the kernels round "
+            "once, as XLA:CPU does (tested on the CPU, and CPU against GPU kernels in test_gpu.py)"
+        )
     r = cases.rng()
     if not spec.dynamic:
         case = sub_grid(r, case)
@@ -83,13 +86,16 @@ def test_default_dequantize_dtype_is_scale_dtype(device):
 
 def test_edge_rules(device):
     """NaN -> clamp(zp), +inf -> qmax, -inf -> qmin, ties to even, a zero scale through the division."""
-    x = jnp.array([[np.nan, np.inf, -np.inf, 0.5, 1.5, 2.5, -0.5, 1000.0],
-                   [1.0, -1.0, 0.0, np.nan, 2.0, -2.0, 0.0, 5.0]], jnp.float32)
+    x = jnp.array(
+        [[np.nan, np.inf, -np.inf, 0.5, 1.5, 2.5, -0.5, 1000.0], [1.0, -1.0, 0.0, np.nan, 2.0, -2.0, 0.0, 5.0]],
+        jnp.float32,
+    )
     scale = jnp.array([1.0, 0.0], jnp.float32)
     zp = jnp.array([3, 200], jnp.int32)
     q = run(device, bj.quantize_per_token, x, scale, zp, qmin=-10, qmax=100)
-    np.testing.assert_array_equal(np.asarray(q), [[3, 100, -10, 3, 5, 5, 3, 100],
-                                                  [100, -10, 100, 100, 100, -10, 100, 100]])
+    np.testing.assert_array_equal(
+        np.asarray(q), [[3, 100, -10, 3, 5, 5, 3, 100], [100, -10, 100, 100, 100, -10, 100, 100]]
+    )
     # The row with scale 0: x * inf is +-inf, and 0 * inf is NaN -> clamp(200) = 100.
 
 
@@ -107,8 +113,9 @@ def test_scale_with_trailing_one(device):
     x = jnp.asarray(r.standard_normal((4, 6, 10)), jnp.bfloat16)
     s = jnp.asarray(r.uniform(0.01, 0.1, (4, 6)), jnp.float32)
     zp = jnp.asarray(r.integers(-3, 3, (4, 6)), jnp.int32)
-    assert_same_bits(run(device, bj.quantize_per_token, x, s[..., None], zp[..., None]),
-                     run(device, bj.quantize_per_token, x, s, zp))
+    assert_same_bits(
+        run(device, bj.quantize_per_token, x, s[..., None], zp[..., None]), run(device, bj.quantize_per_token, x, s, zp)
+    )
 
 
 def test_vmap_matches_unbatched(device):

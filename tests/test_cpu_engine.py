@@ -1,13 +1,13 @@
 """The CPU row engine: rows split over XLA's thread pool give the bits of rows run one at a time."""
 
+import cases
 import jax
 import jax.numpy as jnp
 import pytest
+from test_bitexact import assert_same_bits
 
 import baracuda_jax as bj
 from baracuda_jax import specs
-import cases
-from test_bitexact import assert_same_bits
 
 CPU = jax.devices("cpu")[0]
 
@@ -21,17 +21,21 @@ def test_threaded_rows_equal_single_rows(spec, q_dtype):
     f = jax.jit(spec.ours(case))
     whole = jax.tree.leaves(f(*args))
     for i in range(0, 96, 7):
-        row = jax.tree.leaves(f(*(None if a is None else a[i:i + 1] for a in args)))
+        row = jax.tree.leaves(f(*(None if a is None else a[i : i + 1] for a in args)))
         for w, r in zip(whole, row):
-            assert_same_bits(w[i:i + 1], r)  # LSQ's per-row sum too: its order is fixed within a row
+            assert_same_bits(w[i : i + 1], r)  # LSQ's per-row sum too: its order is fixed within a row
 
 
 def _fused_ops(x, w, u):
     """Each fused op's row outputs (forward and the gradients with respect to the rows)."""
     norm = lambda x: bj.rms_norm_fake_quantize_per_token(x, w, residual=u)[0]
     silu = lambda x: bj.silu_mul_fake_quantize_per_token(x, u)
-    return (bj.rms_norm_quantize_per_token(x, w, residual=u), bj.silu_mul_quantize_per_token(x, u),
-            jax.grad(lambda x: jnp.sum(norm(x) * u))(x), jax.grad(lambda x: jnp.sum(silu(x) * u))(x))
+    return (
+        bj.rms_norm_quantize_per_token(x, w, residual=u),
+        bj.silu_mul_quantize_per_token(x, u),
+        jax.grad(lambda x: jnp.sum(norm(x) * u))(x),
+        jax.grad(lambda x: jnp.sum(silu(x) * u))(x),
+    )
 
 
 def test_threaded_fused_rows_equal_single_rows():
@@ -42,6 +46,6 @@ def test_threaded_fused_rows_equal_single_rows():
     f = jax.jit(_fused_ops)
     whole = jax.tree.leaves(f(*jax.device_put((x, w, u), CPU)))
     for i in range(0, 96, 7):
-        row = jax.tree.leaves(f(*jax.device_put((x[i:i + 1], w, u[i:i + 1]), CPU)))
+        row = jax.tree.leaves(f(*jax.device_put((x[i : i + 1], w, u[i : i + 1]), CPU)))
         for a, b in zip(whole, row):
-            assert_same_bits(a[i:i + 1], b)
+            assert_same_bits(a[i : i + 1], b)

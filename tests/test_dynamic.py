@@ -1,14 +1,15 @@
 """Dynamic per-token quantization: kernels against the reference, the consistency invariant, grads."""
 
-import numpy as np
+import cases
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
+from test_bitexact import assert_same_bits, run
 
 import baracuda_jax as bj
-from baracuda_jax import reference as ref, specs
-import cases
-from test_bitexact import assert_same_bits, run
+from baracuda_jax import reference as ref
+from baracuda_jax import specs
 
 GRIDS = [(jnp.int8, True), (jnp.int8, False), (jnp.uint8, False), (jnp.float8_e4m3fn, True), (jnp.float8_e5m2, True)]
 GRID_IDS = ["int8-sym", "int8-asym", "uint8-asym", "e4m3-sym", "e5m2-sym"]
@@ -22,7 +23,7 @@ def dynamic_input(r, shape, dtype, subnormals):
     x = np.array(specs.activations(cases.key(r), shape, specs.case(np.float64, np.int8), mags, subnormals=subnormals))
     flat = x.reshape(-1, shape[-1]) if x.size else x
     specials = [0.0, np.nan, 3.0, "inf", "-inf"]
-    for i, kind in enumerate(specials[: flat.shape[0] // 2] if x.size else []):
+    for _i, kind in enumerate(specials[: flat.shape[0] // 2] if x.size else []):
         row = flat[r.integers(flat.shape[0])]
         if isinstance(kind, str):
             row[r.integers(row.size)] = float(kind)
@@ -44,15 +45,20 @@ def test_dynamic_matches_reference(device, shape, x_dtype, q_dtype, symmetric):
     want = run(device, ref.quantize_per_token_dynamic, x, **kw)
     for g, w in zip(got, want):
         assert_same_bits(g, w)
-    assert_same_bits(run(device, bj.fake_quantize_per_token_dynamic, x, **kw),
-                     run(device, ref.fake_quantize_per_token_dynamic, x, **kw))
+    assert_same_bits(
+        run(device, bj.fake_quantize_per_token_dynamic, x, **kw),
+        run(device, ref.fake_quantize_per_token_dynamic, x, **kw),
+    )
     # The invariant: the static op with the returned scale and zero point gives the same q.
     q, scale, zp = got
     assert_same_bits(run(device, bj.quantize_per_token, x, scale, None if symmetric else zp, dtype=q_dtype), q)
 
 
-NARROW = [dict(dtype=jnp.int8, symmetric=True, qmin=-8, qmax=7), dict(dtype=jnp.int8, symmetric=False, qmin=-8, qmax=7),
-          dict(dtype=jnp.uint8, symmetric=False, qmin=0, qmax=15)]
+NARROW = [
+    dict(dtype=jnp.int8, symmetric=True, qmin=-8, qmax=7),
+    dict(dtype=jnp.int8, symmetric=False, qmin=-8, qmax=7),
+    dict(dtype=jnp.uint8, symmetric=False, qmin=0, qmax=15),
+]
 
 
 @pytest.mark.parametrize("grid", NARROW, ids=["int4-sym", "int4-asym", "uint4-asym"])
@@ -65,26 +71,35 @@ def test_narrow_grids_match_reference(device, shape, x_dtype, grid):
     q, scale, zp = got = run(device, bj.quantize_per_token_dynamic, x, **grid)
     for g, w in zip(got, run(device, ref.quantize_per_token_dynamic, x, **grid)):
         assert_same_bits(g, w)
-    assert_same_bits(run(device, bj.fake_quantize_per_token_dynamic, x, **grid),
-                     run(device, ref.fake_quantize_per_token_dynamic, x, **grid))
+    assert_same_bits(
+        run(device, bj.fake_quantize_per_token_dynamic, x, **grid),
+        run(device, ref.fake_quantize_per_token_dynamic, x, **grid),
+    )
     q = np.asarray(q)
     assert q.min() >= grid["qmin"] and q.max() <= grid["qmax"]
     if grid["symmetric"]:
-        amax = np.nanmax(np.abs(np.where(np.isinf(np.asarray(x, np.float64)), np.nan, np.asarray(x, np.float64))),
-                         axis=-1, initial=0)
+        amax = np.nanmax(
+            np.abs(np.where(np.isinf(np.asarray(x, np.float64)), np.nan, np.asarray(x, np.float64))), axis=-1, initial=0
+        )
         finite = np.isfinite(np.asarray(scale)) & (amax > 0)
         want = (amax.astype(np.float32) * np.float32(1 / 7)) if x_dtype != np.float64 else amax * (1 / 7)
         np.testing.assert_array_equal(np.asarray(scale)[finite], want[finite])
 
 
 def test_documented_rows(device):
-    x = jnp.array([[0.0, 0.0, 0.0, 0.0],        # all zero: scale 1, q = zp
-                   [np.nan, 2.0, -1.0, 0.5],     # NaN ignored by the range
-                   [np.inf, 1.0, -1.0, 0.0],     # inf: scale inf
-                   [5.0, 5.0, 5.0, 5.0]], jnp.float32)
+    x = jnp.array(
+        [
+            [0.0, 0.0, 0.0, 0.0],  # all zero: scale 1, q = zp
+            [np.nan, 2.0, -1.0, 0.5],  # NaN ignored by the range
+            [np.inf, 1.0, -1.0, 0.0],  # inf: scale inf
+            [5.0, 5.0, 5.0, 5.0],
+        ],
+        jnp.float32,
+    )
     q, s, zp = run(device, bj.quantize_per_token_dynamic, x)
-    np.testing.assert_array_equal(np.asarray(s), np.float32([1.0, 2.0 * np.float32(1 / 127), np.inf,
-                                                             5.0 * np.float32(1 / 127)]))
+    np.testing.assert_array_equal(
+        np.asarray(s), np.float32([1.0, 2.0 * np.float32(1 / 127), np.inf, 5.0 * np.float32(1 / 127)])
+    )
     np.testing.assert_array_equal(np.asarray(zp), 0)
     np.testing.assert_array_equal(np.asarray(q)[[0, 2, 3]], [[0] * 4, [0] * 4, [127] * 4])
     assert np.asarray(q)[1].tolist() == [0, 127, -64, 32]
@@ -133,12 +148,15 @@ def test_scale_ub_bounds_the_amax(device, q_dtype, fmax):
     np.testing.assert_array_equal(np.asarray(zp), 0)
 
 
-@pytest.mark.parametrize("kw,match", [
-    (dict(dtype=jnp.int8, qmin=0, qmax=7), "symmetric grid needs qmin < 0 < qmax"),
-    (dict(dtype=jnp.int8, qmin=-200, qmax=7), "qmin=-200 lies outside the int8 range"),
-    (dict(dtype=jnp.float8_e4m3fn, qmin=-8, qmax=7), "takes no qmin"),
-    (dict(dtype=jnp.uint8, symmetric=False, qmin=3, qmax=3), "needs qmin < qmax"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(dtype=jnp.int8, qmin=0, qmax=7), "symmetric grid needs qmin < 0 < qmax"),
+        (dict(dtype=jnp.int8, qmin=-200, qmax=7), "qmin=-200 lies outside the int8 range"),
+        (dict(dtype=jnp.float8_e4m3fn, qmin=-8, qmax=7), "takes no qmin"),
+        (dict(dtype=jnp.uint8, symmetric=False, qmin=3, qmax=3), "needs qmin < qmax"),
+    ],
+)
 def test_narrow_grid_errors(kw, match):
     x = jnp.ones((2, 8), jnp.float32)
     calls = [bj.quantize_per_token_dynamic, bj.fake_quantize_per_token_dynamic]

@@ -1,8 +1,8 @@
 """The bad-input corpus: each raises at trace time with a message naming the argument."""
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import baracuda_jax as bj
@@ -40,18 +40,33 @@ CASES = [
     (bj.fake_quantize_per_token_dynamic, (X,), {"symmetric": 1}, TypeError, ["symmetric", "bool"]),
     # float8: a fixed grid, no zero point
     (bj.quantize_per_token, (X, S, ZP), {"dtype": jnp.float8_e4m3fn}, ValueError, ["float8_e4m3fn", "zero_point"]),
-    (bj.fake_quantize_per_token, (X, S), {"dtype": jnp.float8_e5m2, "qmax": 100}, ValueError,
-     ["float8_e5m2", "qmax", "[-57344, 57344]"]),
+    (
+        bj.fake_quantize_per_token,
+        (X, S),
+        {"dtype": jnp.float8_e5m2, "qmax": 100},
+        ValueError,
+        ["float8_e5m2", "qmax", "[-57344, 57344]"],
+    ),
     (bj.dequantize_per_token, (Q.astype(jnp.float8_e4m3fn), S, ZP), {}, ValueError, ["float8_e4m3fn", "zero_point"]),
-    (bj.quantize_per_token_dynamic, (X,), {"dtype": jnp.float8_e4m3fn, "symmetric": False}, ValueError,
-     ["float8_e4m3fn", "symmetric=True"]),
+    (
+        bj.quantize_per_token_dynamic,
+        (X,),
+        {"dtype": jnp.float8_e4m3fn, "symmetric": False},
+        ValueError,
+        ["float8_e4m3fn", "symmetric=True"],
+    ),
     # scale_ub: a positive finite float, for symmetric quantization
     (bj.quantize_per_token_dynamic, (X,), {"scale_ub": 0.0}, ValueError, ["scale_ub", "positive", "0.0"]),
     (bj.quantize_per_token_dynamic, (X,), {"scale_ub": float("inf")}, ValueError, ["scale_ub", "finite"]),
     (bj.fake_quantize_per_token_dynamic, (X,), {"scale_ub": float("nan")}, ValueError, ["scale_ub"]),
     (bj.quantize_per_token_dynamic, (X,), {"scale_ub": -1.0, "dtype": jnp.float8_e4m3fn}, ValueError, ["scale_ub"]),
-    (bj.quantize_per_token_dynamic, (X,), {"scale_ub": 2.0, "symmetric": False}, ValueError,
-     ["scale_ub", "symmetric=False"]),
+    (
+        bj.quantize_per_token_dynamic,
+        (X,),
+        {"scale_ub": 2.0, "symmetric": False},
+        ValueError,
+        ["scale_ub", "symmetric=False"],
+    ),
     (bj.quantize_per_token_dynamic, (X,), {"axis_name": "d"}, NameError, ["axis_name='d'", "shard_map"]),
 ]
 
@@ -69,9 +84,11 @@ def test_bad_input_raises_at_trace_time(fn, args, kwargs, error, words, jit):
 def test_primitive_abstract_eval_checks_too():
     """Binding the primitive directly (past the public wrapper) is still checked at trace time."""
     from baracuda_jax.ops import quantize_p
+
     with pytest.raises(TypeError, match="scale has dtype float16; expected float32"):
-        jax.eval_shape(lambda x, s: quantize_p.bind(x, s, qmin=-128, qmax=127, dtype=np.dtype(np.int8)),
-                       X, S.astype(jnp.float16))
+        jax.eval_shape(
+            lambda x, s: quantize_p.bind(x, s, qmin=-128, qmax=127, dtype=np.dtype(np.int8)), X, S.astype(jnp.float16)
+        )
 
 
 def test_handler_rejects_inconsistent_call_without_crashing():
@@ -88,7 +105,9 @@ def test_handler_rejects_inconsistent_call_without_crashing():
     with pytest.raises(Exception, match="float8_e4m3fn has the fixed grid qmin=-448, qmax=448"):
         jax.block_until_ready(jax.jit(lambda x, s: call8(x, s, qmin=np.int32(-128), qmax=np.int32(127)))(X, S))
     with pytest.raises(Exception, match="float8_e4m3fn takes no zero_point"):
-        jax.block_until_ready(jax.jit(lambda x, s, z: call8(x, s, z, qmin=np.int32(-448), qmax=np.int32(448)))(X, S, ZP))
+        jax.block_until_ready(
+            jax.jit(lambda x, s, z: call8(x, s, z, qmin=np.int32(-448), qmax=np.int32(448)))(X, S, ZP)
+        )
     fake = jax.ffi.ffi_call("baracuda_fake_quantize_per_token", jax.ShapeDtypeStruct((4, 8), jnp.float32))
     with pytest.raises(Exception, match="format is int4; expected one of int8"):
         jax.block_until_ready(jax.jit(lambda x, s: fake(x, s, format="int4", qmin=np.int32(0), qmax=np.int32(1)))(X, S))
@@ -98,11 +117,15 @@ def test_empty_shapes_return_empty_arrays():
     for shape in [(0, 8), (4, 0), (2, 0, 3)]:
         x = jnp.zeros(shape, jnp.bfloat16)
         s = jnp.ones(shape[:-1], jnp.float32)
-        for out in (bj.quantize_per_token(x, s), bj.fake_quantize_per_token(x, s),
-                    bj.dequantize_per_token(jnp.zeros(shape, jnp.uint8), s)):
+        for out in (
+            bj.quantize_per_token(x, s),
+            bj.fake_quantize_per_token(x, s),
+            bj.dequantize_per_token(jnp.zeros(shape, jnp.uint8), s),
+        ):
             assert out.shape == shape and out.size == 0
 
 
 def test_gpu_kernels_available_means_compiled_and_a_cuda_device():
     from conftest import GPUS
+
     assert bj.gpu_kernels_available() == (bj.HAS_CUDA_KERNELS and bool(GPUS))

@@ -27,6 +27,7 @@ def test_qat_trains_all_three_ways():
 
 def test_qat_with_the_fused_ops_trains():
     import jax.numpy as jnp
+
     data = qat.load()
     for dtype in (None, jnp.int8, jnp.float8_e4m3fn):
         losses, acc = qat_ffn.train(dtype, 150, data=data)

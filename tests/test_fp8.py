@@ -1,28 +1,47 @@
 """float8 outputs: the saturating round-to-nearest-even contract at its edges, and torch as an oracle."""
 
-import numpy as np
+import cases
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
+from test_bitexact import assert_same_bits, run
 
 import baracuda_jax as bj
 from baracuda_jax import specs
-import cases
-from test_bitexact import assert_same_bits, run
 
 E4M3, E5M2 = jnp.float8_e4m3fn, jnp.float8_e5m2
 
 # (x with scale 1, the stored value, whether the straight-through gradient passes)
 EDGES = {
-    E4M3: [(448.0, 448.0, True), (452.0, 448.0, True), (464.0, 448.0, True),  # 464: a tie, 448 is even
-           (464.0625, 448.0, False), (1e6, 448.0, False), (-np.inf, -448.0, False),
-           (1.0625, 1.0, True), (1.1875, 1.25, True),  # ties to even
-           (2.0**-9, 2.0**-9, True), (2.0**-10, 0.0, True), (3 * 2.0**-10, 2.0**-8, True),  # subnormals
-           (-2.0**-11, -0.0, True), (np.nan, np.nan, False)],
-    E5M2: [(57344.0, 57344.0, True), (61439.0, 57344.0, True), (61440.0, 57344.0, False),  # 61440 ties to inf
-           (np.inf, 57344.0, False), (-1e9, -57344.0, False), (1.125, 1.0, True), (1.375, 1.5, True),
-           (2.0**-16, 2.0**-16, True), (2.0**-17, 0.0, True), (3 * 2.0**-17, 2.0**-15, True),
-           (np.nan, np.nan, False)],
+    E4M3: [
+        (448.0, 448.0, True),
+        (452.0, 448.0, True),
+        (464.0, 448.0, True),  # 464: a tie, 448 is even
+        (464.0625, 448.0, False),
+        (1e6, 448.0, False),
+        (-np.inf, -448.0, False),
+        (1.0625, 1.0, True),
+        (1.1875, 1.25, True),  # ties to even
+        (2.0**-9, 2.0**-9, True),
+        (2.0**-10, 0.0, True),
+        (3 * 2.0**-10, 2.0**-8, True),  # subnormals
+        (-(2.0**-11), -0.0, True),
+        (np.nan, np.nan, False),
+    ],
+    E5M2: [
+        (57344.0, 57344.0, True),
+        (61439.0, 57344.0, True),
+        (61440.0, 57344.0, False),  # 61440 ties to inf
+        (np.inf, 57344.0, False),
+        (-1e9, -57344.0, False),
+        (1.125, 1.0, True),
+        (1.375, 1.5, True),
+        (2.0**-16, 2.0**-16, True),
+        (2.0**-17, 0.0, True),
+        (3 * 2.0**-17, 2.0**-15, True),
+        (np.nan, np.nan, False),
+    ],
 }
 
 

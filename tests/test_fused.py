@@ -9,15 +9,15 @@ most before its rounding, and the quantized values agree but for the rare ones a
 boundary, which the tests count and bound. SiLU uses each platform's expf: the same bounds.
 """
 
-import numpy as np
+import cases
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
+from test_bitexact import assert_same_bits, run
 
 import baracuda_jax as bj
 from baracuda_jax import reference as ref
-import cases
-from test_bitexact import assert_same_bits, run
 
 X_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
 FORMATS = (jnp.int8, jnp.float8_e4m3fn, jnp.float8_e5m2)
@@ -88,8 +88,10 @@ def test_rms_norm_matches_reference_bit_for_bit(device, shape, x_dtype, fmt):
 
 def assert_norm_matches_reference(device, x, w, **kw):
     """Both norm ops (quantize and fake-quantize) give the CPU reference's bits."""
-    for ours, theirs in ((bj.rms_norm_quantize_per_token, ref.rms_norm_quantize_per_token),
-                         (bj.rms_norm_fake_quantize_per_token, ref.rms_norm_fake_quantize_per_token)):
+    for ours, theirs in (
+        (bj.rms_norm_quantize_per_token, ref.rms_norm_quantize_per_token),
+        (bj.rms_norm_fake_quantize_per_token, ref.rms_norm_fake_quantize_per_token),
+    ):
         got = run(device, lambda x, w: ours(x, w, **kw), x, w)
         want = run(jax.devices("cpu")[0], lambda x, w: theirs(x, w, **kw), x, w)
         for g, t in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
@@ -165,6 +167,7 @@ def _ste_dynamic(grid):
         s = ref.quantize_per_token_dynamic(h, **grid)[1]
         inside = ref.fake_quantize_per_token_grad(jnp.ones_like(h), h, s, **grid)
         return y, inside
+
     return quantize
 
 
@@ -195,6 +198,7 @@ def test_rms_norm_gradients(device, grid, with_residual):
         def f(x, w, res):
             y, r_out = fn(x, w, res)
             return jnp.sum(y * gy) + jnp.sum(r_out * gr)
+
         return f
 
     ours = loss(lambda x, w, res: bj.rms_norm_fake_quantize_per_token(x, w, residual=res, **grid))
@@ -210,8 +214,9 @@ def test_rms_norm_gradients(device, grid, with_residual):
 def test_silu_mul_gradients(device, grid):
     r = cases.rng()
     a, b, g = (jnp.asarray(r.normal(0, 2, (9, 40)).astype(np.float32)) for _ in range(3))
-    got = run(device, jax.grad(lambda a, b: jnp.sum(bj.silu_mul_fake_quantize_per_token(a, b, **grid) * g),
-                               (0, 1)), a, b)
+    got = run(
+        device, jax.grad(lambda a, b: jnp.sum(bj.silu_mul_fake_quantize_per_token(a, b, **grid) * g), (0, 1)), a, b
+    )
     exp = run(jax.devices("cpu")[0], jax.grad(lambda a, b: jnp.sum(composed_silu(a, b, grid) * g), (0, 1)), a, b)
     for u, v in zip(got, exp):
         np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-4, atol=1e-5)
@@ -225,12 +230,14 @@ def test_static_scale_gets_no_gradient_and_bf16_grads_run(device):
     f = lambda x, w, s: jnp.sum(bj.rms_norm_fake_quantize_per_token(x, w, scale=s)[0].astype(jnp.float32))
     dx, dw, ds = run(device, jax.grad(f, (0, 1, 2)), x, w, s)
     assert dx.dtype == jnp.bfloat16 and dw.dtype == jnp.bfloat16 and not np.asarray(ds).any()
-    da = run(device, jax.grad(lambda a: jnp.sum(bj.silu_mul_fake_quantize_per_token(a, a, scale=s).astype(
-        jnp.float32))), x)
+    da = run(
+        device, jax.grad(lambda a: jnp.sum(bj.silu_mul_fake_quantize_per_token(a, a, scale=s).astype(jnp.float32))), x
+    )
     assert da.dtype == jnp.bfloat16 and np.isfinite(np.asarray(da, np.float32)).all()
 
 
 # ---- transformations ------------------------------------------------------------------------------
+
 
 def test_vmap_is_more_rows_and_per_example_weight_gradients():
     r = cases.rng()
@@ -263,20 +270,29 @@ def test_deterministic_run_to_run(device):
 
 # ---- errors name the argument -------------------------------------------------------------------
 
-@pytest.mark.parametrize("call,match", [
-    (lambda x, w: bj.rms_norm_quantize_per_token(x, w[:5]), r"weight has shape \(5,\).*expected \[D\]"),
-    (lambda x, w: bj.rms_norm_quantize_per_token(x, w.astype(jnp.float16)), "weight .* dtype float16"),
-    (lambda x, w: bj.rms_norm_quantize_per_token(x, w, residual=x[:1]), "residual has shape"),
-    (lambda x, w: bj.rms_norm_quantize_per_token(x, w, residual=x.astype(jnp.bfloat16)), "residual .* bfloat16"),
-    (lambda x, w: bj.rms_norm_quantize_per_token(x, w, eps=0.0), "eps must be a positive"),
-    (lambda x, w: bj.rms_norm_quantize_per_token(x, w, dtype=jnp.uint8), "symmetric=True needs a signed dtype"),
-    (lambda x, w: bj.rms_norm_quantize_per_token(x.astype(jnp.float64), w.astype(jnp.float64)),
-     "x has dtype float64"),
-    (lambda x, w: bj.rms_norm_quantize_per_token(x, w, scale=jnp.ones(4), scale_ub=1.0), "scale_ub bounds a dynamic"),
-    (lambda x, w: bj.rms_norm_quantize_per_token(x, w, scale=jnp.ones(3)), "scale has shape"),
-    (lambda x, w: bj.silu_mul_quantize_per_token(x, x[:, :4]), "b has shape"),
-    (lambda x, w: bj.silu_mul_fake_quantize_per_token(x.astype(jnp.int32), x), "a has dtype int32"),
-])
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda x, w: bj.rms_norm_quantize_per_token(x, w[:5]), r"weight has shape \(5,\).*expected \[D\]"),
+        (lambda x, w: bj.rms_norm_quantize_per_token(x, w.astype(jnp.float16)), "weight .* dtype float16"),
+        (lambda x, w: bj.rms_norm_quantize_per_token(x, w, residual=x[:1]), "residual has shape"),
+        (lambda x, w: bj.rms_norm_quantize_per_token(x, w, residual=x.astype(jnp.bfloat16)), "residual .* bfloat16"),
+        (lambda x, w: bj.rms_norm_quantize_per_token(x, w, eps=0.0), "eps must be a positive"),
+        (lambda x, w: bj.rms_norm_quantize_per_token(x, w, dtype=jnp.uint8), "symmetric=True needs a signed dtype"),
+        (
+            lambda x, w: bj.rms_norm_quantize_per_token(x.astype(jnp.float64), w.astype(jnp.float64)),
+            "x has dtype float64",
+        ),
+        (
+            lambda x, w: bj.rms_norm_quantize_per_token(x, w, scale=jnp.ones(4), scale_ub=1.0),
+            "scale_ub bounds a dynamic",
+        ),
+        (lambda x, w: bj.rms_norm_quantize_per_token(x, w, scale=jnp.ones(3)), "scale has shape"),
+        (lambda x, w: bj.silu_mul_quantize_per_token(x, x[:, :4]), "b has shape"),
+        (lambda x, w: bj.silu_mul_fake_quantize_per_token(x.astype(jnp.int32), x), "a has dtype int32"),
+    ],
+)
 def test_errors_name_the_argument(call, match):
     x, w = jnp.ones((4, 16), jnp.float32), jnp.ones((16,), jnp.float32)
     with pytest.raises((TypeError, ValueError), match=match):

@@ -1,15 +1,16 @@
 """GPU-only: the CUDA kernels against the CPU kernels, and 64-bit indexing. Skipped without a GPU."""
 
-import numpy as np
+import cases
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
-
-import baracuda_jax as bj
-from baracuda_jax import reference as ref, specs
-import cases
 from conftest import GPUS, assert_captured, requires_gpu
 from test_bitexact import CASES, assert_same_bits, compare
+
+import baracuda_jax as bj
+from baracuda_jax import reference as ref
+from baracuda_jax import specs
 
 pytestmark = requires_gpu
 
@@ -58,7 +59,7 @@ def test_cuda_handlers_are_captured_in_command_buffers():
 
     @jax.jit
     def layers(x, s):  # a sequence long enough for XLA to form a command buffer
-        for i in range(8):
+        for _i in range(8):
             x = bj.fake_quantize_per_token(x * 1.01, s)
         return bj.quantize_per_token(x, s)
 
@@ -69,6 +70,7 @@ def test_cuda_handlers_are_captured_in_command_buffers():
 @pytest.mark.parametrize("shape", [(1, 1), (5, 4097), (64, 16384), (3, 40000), FILLING[0]], ids=str)
 def test_cpu_and_gpu_dynamic_kernels_agree(shape, x_dtype):
     from test_dynamic import GRIDS, dynamic_input
+
     x = dynamic_input(cases.rng(), shape, x_dtype, subnormals=True)
     for q_dtype, symmetric in GRIDS:
         kw = dict(dtype=q_dtype, symmetric=symmetric)
@@ -87,17 +89,21 @@ def test_cpu_and_gpu_fused_norm_agree(shape, x_dtype):
     """Integer-valued rows (exact sums of squares): the forward, and d(weight), bit for bit on both
     devices; dx to the rounding of its row sum (the two backends add it in different orders)."""
     from test_fused import integer_valued, weight_of
+
     r = cases.rng()
     x, res = integer_valued(r, shape, x_dtype), integer_valued(r, shape, x_dtype, specials=False)
     w = weight_of(r, shape[-1], x_dtype)
     for fmt in (jnp.int8, jnp.float8_e4m3fn):
         for fn in (bj.rms_norm_quantize_per_token, bj.rms_norm_fake_quantize_per_token):
-            for g, c in zip(jax.tree.leaves(on("gpu", fn, x, w, residual=res, dtype=fmt)),
-                            jax.tree.leaves(on("cpu", fn, x, w, residual=res, dtype=fmt))):
+            for g, c in zip(
+                jax.tree.leaves(on("gpu", fn, x, w, residual=res, dtype=fmt)),
+                jax.tree.leaves(on("cpu", fn, x, w, residual=res, dtype=fmt)),
+            ):
                 assert_same_bits(g, c)
     gy = jnp.asarray(r.normal(size=shape).astype(np.float32)).astype(x_dtype)
-    loss = lambda x, w, res: jnp.sum((bj.rms_norm_fake_quantize_per_token(x, w, residual=res)[0] * gy)
-                                     .astype(jnp.float32))
+    loss = lambda x, w, res: jnp.sum(
+        (bj.rms_norm_fake_quantize_per_token(x, w, residual=res)[0] * gy).astype(jnp.float32)
+    )
     clean = jnp.where(jnp.isfinite(x), x, 1).astype(x_dtype)
     (dx_g, dw_g), (dx_c, dw_c) = (on(d, jax.grad(loss, (0, 1)), clean, w, res) for d in ("gpu", "cpu"))
     assert_same_bits(dw_g, dw_c)
@@ -108,6 +114,7 @@ def test_cpu_and_gpu_fused_norm_agree(shape, x_dtype):
 def test_cpu_and_gpu_silu_mul_agree(shape):
     """Each backend's expf: the quantized values agree but at rounding boundaries (test_fused's bound)."""
     from test_fused import assert_close_quantized
+
     r = cases.rng()
     a, b = (jnp.asarray(r.normal(0, 3, shape).astype(np.float32)).astype(jnp.bfloat16) for _ in range(2))
     for fmt in (jnp.int8, jnp.float8_e4m3fn):
@@ -133,6 +140,7 @@ def test_fused_handlers_are_captured_in_command_buffers():
                 y, h = bj.rms_norm_fake_quantize_per_token(h, w, residual=x)
                 h = bj.silu_mul_fake_quantize_per_token(y, h)
             return jnp.sum(h.astype(jnp.float32))
+
         return jax.grad(loss, (0, 1))(x, w)
 
     assert_captured(step, (x, w), custom_calls=16)

@@ -1,13 +1,13 @@
 """Derivatives: the straight-through estimator, scale gradients, and the transforms around them."""
 
-import numpy as np
+import cases
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.test_util import check_grads
 
 import baracuda_jax as bj
 from baracuda_jax import specs
-import cases
 
 
 def _ste_mask(x, scale, zp, qmin, qmax):

@@ -1,15 +1,15 @@
 """Per-token-group quantization: bit for bit the per-token dynamic ops on x.reshape(..., D // g, g)."""
 
-import numpy as np
+import cases
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
+from test_bitexact import assert_same_bits, run
+from test_dynamic import dynamic_input
 
 import baracuda_jax as bj
 from baracuda_jax import reference as ref
-import cases
-from test_bitexact import assert_same_bits, run
-from test_dynamic import dynamic_input
 
 FORMATS = (jnp.float8_e4m3fn, jnp.float8_e5m2, jnp.int8)
 # Rows of 1 to a few groups, odd leading dims, a tensor of many short groups, an empty one.
@@ -41,10 +41,14 @@ def test_matches_composition_and_reference(device, shape, x_dtype, dtype, group_
     if not (device.platform == "gpu" and x_dtype == jnp.float64 and dtype != jnp.int8):
         for g, w in zip(got, run(device, ref.quantize_per_token_group, x, group_size=group_size, **kw)):
             assert_same_bits(g, w)
-        assert_same_bits(run(device, bj.fake_quantize_per_token_group, x, group_size=group_size, **kw),
-                         run(device, ref.fake_quantize_per_token_group, x, group_size=group_size, **kw))
-    assert_same_bits(run(device, bj.dequantize_per_token_group, *got, dtype=x_dtype),
-                     run(device, ref.dequantize_per_token_group, *got, dtype=x_dtype))
+        assert_same_bits(
+            run(device, bj.fake_quantize_per_token_group, x, group_size=group_size, **kw),
+            run(device, ref.fake_quantize_per_token_group, x, group_size=group_size, **kw),
+        )
+    assert_same_bits(
+        run(device, bj.dequantize_per_token_group, *got, dtype=x_dtype),
+        run(device, ref.dequantize_per_token_group, *got, dtype=x_dtype),
+    )
 
 
 @pytest.mark.parametrize("dtype", FORMATS, ids=lambda d: d.__name__)
@@ -55,8 +59,10 @@ def test_column_layout_and_pow2(device, dtype):
     assert sc.shape == (4, 4, 33)
     assert_same_bits(qc, q)
     assert_same_bits(sc, jnp.swapaxes(s, -1, -2))
-    assert_same_bits(run(device, bj.dequantize_per_token_group, qc, sc, dtype=jnp.float32, scale_layout="column"),
-                     run(device, bj.dequantize_per_token_group, q, s, dtype=jnp.float32))
+    assert_same_bits(
+        run(device, bj.dequantize_per_token_group, qc, sc, dtype=jnp.float32, scale_layout="column"),
+        run(device, bj.dequantize_per_token_group, q, s, dtype=jnp.float32),
+    )
 
     q2, s2 = run(device, bj.quantize_per_token_group, x, group_size=128, dtype=dtype, pow2_scale=True)
     s, s2 = np.asarray(s), np.asarray(s2)
@@ -65,12 +71,14 @@ def test_column_layout_and_pow2(device, dtype):
     assert (s2 >= s).all() and (s2 < 2 * s).all(), "rounded up, by less than a factor of two"
     # 1/scale is exact, so the dequantized values are q times a power of two
     y = np.asarray(run(device, bj.dequantize_per_token_group, q2, s2, dtype=jnp.float32))
-    np.testing.assert_array_equal(y, np.asarray(q2).astype(np.float32).reshape(4, 33, 4, 128)
-                                  .__mul__(s2[..., None]).reshape(y.shape))
+    np.testing.assert_array_equal(
+        y, np.asarray(q2).astype(np.float32).reshape(4, 33, 4, 128).__mul__(s2[..., None]).reshape(y.shape)
+    )
 
 
 def test_pow2_ceil_edges():
     from baracuda_jax._range import pow2_ceil
+
     s = np.array([1.0, 0.75, 3.0, 2.0**-126 * 1.5, 3e38, np.inf, 2.0**-140, 3 * 2.0**-149, 2.0**-149], np.float32)
     want = np.array([1.0, 1.0, 4.0, 2.0**-125, np.inf, np.inf, 2.0**-140, 4 * 2.0**-149, 2.0**-149], np.float32)
     np.testing.assert_array_equal(np.asarray(pow2_ceil(jnp.asarray(s))), want)
@@ -100,19 +108,26 @@ def test_vmap_and_jit():
     assert_same_bits(s, s2)
 
 
-@pytest.mark.parametrize("call,match", [
-    (lambda x: bj.quantize_per_token_group(x[:, :100]), "multiple of group_size=128"),
-    (lambda x: bj.quantize_per_token_group(x, 96), "group_size must be one of"),
-    (lambda x: bj.quantize_per_token_group(x, True), "group_size must be one of"),
-    (lambda x: bj.quantize_per_token_group(x, dtype=jnp.uint8), "symmetrically"),
-    (lambda x: bj.quantize_per_token_group(x[0], scale_layout="column"), "rank >= 2"),
-    (lambda x: bj.quantize_per_token_group(x, scale_layout="col"), "scale_layout must be one of"),
-    (lambda x: bj.fake_quantize_per_token_group(x, dtype=jnp.int8, pow2_scale=1), "pow2_scale must be a bool"),
-    (lambda x: bj.dequantize_per_token_group(x.astype(jnp.int8), jnp.ones((4, 3)), dtype=jnp.float32),
-     "G dividing D"),
-    (lambda x: bj.quantize_per_token_dynamic(x, dtype=jnp.uint8, symmetric=False, pow2_scale=True),
-     "pow2_scale applies to symmetric"),
-])
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda x: bj.quantize_per_token_group(x[:, :100]), "multiple of group_size=128"),
+        (lambda x: bj.quantize_per_token_group(x, 96), "group_size must be one of"),
+        (lambda x: bj.quantize_per_token_group(x, True), "group_size must be one of"),
+        (lambda x: bj.quantize_per_token_group(x, dtype=jnp.uint8), "symmetrically"),
+        (lambda x: bj.quantize_per_token_group(x[0], scale_layout="column"), "rank >= 2"),
+        (lambda x: bj.quantize_per_token_group(x, scale_layout="col"), "scale_layout must be one of"),
+        (lambda x: bj.fake_quantize_per_token_group(x, dtype=jnp.int8, pow2_scale=1), "pow2_scale must be a bool"),
+        (
+            lambda x: bj.dequantize_per_token_group(x.astype(jnp.int8), jnp.ones((4, 3)), dtype=jnp.float32),
+            "G dividing D",
+        ),
+        (
+            lambda x: bj.quantize_per_token_dynamic(x, dtype=jnp.uint8, symmetric=False, pow2_scale=True),
+            "pow2_scale applies to symmetric",
+        ),
+    ],
+)
 def test_errors(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call(jnp.ones((4, 256), jnp.float32))

@@ -1,14 +1,15 @@
 """Learned scale (LSQ): the scale gradient of fake_quantize_per_token(..., learnable_scale=True)."""
 
-import numpy as np
+import cases
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
+from test_bitexact import assert_same_bits
 
 import baracuda_jax as bj
-from baracuda_jax import reference as ref, specs
-import cases
-from test_bitexact import assert_same_bits
+from baracuda_jax import reference as ref
+from baracuda_jax import specs
 
 
 def _case(r, shape, x_dtype, with_zp):
@@ -57,8 +58,9 @@ def test_lsq_matches_autodiff_and_finite_differences():
     _, ds = _grads(jax.devices("cpu")[0], x, s, zp, g)
     np.testing.assert_allclose(np.asarray(ds), np.asarray(jax.grad(surrogate)(s)), rtol=1e-10, atol=1e-10)
     eps = 1e-7 * np.asarray(s)
-    fd = np.array([(surrogate(s.at[i].add(eps[i])) - surrogate(s.at[i].add(-eps[i]))) / (2 * eps[i])
-                   for i in range(s.size)])
+    fd = np.array(
+        [(surrogate(s.at[i].add(eps[i])) - surrogate(s.at[i].add(-eps[i]))) / (2 * eps[i]) for i in range(s.size)]
+    )
     np.testing.assert_allclose(np.asarray(ds), fd, rtol=1e-5, atol=1e-5)
 
 

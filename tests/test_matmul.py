@@ -11,16 +11,18 @@ at most 2**-12.6 at K = 48-64 and 2**-15.6 at K = 4096 (test_gpu_float8_accumula
 
 import re
 
-import numpy as np
+import cases
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from conftest import GPUS, assert_captured, requires_gpu
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import baracuda_jax as bj
-from baracuda_jax import matmul, reference as ref
-import cases
-from conftest import GPUS, assert_captured, requires_gpu
+from baracuda_jax import matmul
+from baracuda_jax import reference as ref
 
 DTYPES = [jnp.int8, jnp.float8_e4m3fn]
 OUT_DTYPES = [jnp.bfloat16, jnp.float16, jnp.float32]
@@ -36,8 +38,12 @@ def operands(rng, m_shape, k, n, dtype):
     else:
         a, b = rng.normal(0, 64, (*m_shape, k)).clip(-448, 448), rng.normal(0, 64, (k, n)).clip(-448, 448)
     scale = lambda shape: (10.0 ** rng.uniform(-4, -2, shape)).astype(np.float32)
-    return (jnp.asarray(a.astype(np.float32)).astype(dtype), jnp.asarray(scale(m_shape)),
-            jnp.asarray(b.astype(np.float32)).astype(dtype), jnp.asarray(scale((n,))))
+    return (
+        jnp.asarray(a.astype(np.float32)).astype(dtype),
+        jnp.asarray(scale(m_shape)),
+        jnp.asarray(b.astype(np.float32)).astype(dtype),
+        jnp.asarray(scale((n,))),
+    )
 
 
 def blockwise_operands(rng, m_shape, k, n, dtype):
@@ -86,8 +92,11 @@ def test_against_float64(device, m_shape, k, n, dtype, out_dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("m_shape,k,n", [((1,), 128, 128), ((7,), 384, 256), ((2, 5), 512, 384), ((33,), 1024, 128),
-                                         ((1000,), 256, 512)], ids=str)
+@pytest.mark.parametrize(
+    "m_shape,k,n",
+    [((1,), 128, 128), ((7,), 384, 256), ((2, 5), 512, 384), ((33,), 1024, 128), ((1000,), 256, 512)],
+    ids=str,
+)
 def test_blockwise_against_float64(device, m_shape, k, n, dtype, out_dtype):
     """1 x 128 and 128 x 128 scales: float8 takes cuBLASLt's blockwise modes on the GPU (K / 128 = 3
     pads b_scale's columns; M = 33 leaves a_scale's rows unaligned); int8 the reference. Each block's
@@ -164,8 +173,11 @@ def test_errors_name_the_argument():
         (dict(b_scale=b_scale[None]), ValueError, "blockwise scales need K and N to be multiples of 128; got K=32"),
         (dict(b_scale=b_scale.astype(jnp.int32)), TypeError, "b_scale has dtype int32"),
         (dict(out_dtype=jnp.int8), TypeError, "out_dtype has dtype int8"),
-        (dict(residual=jnp.zeros((4, 16), jnp.float32)), ValueError,
-         "residual has shape \\(4, 16\\) and dtype float32"),
+        (
+            dict(residual=jnp.zeros((4, 16), jnp.float32)),
+            ValueError,
+            "residual has shape \\(4, 16\\) and dtype float32",
+        ),
     ]
     for change, error, message in bad:
         kw = dict(a=a, a_scale=a_scale, b=b, b_scale=b_scale, out_dtype=jnp.bfloat16) | change
@@ -221,8 +233,10 @@ def test_cuda_lowering_blockwise(monkeypatch):
     text = _cuda_text(monkeypatch, a, a_scale, b, b_scale)
     call = next(line for line in text.splitlines() if "custom_call @baracuda_scaled_matmul" in line)
     assert "tensor<1x2x6x384xf8E4M3FN>, tensor<1x2x6x3xf32>" in call
-    assert "operand_layouts = [dense<[3, 2, 1, 0]> : tensor<4xindex>, dense<[2, 1, 0, 3]> : tensor<4xindex>, " \
-           "dense<[0, 1]> : tensor<2xindex>, dense<[0, 1]> : tensor<2xindex>]" in call
+    assert (
+        "operand_layouts = [dense<[3, 2, 1, 0]> : tensor<4xindex>, dense<[2, 1, 0, 3]> : tensor<4xindex>, "
+        "dense<[0, 1]> : tensor<2xindex>, dense<[0, 1]> : tensor<2xindex>]" in call
+    )
     assert "need_replication={l, m, n, o, p}" in call
     int8 = _cuda_text(monkeypatch, a.astype(jnp.int8), a_scale, b.astype(jnp.int8), b_scale)
     assert "baracuda_scaled_matmul" not in int8 and "dot_general" in int8
@@ -263,8 +277,9 @@ def test_gpu_is_deterministic_and_captured_in_command_buffers():
     a, a_scale, b, b_scale = jax.device_put(operands(cases.rng(), (256,), 1024, 1024, jnp.float8_e4m3fn), GPUS[0])
     ai, ai_scale, bi, bi_scale = jax.device_put(operands(cases.rng(), (256,), 1024, 1024, jnp.int8), GPUS[0])
     # blockwise, K / 128 = 5: b_scale is padded in the workspace, a copy the graph must hold too
-    ab, ab_scale, bb, bb_scale = jax.device_put(blockwise_operands(cases.rng(), (256,), 640, 1024,
-                                                                   jnp.float8_e4m3fn), GPUS[0])
+    ab, ab_scale, bb, bb_scale = jax.device_put(
+        blockwise_operands(cases.rng(), (256,), 640, 1024, jnp.float8_e4m3fn), GPUS[0]
+    )
 
     @jax.jit
     def layers(a, ai, ab):

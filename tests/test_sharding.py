@@ -2,17 +2,17 @@
 
 import re
 
-import numpy as np
-
+import cases
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from test_bitexact import assert_same_bits
 
 import baracuda_jax as bj
 from baracuda_jax import specs
-import cases
-from test_bitexact import assert_same_bits
 
 CPUS = jax.devices("cpu")
 pytestmark = pytest.mark.skipif(len(CPUS) < 4, reason="needs 4 host devices (jax_num_cpu_devices)")
@@ -39,7 +39,7 @@ def _ops(shape):
 
 def _put(args, mesh, spec):
     """Shards each operand: the [..., D] ones by `spec`, the per-row ones by its leading part."""
-    return tuple(jax.device_put(a, NamedSharding(mesh, P(*spec[:a.ndim]))) for a in args)
+    return tuple(jax.device_put(a, NamedSharding(mesh, P(*spec[: a.ndim]))) for a in args)
 
 
 @pytest.mark.parametrize("mesh_shape", [(1, 4), (2, 2), (4, 1)], ids=str)
@@ -57,7 +57,7 @@ def test_token_sharding_is_local_and_bit_equal(mesh_shape):
 def test_d_sharding_gives_correct_results():
     """x sharded along D: the batch partitioner gathers D (the dynamic ops need whole rows anyway)."""
     mesh = jax.make_mesh((2, 2), ("a", "b"), devices=CPUS[:4])
-    for name, fn, args in _ops((8, 6, 40)):
+    for _name, fn, args in _ops((8, 6, 40)):
         sharded = _put(args, mesh, ("a", None, "b"))
         for got, want in zip(jax.tree.leaves(jax.jit(fn)(*sharded)), jax.tree.leaves(jax.jit(fn)(*args))):
             assert_same_bits(got, want)
@@ -72,43 +72,77 @@ def test_uneven_token_shards():
         x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P("a")))
         return bj.quantize_per_token(x, s), bj.quantize_per_token_dynamic(x)
 
-    for got, want in zip(jax.tree.leaves(f(x, s)), jax.tree.leaves(jax.jit(lambda x, s: (
-            bj.quantize_per_token(x, s), bj.quantize_per_token_dynamic(x)))(x, s))):
+    for got, want in zip(
+        jax.tree.leaves(f(x, s)),
+        jax.tree.leaves(jax.jit(lambda x, s: (bj.quantize_per_token(x, s), bj.quantize_per_token_dynamic(x)))(x, s)),
+    ):
         assert_same_bits(got, want)
 
 
 def test_inside_shard_map():
     mesh = jax.make_mesh((4,), ("a",), devices=CPUS[:4], axis_types=(jax.sharding.AxisType.Auto,))
     x, s, zp = (_inputs((8, 40))[k] for k in ("x", "scale", "zero_point"))
-    f = jax.jit(jax.shard_map(lambda x, s, zp: bj.fake_quantize_per_token(x, s, zp), mesh=mesh,
-                              in_specs=(P("a"), P("a"), P("a")), out_specs=P("a")))
+    f = jax.jit(
+        jax.shard_map(
+            lambda x, s, zp: bj.fake_quantize_per_token(x, s, zp),
+            mesh=mesh,
+            in_specs=(P("a"), P("a"), P("a")),
+            out_specs=P("a"),
+        )
+    )
     assert_same_bits(f(x, s, zp), bj.fake_quantize_per_token(x, s, zp))
-    grad = jax.jit(jax.shard_map(jax.grad(lambda x: bj.fake_quantize_per_token_dynamic(x).astype(jnp.float32).sum()),
-                                 mesh=mesh, in_specs=P("a"), out_specs=P("a")))
+    grad = jax.jit(
+        jax.shard_map(
+            jax.grad(lambda x: bj.fake_quantize_per_token_dynamic(x).astype(jnp.float32).sum()),
+            mesh=mesh,
+            in_specs=P("a"),
+            out_specs=P("a"),
+        )
+    )
     assert_same_bits(grad(x), jax.grad(lambda x: bj.fake_quantize_per_token_dynamic(x).astype(jnp.float32).sum())(x))
 
 
-@pytest.mark.parametrize("q_dtype,symmetric", [(jnp.int8, True), (jnp.int8, False), (jnp.uint8, False),
-                                               (jnp.float8_e4m3fn, True)])
+@pytest.mark.parametrize(
+    "q_dtype,symmetric", [(jnp.int8, True), (jnp.int8, False), (jnp.uint8, False), (jnp.float8_e4m3fn, True)]
+)
 @pytest.mark.parametrize("x_dtype", [jnp.bfloat16, jnp.float32], ids=lambda d: jnp.dtype(d).name)
 def test_dynamic_with_axis_name_over_a_split_d(x_dtype, q_dtype, symmetric):
     """D split four ways inside shard_map: local ranges + pmin/pmax give the whole row's bits, no gather."""
     from test_dynamic import dynamic_input
+
     mesh = jax.make_mesh((4,), ("d",), devices=CPUS[:4], axis_types=(jax.sharding.AxisType.Auto,))
     x = dynamic_input(cases.rng(), (9, 4 * 1001), x_dtype, subnormals=False)  # shards of 1001: odd
     kw = dict(dtype=q_dtype, symmetric=symmetric)
-    split = jax.jit(jax.shard_map(lambda x: bj.quantize_per_token_dynamic(x, axis_name="d", **kw), mesh=mesh,
-                                  in_specs=P(None, "d"), out_specs=(P(None, "d"), P(), P())))
+    split = jax.jit(
+        jax.shard_map(
+            lambda x: bj.quantize_per_token_dynamic(x, axis_name="d", **kw),
+            mesh=mesh,
+            in_specs=P(None, "d"),
+            out_specs=(P(None, "d"), P(), P()),
+        )
+    )
     for got, want in zip(split(x), bj.quantize_per_token_dynamic(x, **kw)):
         assert_same_bits(got, want)
     assert "all-gather" not in split.lower(x).compile().as_text()
 
     loss = lambda f: lambda x: f(x).astype(jnp.float32).sum()
-    grad = jax.jit(jax.shard_map(jax.grad(loss(lambda x: bj.fake_quantize_per_token_dynamic(x, axis_name="d", **kw))),
-                                 mesh=mesh, in_specs=P(None, "d"), out_specs=P(None, "d")))
+    grad = jax.jit(
+        jax.shard_map(
+            jax.grad(loss(lambda x: bj.fake_quantize_per_token_dynamic(x, axis_name="d", **kw))),
+            mesh=mesh,
+            in_specs=P(None, "d"),
+            out_specs=P(None, "d"),
+        )
+    )
     assert_same_bits(grad(x), jax.grad(loss(lambda x: bj.fake_quantize_per_token_dynamic(x, **kw)))(x))
-    y = jax.jit(jax.shard_map(lambda x: bj.fake_quantize_per_token_dynamic(x, axis_name="d", **kw), mesh=mesh,
-                              in_specs=P(None, "d"), out_specs=P(None, "d")))(x)
+    y = jax.jit(
+        jax.shard_map(
+            lambda x: bj.fake_quantize_per_token_dynamic(x, axis_name="d", **kw),
+            mesh=mesh,
+            in_specs=P(None, "d"),
+            out_specs=P(None, "d"),
+        )
+    )(x)
     assert_same_bits(y, bj.fake_quantize_per_token_dynamic(x, **kw))
 
 
@@ -124,17 +158,20 @@ def test_fused_ops_token_sharded(shape, spec):
     w = jnp.asarray(r.uniform(0.5, 1.5, 64).astype(np.float32)).astype(jnp.bfloat16)
     rows = NamedSharding(mesh, P(*spec))
     xs, rs = jax.device_put(x, rows), jax.device_put(res, rows)
-    forward = [lambda x, r: bj.rms_norm_quantize_per_token(x, w, residual=r, dtype=jnp.float8_e4m3fn),
-               lambda x, r: bj.rms_norm_fake_quantize_per_token(x, w, residual=r),
-               lambda x, r: bj.silu_mul_quantize_per_token(x, r),
-               lambda x, r: bj.silu_mul_fake_quantize_per_token(x, r, scale=jnp.full(x.shape[:-1], 0.05))]
+    forward = [
+        lambda x, r: bj.rms_norm_quantize_per_token(x, w, residual=r, dtype=jnp.float8_e4m3fn),
+        lambda x, r: bj.rms_norm_fake_quantize_per_token(x, w, residual=r),
+        lambda x, r: bj.silu_mul_quantize_per_token(x, r),
+        lambda x, r: bj.silu_mul_fake_quantize_per_token(x, r, scale=jnp.full(x.shape[:-1], 0.05)),
+    ]
     for fn in forward:
         f = jax.jit(fn)
         assert not COLLECTIVES.search(f.lower(xs, rs).compile().as_text())
         for got, want in zip(jax.tree.leaves(f(xs, rs)), jax.tree.leaves(f(x, res))):
             assert_same_bits(got, want)
-    loss = lambda x, w, r: sum(jnp.sum(t.astype(jnp.float32) ** 2)
-                               for t in bj.rms_norm_fake_quantize_per_token(x, w, residual=r))
+    loss = lambda x, w, r: sum(
+        jnp.sum(t.astype(jnp.float32) ** 2) for t in bj.rms_norm_fake_quantize_per_token(x, w, residual=r)
+    )
     grad = jax.jit(jax.grad(loss, (0, 1, 2)))
     for got, want in zip(grad(xs, w, rs), grad(x, w, res)):
         assert_same_bits(got, want)

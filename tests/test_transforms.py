@@ -1,23 +1,25 @@
 """The transforms a training loop uses, and export."""
 
-import numpy as np
+import cases
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
+from test_bitexact import assert_same_bits
 
 import baracuda_jax as bj
 from baracuda_jax import export as bj_export
-import cases
-from test_bitexact import assert_same_bits
 
 
 def _mlp(params, x):
     """A stack of quantization-aware layers, run with lax.scan over the layer axis."""
+
     def layer(h, w):
         h = jax.nn.relu(bj.fake_quantize_per_token_dynamic(h) @ w)
         return h, None
+
     h, _ = jax.lax.scan(layer, x, params)
-    return jnp.mean(h ** 2)
+    return jnp.mean(h**2)
 
 
 def _setup():
