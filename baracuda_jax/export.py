@@ -10,6 +10,8 @@ these targets only:
     jax.export.deserialize(blob).call(x)   # needs `import baracuda_jax` (it registers the targets)
 """
 
+from collections.abc import Callable, Sequence
+
 import jax
 
 from baracuda_jax import primitives
@@ -18,13 +20,29 @@ from baracuda_jax import primitives
 TARGETS = frozenset(primitives.target_of(d) for d in primitives.DECLARED.values())
 
 
-def disabled_checks():
+def disabled_checks() -> list[jax.export.DisabledSafetyCheck]:
     """The safety checks to disable for our custom calls, and only for them."""
     return [jax.export.DisabledSafetyCheck.custom_call(name) for name in TARGETS]
 
 
-def export(fun, *, platforms=("cpu", "cuda"), disabled_checks_=(), **kwargs):
-    """`jax.export.export` with our custom calls allowed; `fun` is a `jax.jit`-wrapped function."""
+def export(
+    fun: Callable,
+    *,
+    platforms: Sequence[str] = ("cpu", "cuda"),
+    disabled_checks_: Sequence[jax.export.DisabledSafetyCheck] = (),
+    **kwargs,
+) -> Callable[..., jax.export.Exported]:
+    """:func:`jax.export.export` with our custom calls allowed.
+
+    Args:
+      fun: a ``jax.jit``-wrapped function.
+      platforms: the platforms to export for.
+      disabled_checks_: further safety checks to disable.
+      **kwargs: passed on to :func:`jax.export.export`.
+
+    Returns:
+      A function that takes the arguments (or their shapes) and returns the ``jax.export.Exported``.
+    """
     return jax.export.export(
         fun, platforms=platforms, disabled_checks=[*disabled_checks(), *disabled_checks_], **kwargs
     )

@@ -1,5 +1,6 @@
 """The fused producer + quantizer ops: RMSNorm (with a residual add) or a SiLU-gated product, then the
-per-token quantizer, in one pass over each row, forward and backward (csrc/producers.h).
+per-token quantizer, in one pass over each row, forward and backward (csrc/contract/producers.h).
+Declarations, shape rules, public functions and derivative rules.
 
 Inside a jitted step a custom call is a fusion barrier: XLA fuses jnp quantization into the norm or
 activation that produces its input, which an unfused kernel cannot. These ops take the producer in.
@@ -13,6 +14,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike, DTypeLike
 
 from baracuda_jax import _checks
 from baracuda_jax._checks import row_qparams
@@ -193,16 +195,39 @@ def _norm_forward(x, weight, residual, scale, params):
 
 
 def rms_norm_quantize_per_token(
-    x, weight, *, residual=None, eps=1e-6, scale=None, dtype=jnp.int8, scale_ub=None, qmin=None, qmax=None
-):
-    """(q, scale, residual_out): r = x + residual (rounded to x's dtype; x when residual is None),
-    h = r * rsqrt(mean(r^2) + eps) * weight (in float32, rounded to x's dtype), then the per-token
-    quantization of h: by the given per-row `scale`, or dynamic (scale = min(amax, scale_ub) / qmax).
+    x: ArrayLike,
+    weight: ArrayLike,
+    *,
+    residual: ArrayLike | None = None,
+    eps: float = 1e-6,
+    scale: ArrayLike | None = None,
+    dtype: DTypeLike = jnp.int8,
+    scale_ub: float | None = None,
+    qmin: int | None = None,
+    qmax: int | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A residual add, RMSNorm and the per-token quantizer, in one pass over each row.
 
-    x: [..., D] float16/bfloat16/float32; weight: [D] of x's dtype; residual like x. dtype: int8 or a
-    float8 format (symmetric); qmin/qmax narrow int8's grid (qmin < 0 < qmax; dynamic: scale =
-    amax * (1/qmax)). One pass over each row (vLLM's rms_norm_dynamic_per_token_quant).
-    An inference op: to train, use rms_norm_fake_quantize_per_token.
+    ``r = x + residual`` (rounded to x's dtype; ``x`` without a residual), ``h = r * rsqrt(mean(r^2)
+    + eps) * weight`` (in float32, rounded to x's dtype), then h quantized per row, by the static
+    ``scale`` or dynamically (vLLM's ``rms_norm_dynamic_per_token_quant``). An inference op: to
+    train, use :func:`rms_norm_fake_quantize_per_token`.
+
+    Args:
+      x: ``[..., D]`` float16, bfloat16 or float32.
+      weight: the norm's ``[D]`` weight, in x's dtype.
+      residual: like ``x``, added to it first; None for none.
+      eps: a positive float inside the square root.
+      scale: a static scale, one per row (``x.shape[:-1]``, or with a trailing 1); None: dynamic,
+        ``scale = min(amax, scale_ub) * (1/qmax)`` from each row of ``h``.
+      dtype: int8, float8_e4m3fn or float8_e5m2 (symmetric grids).
+      scale_ub: bounds a dynamic scale's amax (a positive float); not with a static scale.
+      qmin: a narrower int8 grid's lower bound (4-bit activations: -8); ``qmin < 0 < qmax``.
+      qmax: its upper bound (7).
+
+    Returns:
+      ``(q, scale, residual_out)``: ``q`` like ``x`` in ``dtype``; ``scale`` ``x.shape[:-1]`` float32;
+      ``residual_out`` = ``r``, the new residual stream, like ``x``.
     """
     op = "rms_norm_quantize_per_token"
     x, weight, residual, scale, params = _norm_call(
@@ -212,15 +237,38 @@ def rms_norm_quantize_per_token(
 
 
 def rms_norm_fake_quantize_per_token(
-    x, weight, *, residual=None, eps=1e-6, scale=None, dtype=jnp.int8, scale_ub=None, qmin=None, qmax=None
-):
-    """(y, residual_out), y = dequantize(quantize(h)) in x's dtype, h and residual_out as in
-    rms_norm_quantize_per_token.
+    x: ArrayLike,
+    weight: ArrayLike,
+    *,
+    residual: ArrayLike | None = None,
+    eps: float = 1e-6,
+    scale: ArrayLike | None = None,
+    dtype: DTypeLike = jnp.int8,
+    scale_ub: float | None = None,
+    qmin: int | None = None,
+    qmax: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """:func:`rms_norm_quantize_per_token`, dequantized to x's dtype, and differentiable.
 
-    Differentiable in x, weight and residual: exact through the add and the norm, straight-through
-    for the quantizer (g passes where h was not clipped), no gradient to the scale. The backward is
-    one pass over the rows; d(weight) sums each group of rows in order, then the groups in a fixed
-    order (csrc/producers.h).
+    Differentiable in ``x``, ``weight`` and ``residual``: exact through the add and the norm,
+    straight-through for the quantizer (``g`` passes where ``h`` was not clipped), no gradient to the
+    scale. The backward is one pass over the rows; d(weight) adds each group of rows in order, then
+    the groups in a fixed order.
+
+    Args:
+      x: ``[..., D]`` float16, bfloat16 or float32.
+      weight: the norm's ``[D]`` weight, in x's dtype.
+      residual: like ``x``, added to it first; None for none.
+      eps: a positive float inside the square root.
+      scale: a static scale, one per row (``x.shape[:-1]``, or with a trailing 1); None: dynamic,
+        ``scale = min(amax, scale_ub) * (1/qmax)`` from each row of ``h``.
+      dtype: int8, float8_e4m3fn or float8_e5m2 (symmetric grids).
+      scale_ub: bounds a dynamic scale's amax (a positive float); not with a static scale.
+      qmin: a narrower int8 grid's lower bound (4-bit activations: -8); ``qmin < 0 < qmax``.
+      qmax: its upper bound (7).
+
+    Returns:
+      ``(y, residual_out)``: ``y = dequantize(quantize(h))`` like ``x``; ``residual_out`` = ``r``.
     """
     op = "rms_norm_fake_quantize_per_token"
     x, weight, residual, scale, params = _norm_call(
@@ -286,18 +334,67 @@ def _silu_forward(a, b, scale, params):
     return out, s[0] if s else scale[0]
 
 
-def silu_mul_quantize_per_token(a, b, *, scale=None, dtype=jnp.int8, scale_ub=None, qmin=None, qmax=None):
-    """(q, scale): h = silu(a) * b (in float32, silu(a) = a * (1 / (1 + exp(-a))), rounded to a's dtype),
-    then the per-token quantization of h, static or dynamic as in rms_norm_quantize_per_token.
-    The gated activation of a SwiGLU FFN and the quantizer before its down projection, one pass."""
+def silu_mul_quantize_per_token(
+    a: ArrayLike,
+    b: ArrayLike,
+    *,
+    scale: ArrayLike | None = None,
+    dtype: DTypeLike = jnp.int8,
+    scale_ub: float | None = None,
+    qmin: int | None = None,
+    qmax: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """SwiGLU's gated product and the per-token quantizer before the down projection, in one pass.
+
+    ``h = silu(a) * b`` in float32 (``silu(a) = a * (1 / (1 + exp(-a)))``), rounded to a's dtype, then
+    quantized per row, static or dynamic as in :func:`rms_norm_quantize_per_token`.
+
+    Args:
+      a: the gate, ``[..., D]`` float16, bfloat16 or float32.
+      b: the up projection, like ``a``.
+      scale: a static scale, one per row (``a.shape[:-1]``, or with a trailing 1); None: dynamic,
+        ``scale = min(amax, scale_ub) * (1/qmax)`` from each row of ``h``.
+      dtype: int8, float8_e4m3fn or float8_e5m2 (symmetric grids).
+      scale_ub: bounds a dynamic scale's amax (a positive float); not with a static scale.
+      qmin: a narrower int8 grid's lower bound (4-bit activations: -8); ``qmin < 0 < qmax``.
+      qmax: its upper bound (7).
+
+    Returns:
+      ``(q, scale)``: ``q`` like ``a`` in ``dtype``; ``scale`` ``a.shape[:-1]`` float32.
+    """
     op = "silu_mul_quantize_per_token"
     a, b, scale, params = _silu_call(op, a, b, scale, dtype, scale_ub, False, qmin, qmax)
     return _silu_forward(a, b, scale, params)
 
 
-def silu_mul_fake_quantize_per_token(a, b, *, scale=None, dtype=jnp.int8, scale_ub=None, qmin=None, qmax=None):
-    """dequantize(quantize(silu(a) * b)) in a's dtype. Differentiable in a and b: exact through
-    silu * b, straight-through for the quantizer; the backward is one pass over the elements."""
+def silu_mul_fake_quantize_per_token(
+    a: ArrayLike,
+    b: ArrayLike,
+    *,
+    scale: ArrayLike | None = None,
+    dtype: DTypeLike = jnp.int8,
+    scale_ub: float | None = None,
+    qmin: int | None = None,
+    qmax: int | None = None,
+) -> jax.Array:
+    """:func:`silu_mul_quantize_per_token`, dequantized to a's dtype, and differentiable.
+
+    Differentiable in ``a`` and ``b``: exact through ``silu(a) * b``, straight-through for the
+    quantizer; the backward is one pass over the elements.
+
+    Args:
+      a: the gate, ``[..., D]`` float16, bfloat16 or float32.
+      b: the up projection, like ``a``.
+      scale: a static scale, one per row (``a.shape[:-1]``, or with a trailing 1); None: dynamic,
+        ``scale = min(amax, scale_ub) * (1/qmax)`` from each row of ``h``.
+      dtype: int8, float8_e4m3fn or float8_e5m2 (symmetric grids).
+      scale_ub: bounds a dynamic scale's amax (a positive float); not with a static scale.
+      qmin: a narrower int8 grid's lower bound (4-bit activations: -8); ``qmin < 0 < qmax``.
+      qmax: its upper bound (7).
+
+    Returns:
+      ``y = dequantize(quantize(h))``, like ``a``.
+    """
     op = "silu_mul_fake_quantize_per_token"
     a, b, scale, params = _silu_call(op, a, b, scale, dtype, scale_ub, True, qmin, qmax)
     return _silu_mul_fake(a, b, scale, tuple(sorted(params.items())))

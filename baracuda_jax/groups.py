@@ -6,8 +6,10 @@ on x.reshape(..., D // group_size, group_size), the same bits, and the same kern
 launch for short rows: one 16-byte vector a lane, several rows a thread).
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike, DTypeLike
 
 from baracuda_jax import _checks
 from baracuda_jax.ops import dequantize_per_token, fake_quantize_per_token_dynamic, quantize_per_token_dynamic
@@ -45,24 +47,31 @@ def _check_layout(op, scale_layout, ndim):
 
 
 def quantize_per_token_group(
-    x, group_size=128, *, dtype=jnp.float8_e4m3fn, scale_ub=None, scale_layout="row", pow2_scale=False
-):
-    """(q, scale): each group of `group_size` consecutive values of a row quantized on its own.
+    x: ArrayLike,
+    group_size: int = 128,
+    *,
+    dtype: DTypeLike = jnp.float8_e4m3fn,
+    scale_ub: float | None = None,
+    scale_layout: str = "row",
+    pow2_scale: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """Quantizes each group of ``group_size`` consecutive values of a row on its own scale.
 
-    scale = amax(group) * (1/qmax) (bounded first by scale_ub; rounded up to a power of two with
-    pow2_scale, UE8M0-style), q = saturate(x * (1/scale)) in dtype, as `quantize_per_token_dynamic`
-    on x.reshape(..., D // group_size, group_size), bit for bit.
+    ``scale = min(amax(group), scale_ub) * (1/qmax)``, ``q = saturate(x * (1/scale))``: bit for bit
+    :func:`quantize_per_token_dynamic` on ``x.reshape(..., D // group_size, group_size)``.
 
     Args:
-      x: [..., D] float16/bfloat16/float32/float64, D a multiple of group_size.
+      x: ``[..., D]`` float16, bfloat16, float32 or float64, D a multiple of ``group_size``.
       group_size: 32, 64 or 128.
-      dtype: float8_e4m3fn (default), float8_e5m2 or int8.
-      scale_layout: "row" gives scale x.shape[:-1] + (D // group_size,); "column" the same with its
-        last two axes swapped ([..., D // group_size, T]: each group's scales for all tokens
+      dtype: float8_e4m3fn, float8_e5m2 or int8.
+      scale_ub: a positive float that bounds each group's amax first.
+      scale_layout: ``"row"`` gives ``scale`` of shape ``x.shape[:-1] + (D // group_size,)``;
+        ``"column"`` the same with its last two axes swapped (each group's scales for all tokens
         together, the layout a GEMM reads an activation's scales in).
+      pow2_scale: round each scale up to a power of two (UE8M0).
 
     Returns:
-      q like x in dtype, and scale in float32 (float64 for float64 x).
+      ``(q, scale)``: ``q`` like ``x`` in ``dtype``; ``scale`` in float32 (float64 for float64 ``x``).
     """
     op = "quantize_per_token_group"
     grouped = _grouped(op, x, group_size, dtype)
@@ -71,20 +80,49 @@ def quantize_per_token_group(
     return q.reshape(jnp.shape(x)), jnp.swapaxes(scale, -1, -2) if scale_layout == "column" else scale
 
 
-def fake_quantize_per_token_group(x, group_size=128, *, dtype=jnp.float8_e4m3fn, scale_ub=None, pow2_scale=False):
-    """dequantize(quantize_per_token_group(x)) in x's dtype, one fused pass, with the straight-through
-    gradient of the per-token ops (g where the value was not saturated; the scales get none): QAT for
-    the group recipe."""
+def fake_quantize_per_token_group(
+    x: ArrayLike,
+    group_size: int = 128,
+    *,
+    dtype: DTypeLike = jnp.float8_e4m3fn,
+    scale_ub: float | None = None,
+    pow2_scale: bool = False,
+) -> jax.Array:
+    """``dequantize(quantize_per_token_group(x))`` in x's dtype, one fused pass, straight-through.
+
+    QAT for the group recipe: the gradient passes ``g`` where the value was not saturated; the scales
+    get none.
+
+    Args:
+      x: ``[..., D]`` float16, bfloat16, float32 or float64, D a multiple of ``group_size``.
+      group_size: 32, 64 or 128.
+      dtype: float8_e4m3fn, float8_e5m2 or int8.
+      scale_ub: a positive float that bounds each group's amax first.
+      pow2_scale: round each scale up to a power of two (UE8M0).
+
+    Returns:
+      ``y``, shaped and typed like ``x``.
+    """
     grouped = _grouped("fake_quantize_per_token_group", x, group_size, dtype)
     y = fake_quantize_per_token_dynamic(grouped, dtype=dtype, scale_ub=scale_ub, pow2_scale=pow2_scale)
     return y.reshape(jnp.shape(x))
 
 
-def dequantize_per_token_group(q, scale, *, dtype, scale_layout="row"):
-    """y = q * scale of q's group, rounded once to dtype: the inverse of quantize_per_token_group.
+def dequantize_per_token_group(
+    q: ArrayLike, scale: ArrayLike, *, dtype: DTypeLike, scale_layout: str = "row"
+) -> jax.Array:
+    """``y = q * scale`` of q's group, rounded once to ``dtype``: the inverse of
+    :func:`quantize_per_token_group`.
 
-    q: [..., D] int8 or float8; scale: q.shape[:-1] + (G,) ("row") or that with its last two axes
-    swapped ("column"), G dividing D: the group size is D // G.
+    Args:
+      q: ``[..., D]`` int8 or a float8 dtype.
+      scale: ``q.shape[:-1] + (G,)`` (``"row"``) or that with its last two axes swapped
+        (``"column"``), G dividing D: the group size is ``D // G``.
+      dtype: the output's float dtype.
+      scale_layout: ``"row"`` or ``"column"``, as :func:`quantize_per_token_group` returned it.
+
+    Returns:
+      ``y``, shaped like ``q``, in ``dtype``.
     """
     op = "dequantize_per_token_group"
     q, scale = jnp.asarray(q), jnp.asarray(scale)

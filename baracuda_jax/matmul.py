@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.interpreters import ad, mlir
+from jax.typing import ArrayLike, DTypeLike
 
 from baracuda_jax import _checks, _ffi, reference
 from baracuda_jax.primitives import (
@@ -38,37 +39,41 @@ _ALIGN = 16  # K and N: cuBLASLt's 8-bit kernels need 16-byte aligned rows and c
 _BLOCK_ROWS = 4  # blockwise: cuBLASLt reads a_scale as [K/128][rows], rows 16-byte aligned (measured: M % 4)
 
 
-def scaled_matmul(a, a_scale, b, b_scale, *, out_dtype=jnp.bfloat16, residual=None):
+def scaled_matmul(
+    a: ArrayLike,
+    a_scale: ArrayLike,
+    b: ArrayLike,
+    b_scale: ArrayLike,
+    *,
+    out_dtype: DTypeLike = jnp.bfloat16,
+    residual: ArrayLike | None = None,
+) -> jax.Array:
     """The product of per-token quantized activations and per-channel quantized weights.
 
-        out[..., n] = a_scale[...] * b_scale[n] * sum_k a[..., k] * b[k, n]  (+ residual[..., n])
+    ``out[..., n] = a_scale[...] * b_scale[n] * sum_k a[..., k] * b[k, n] (+ residual[..., n])``, the
+    sum in float32 (float8) or int32 (int8, exact), then the scales (and the residual) in float32,
+    rounded once to ``out_dtype``. With blockwise scales (``b_scale`` of rank 2) each block of 128
+    along K is summed and scaled on its own, and the blocks' terms are added in float32:
+    ``out[..., n] = sum_j a_scale[..., j] * b_scale[j, n // 128] * sum_{k in block j} a[..., k] b[k, n]``.
 
-    with the sum in float32 (float8) or int32 (int8, exact), then the scales (and the residual) in
-    float32, rounded once to `out_dtype`. With blockwise scales (b_scale of rank 2), each block of
-    128 along K is summed and scaled on its own, and the blocks' terms are added in float32:
-
-        out[..., n] = sum_j a_scale[..., j] * b_scale[j, n // 128] * sum_{k in block j} a[..., k] b[k, n]
+    An inference op with no derivative: train through the fake-quantize ops. vmap over a's leading
+    dims is one call; a batched ``b`` runs once per batch element.
 
     Args:
-      a: [..., K], int8 or float8_e4m3fn: the activations, e.g. `quantize_per_token_dynamic`'s q.
-      a_scale: one scale per row of a (a.shape[:-1], as the per-token ops return it) or a scalar;
-        blockwise, one per 1 x 128 group (a.shape[:-1] + (K // 128,), `quantize_per_token_group`'s
-        row-layout scale).
-      b: [K, N], a's dtype: the weights. The GPU reads b as [N][K] (column-major): keep a weight
-        stored as [N, K] (one row per output channel) and pass `w.T`, which is then free; a
-        row-major [K, N] costs a transpose per call.
-      b_scale: one scale per column of b ([N]) or a scalar; blockwise, one per 128 x 128 block,
-        [K // 128, N // 128]. Blockwise scales need K and N to be multiples of 128.
+      a: ``[..., K]`` int8 or float8_e4m3fn: the activations, e.g. :func:`quantize_per_token_dynamic`'s q.
+      a_scale: one per row of ``a`` (``a.shape[:-1]``) or a scalar; blockwise, one per 1 x 128 group,
+        ``a.shape[:-1] + (K // 128,)`` (:func:`quantize_per_token_group`'s row-layout scale).
+      b: ``[K, N]``, a's dtype: the weights. The GPU reads b as ``[N][K]`` (column-major): keep a
+        weight stored ``[N, K]`` (a row per output channel) and pass ``w.T``, which is then free; a
+        row-major ``[K, N]`` costs a transpose per call.
+      b_scale: one per column of ``b`` (``[N]``) or a scalar; blockwise, one per 128 x 128 block,
+        ``[K // 128, N // 128]`` (K and N multiples of 128).
       out_dtype: bfloat16, float16 or float32.
-      residual: optional [..., N] in out_dtype, added before the rounding: a transformer's skip
-        connection in the same pass (on the GPU, cuBLASLt's epilogue or the int8 rescale), where a
-        separate add would read and write the output once more.
+      residual: ``[..., N]`` in ``out_dtype``, added before the rounding (a skip connection in the same
+        pass: cuBLASLt's epilogue or the int8 rescale on the GPU); None for none.
 
     Returns:
-      [..., N] in out_dtype.
-
-    It is an inference op and has no derivative: train through the fake-quantize ops. vmap over
-    a's leading dims is one call; a batched b runs once per batch element.
+      ``[..., N]`` in ``out_dtype``.
     """
     a, b = jnp.asarray(a), jnp.asarray(b)
     a_scale, b_scale = jnp.asarray(a_scale), jnp.asarray(b_scale)

@@ -3,11 +3,13 @@ point), their backward kernels (straight-through and LSQ), and the dynamic ops, 
 row's scale from its range. Declarations, shape rules, public functions and derivative rules.
 """
 
+from collections.abc import Hashable, Sequence
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike, DTypeLike
 
 from baracuda_jax import _checks, _range
 from baracuda_jax._checks import row_qparams
@@ -114,16 +116,35 @@ fake_quantize_dynamic_p = define(
 
 # ---- the public functions ----------------------------------------------------------------------
 
+AxisName = Hashable | Sequence[Hashable]  # a mesh axis, or several
 
-def quantize_per_token(x, scale, zero_point=None, *, qmin=None, qmax=None, dtype=jnp.int8):
-    """q = clamp(round_half_even(x * (1/scale)) + zero_point, qmin, qmax), one scale per row.
 
-    x: [..., D] float16/bfloat16/float32/float64. scale: x.shape[:-1] (or with a
-    trailing 1), any float dtype. zero_point: int32 of the same shape, or None.
-    dtype: int8 or uint8, qmin/qmax defaulting to its full range; or float8_e4m3fn /
-    float8_e5m2: q = saturate(x * (1/scale)) to [-fmax, fmax], rounded to nearest even
-    (no zero point, no qmin/qmax; NaN stays NaN). The result is quantized, so its
-    gradient is zero: use fake_quantize_per_token to train.
+def quantize_per_token(
+    x: ArrayLike,
+    scale: ArrayLike,
+    zero_point: ArrayLike | None = None,
+    *,
+    qmin: int | None = None,
+    qmax: int | None = None,
+    dtype: DTypeLike = jnp.int8,
+) -> jax.Array:
+    """Quantizes each row of ``x`` by its own scale (and zero point).
+
+    Integer formats: ``q = clamp(round_half_even(x * (1/scale)) + zero_point, qmin, qmax)``, NaN to
+    the zero point. float8 formats: ``q = saturate(x * (1/scale))`` to ``[-fmax, fmax]``, rounded to
+    nearest even, NaN staying NaN. The result is quantized, so its gradient is zero: train through
+    :func:`fake_quantize_per_token`.
+
+    Args:
+      x: ``[..., D]`` float16, bfloat16, float32 or float64.
+      scale: one per row, ``x.shape[:-1]`` (or with a trailing 1), any float dtype.
+      zero_point: int32 of scale's shape, or None (symmetric). Integer formats only.
+      qmin: the grid's lower bound (integer formats; default the dtype's minimum).
+      qmax: the grid's upper bound (integer formats; default the dtype's maximum).
+      dtype: int8, uint8, float8_e4m3fn or float8_e5m2.
+
+    Returns:
+      ``q``, shaped like ``x``, in ``dtype``.
     """
     op = "quantize_per_token"
     x = jnp.asarray(x)
@@ -144,11 +165,21 @@ def _quantize_jvp(qmin, qmax, dtype, primals, tangents):
     return q, np.zeros(q.shape, jax.dtypes.float0)  # integer output: JAX's zero tangent
 
 
-def dequantize_per_token(q, scale, zero_point=None, *, dtype=None):
-    """y = (q - zero_point) * scale, computed in the math type of `dtype`, then rounded to it.
+def dequantize_per_token(
+    q: ArrayLike, scale: ArrayLike, zero_point: ArrayLike | None = None, *, dtype: DTypeLike | None = None
+) -> jax.Array:
+    """Dequantizes each row: ``y = (q - zero_point) * scale`` in the math type of ``dtype``, rounded once.
 
-    q: [..., D] int8/uint8, or float8_e4m3fn/float8_e5m2 (no zero point). dtype defaults to
-    scale's dtype. Differentiable in scale.
+    Differentiable in ``scale``.
+
+    Args:
+      q: ``[..., D]`` int8, uint8, float8_e4m3fn or float8_e5m2.
+      scale: one per row, ``q.shape[:-1]`` (or with a trailing 1), a float dtype.
+      zero_point: int32 of scale's shape, or None. Integer formats only.
+      dtype: the output's float dtype; default scale's.
+
+    Returns:
+      ``y``, shaped like ``q``, in ``dtype``.
     """
     op = "dequantize_per_token"
     q = jnp.asarray(q)
@@ -182,18 +213,37 @@ _dequantize.defvjp(_dequantize_fwd, _dequantize_bwd)
 
 
 def fake_quantize_per_token(
-    x, scale, zero_point=None, *, qmin=None, qmax=None, dtype=jnp.int8, learnable_scale=False, grad_scale=None
-):
-    """dequantize(quantize(x)) in x's dtype, in one fused kernel, with a straight-through gradient.
+    x: ArrayLike,
+    scale: ArrayLike,
+    zero_point: ArrayLike | None = None,
+    *,
+    qmin: int | None = None,
+    qmax: int | None = None,
+    dtype: DTypeLike = jnp.int8,
+    learnable_scale: bool = False,
+    grad_scale: float | None = None,
+) -> jax.Array:
+    """``dequantize(quantize(x))`` in x's dtype, one fused kernel, with a straight-through gradient.
 
-    The gradient passes g where qmin <= round_half_even(x/scale) + zero_point <= qmax
-    (float8: where x/scale rounds to a finite value without saturating, |v| <= 464 for
-    e4m3fn, < 61440 for e5m2) and is 0 elsewhere (NaN x included); zero_point gets none.
-    scale gets none either, unless learnable_scale=True: then it gets the LSQ gradient
-    (Esser et al. 2019), sum over the row of g * (q - zp - v inside the grid, q - zp
-    outside), v = x/scale and q its quantized value, times grad_scale if given (LSQ uses
-    1/sqrt(D * qmax)). It is computed in the same pass as dx, and only when scale is
-    being differentiated.
+    The gradient passes ``g`` where ``qmin <= round_half_even(x/scale) + zero_point <= qmax`` (float8:
+    where ``x/scale`` rounds to a finite value without saturating, ``|v| <= 464`` for e4m3fn,
+    ``< 61440`` for e5m2) and is 0 elsewhere (NaN included); the zero point gets none. The scale gets
+    none either, unless ``learnable_scale``: then it gets the LSQ gradient (Esser et al. 2019), the
+    row's sum of ``g * (q - zp - v)`` inside the grid and ``g * (q - zp)`` outside it, ``v = x/scale``,
+    computed in the same pass as ``dx`` and only when the scale is being differentiated.
+
+    Args:
+      x: ``[..., D]`` float16, bfloat16, float32 or float64.
+      scale: one per row, ``x.shape[:-1]`` (or with a trailing 1), any float dtype.
+      zero_point: int32 of scale's shape, or None. Integer formats only.
+      qmin: the grid's lower bound (integer formats; default the dtype's minimum).
+      qmax: the grid's upper bound (integer formats; default the dtype's maximum).
+      dtype: the format emulated: int8, uint8, float8_e4m3fn or float8_e5m2.
+      learnable_scale: give the scale the LSQ gradient.
+      grad_scale: a factor on that gradient (LSQ uses ``1/sqrt(D * qmax)``); needs ``learnable_scale``.
+
+    Returns:
+      ``y``, shaped and typed like ``x``.
     """
     op = "fake_quantize_per_token"
     x = jnp.asarray(x)
@@ -253,28 +303,39 @@ _fake_quantize_lsq.defvjp(_fake_quantize_lsq_fwd, _fake_quantize_lsq_bwd, symbol
 
 
 def quantize_per_token_dynamic(
-    x, *, dtype=jnp.int8, symmetric=True, scale_ub=None, axis_name=None, pow2_scale=False, qmin=None, qmax=None
-):
-    """(q, scale, zero_point) with each row's scale and zero point taken from its range, in one pass.
+    x: ArrayLike,
+    *,
+    dtype: DTypeLike = jnp.int8,
+    symmetric: bool = True,
+    scale_ub: float | None = None,
+    axis_name: AxisName | None = None,
+    pow2_scale: bool = False,
+    qmin: int | None = None,
+    qmax: int | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Quantizes each row by a scale (and zero point) taken from its own range, in one pass.
 
-    Symmetric (int8, float8_e4m3fn, float8_e5m2): scale = amax * (1/qmax), qmax = 127 or
-    fmax, zero_point = 0; scale_ub, a positive float, bounds amax first (vLLM's scale_ub).
-    Asymmetric (int8, uint8): the row's [min, max] widened to include 0 maps onto the
-    dtype's full range. NaN is ignored by the range; an all-zero row gets scale 1. scale has
-    the math type (float32, or float64 for float64 x) and shape x.shape[:-1]; zero_point is
-    int32. An inference op: to train, use fake_quantize_per_token_dynamic.
+    Symmetric (int8, float8_e4m3fn, float8_e5m2): ``scale = min(amax, scale_ub) * (1/qmax)``, qmax 127
+    or fmax, zero point 0. Asymmetric (int8, uint8): the row's ``[min, max]``, widened to include 0,
+    maps onto ``[qmin, qmax]``. NaN is ignored by the range; an all-zero row gets scale 1. An inference
+    op: to train, use :func:`fake_quantize_per_token_dynamic`.
 
-    pow2_scale (symmetric only): each scale is rounded up to a power of two (UE8M0-style, as
-    DeepSeek-V3's FP8 recipe stores them), so 1/scale is exact.
+    Args:
+      x: ``[..., D]`` float16, bfloat16, float32 or float64.
+      dtype: int8, uint8 (asymmetric only), float8_e4m3fn or float8_e5m2 (symmetric only).
+      symmetric: a zero point of 0 (True) or from the range (False).
+      scale_ub: a positive float that bounds each row's amax first (vLLM's ``scale_ub``); symmetric only.
+      axis_name: inside ``shard_map`` with D split over that mesh axis (or axes): each row's range is
+        its pieces' ranges combined by pmin/pmax, then each shard is quantized locally, the same bits
+        as on the whole row, with 8 bytes a row crossing devices.
+      pow2_scale: round each scale up to a power of two (UE8M0, as DeepSeek-V3's FP8 recipe stores
+        them), so that ``1/scale`` is exact; symmetric only.
+      qmin: a narrower grid's lower bound inside an integer dtype (4-bit activations in int8: -8).
+      qmax: its upper bound (7). Symmetric grids need ``qmin < 0 < qmax``.
 
-    qmin, qmax (integer formats): a narrower grid inside the dtype's range, e.g. 4-bit activations
-    stored in int8 with qmin=-8, qmax=7: symmetric scale = amax * (1/qmax), q clamped to
-    [qmin, qmax]; asymmetric, [lo, hi] maps onto [qmin, qmax]. Symmetric needs qmin < 0 < qmax.
-
-    axis_name: inside shard_map with D split over that mesh axis (or axes), each row's range
-    is its local range combined by pmin/pmax, then each shard is quantized locally: the same
-    bits as on the whole row, with 8 bytes a row crossing devices. (Under plain jit, a D-sharded
-    x is gathered along D instead: benchmarks/d_sharded_dynamic.py compares the two.)
+    Returns:
+      ``(q, scale, zero_point)``: ``q`` like ``x`` in ``dtype``; ``scale`` ``x.shape[:-1]`` in float32
+      (float64 for float64 ``x``); ``zero_point`` ``x.shape[:-1]`` int32.
     """
     op = "quantize_per_token_dynamic"
     x = jnp.asarray(x)
@@ -303,11 +364,33 @@ def _split_row_qparams(op, x, symmetric, qmin, qmax, scale_ub, pow2_scale, axis_
 
 
 def fake_quantize_per_token_dynamic(
-    x, *, dtype=jnp.int8, symmetric=True, scale_ub=None, axis_name=None, pow2_scale=False, qmin=None, qmax=None
-):
-    """dequantize(quantize_per_token_dynamic(x)) in x's dtype, in one fused pass, with a
-    straight-through gradient (g where the value was not clipped; the scale gets none).
-    scale_ub, axis_name, pow2_scale, qmin, qmax: as for quantize_per_token_dynamic."""
+    x: ArrayLike,
+    *,
+    dtype: DTypeLike = jnp.int8,
+    symmetric: bool = True,
+    scale_ub: float | None = None,
+    axis_name: AxisName | None = None,
+    pow2_scale: bool = False,
+    qmin: int | None = None,
+    qmax: int | None = None,
+) -> jax.Array:
+    """``dequantize(quantize_per_token_dynamic(x))`` in x's dtype, one fused pass, straight-through.
+
+    The gradient passes ``g`` where the value was not clipped; the scale gets none.
+
+    Args:
+      x: ``[..., D]`` float16, bfloat16, float32 or float64.
+      dtype: the format emulated, as for :func:`quantize_per_token_dynamic`.
+      symmetric: as for :func:`quantize_per_token_dynamic`.
+      scale_ub: as for :func:`quantize_per_token_dynamic`.
+      axis_name: as for :func:`quantize_per_token_dynamic`.
+      pow2_scale: as for :func:`quantize_per_token_dynamic`.
+      qmin: as for :func:`quantize_per_token_dynamic`.
+      qmax: as for :func:`quantize_per_token_dynamic`.
+
+    Returns:
+      ``y``, shaped and typed like ``x``.
+    """
     op = "fake_quantize_per_token_dynamic"
     x = jnp.asarray(x)
     _checks.float_dtype(op, "x", x.dtype)
