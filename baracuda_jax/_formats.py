@@ -1,4 +1,4 @@
-"""The output formats, mirroring csrc/formats.h: dtype -> kind and range.
+"""The output formats, mirroring csrc/contract/formats.h: dtype -> kind and range.
 
 An integer format has a grid [qmin, qmax] inside its type's range, chosen per call, and may take a
 zero point. A float8 format has the fixed grid [-fmax, fmax] (values beyond saturate) and no zero

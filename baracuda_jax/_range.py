@@ -1,4 +1,4 @@
-"""Each row's (scale, zero_point) from its range, in jnp: the rule of csrc/numerics.h (Dynamic).
+"""Each row's (scale, zero_point) from its range, in jnp: the rule of csrc/contract/numerics.h (Dynamic).
 
 Shared by the jnp reference and by the dynamic ops' axis_name path, where a row's range is the
 pmin/pmax of its pieces on several devices.
@@ -37,7 +37,7 @@ def qparams(lo, hi, symmetric, qmin, qmax, scale_ub=float("inf"), pow2_scale=Fal
 
 
 def pow2_ceil(s):
-    """2^ceil(log2 s) for s > 0, by its bits (csrc/numerics.h): a power of two stays, a normal s
+    """2^ceil(log2 s) for s > 0, by its bits (csrc/contract/numerics.h): a power of two stays, a normal s
     moves to the next binade (inf past the largest), a subnormal to the next power of two above
     it; inf stays."""
     bits = np.finfo(s.dtype).nmant

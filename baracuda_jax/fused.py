@@ -226,7 +226,7 @@ def rms_norm_quantize_per_token(
       qmax: its upper bound (7).
 
     Returns:
-      ``(q, scale, residual_out)``: ``q`` like ``x`` in ``dtype``; ``scale`` ``x.shape[:-1]`` float32;
+      A tuple ``(q, scale, residual_out)``, with ``q`` like ``x`` in ``dtype``; ``scale`` ``x.shape[:-1]`` float32;
       ``residual_out`` = ``r``, the new residual stream, like ``x``.
     """
     op = "rms_norm_quantize_per_token"
@@ -268,7 +268,7 @@ def rms_norm_fake_quantize_per_token(
       qmax: its upper bound (7).
 
     Returns:
-      ``(y, residual_out)``: ``y = dequantize(quantize(h))`` like ``x``; ``residual_out`` = ``r``.
+      A tuple ``(y, residual_out)``, with ``y = dequantize(quantize(h))`` like ``x``; ``residual_out`` = ``r``.
     """
     op = "rms_norm_fake_quantize_per_token"
     x, weight, residual, scale, params = _norm_call(
@@ -360,7 +360,7 @@ def silu_mul_quantize_per_token(
       qmax: its upper bound (7).
 
     Returns:
-      ``(q, scale)``: ``q`` like ``a`` in ``dtype``; ``scale`` ``a.shape[:-1]`` float32.
+      A tuple ``(q, scale)``, with ``q`` like ``a`` in ``dtype``; ``scale`` ``a.shape[:-1]`` float32.
     """
     op = "silu_mul_quantize_per_token"
     a, b, scale, params = _silu_call(op, a, b, scale, dtype, scale_ub, False, qmin, qmax)

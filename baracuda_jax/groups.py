@@ -71,7 +71,7 @@ def quantize_per_token_group(
       pow2_scale: round each scale up to a power of two (UE8M0).
 
     Returns:
-      ``(q, scale)``: ``q`` like ``x`` in ``dtype``; ``scale`` in float32 (float64 for float64 ``x``).
+      A tuple ``(q, scale)``, with ``q`` like ``x`` in ``dtype``; ``scale`` in float32 (float64 for float64 ``x``).
     """
     op = "quantize_per_token_group"
     grouped = _grouped(op, x, group_size, dtype)

@@ -2,7 +2,7 @@
 weight scales, applied to an int8 or float8 product; or blockwise scales (DeepSeek-V3's FP8 recipe:
 1 x 128 groups of the activations, 128 x 128 blocks of the weights).
 
-On a CUDA GPU it is one cuBLASLt call (csrc/scaled_matmul.cu): float8 with both scales in the GEMM's
+On a CUDA GPU it is one cuBLASLt call (csrc/gemm/scaled_matmul.cu): float8 with both scales in the GEMM's
 epilogue; int8 with an int32 product and one rescaling pass. On the CPU, and for shapes cuBLASLt's
 8-bit kernels do not take (K or N not a multiple of 16), it lowers to XLA's dot and a rescale: the
 jnp reference, `bj.reference.scaled_matmul`.

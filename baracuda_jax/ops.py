@@ -334,7 +334,7 @@ def quantize_per_token_dynamic(
       qmax: its upper bound (7). Symmetric grids need ``qmin < 0 < qmax``.
 
     Returns:
-      ``(q, scale, zero_point)``: ``q`` like ``x`` in ``dtype``; ``scale`` ``x.shape[:-1]`` in float32
+      A tuple ``(q, scale, zero_point)``, with ``q`` like ``x`` in ``dtype``; ``scale`` ``x.shape[:-1]`` in float32
       (float64 for float64 ``x``); ``zero_point`` ``x.shape[:-1]`` int32.
     """
     op = "quantize_per_token_dynamic"

@@ -1,4 +1,4 @@
-"""Pure-jnp twins of the ops: the same bits (see csrc/numerics.h), written the way XLA computes.
+"""Pure-jnp twins of the ops: the same bits (see csrc/contract/numerics.h), written the way XLA computes.
 
 What it covers: every op's forward value, and the backward kernels as plain functions
 (`fake_quantize_per_token_grad`, `fake_quantize_per_token_lsq_grad`). The tests compare the
@@ -96,7 +96,7 @@ def fake_quantize_per_token_grad(g, x, scale, zero_point=None, *, qmin=None, qma
 
 
 def fake_quantize_per_token_lsq_grad(g, x, scale, zero_point=None, *, qmin=None, qmax=None, dtype=jnp.int8):
-    """(dx, ds) of fake_quantize_per_token(..., learnable_scale=True), written out (csrc/numerics.h)."""
+    """(dx, ds) of fake_quantize_per_token(..., learnable_scale=True), written out (csrc/contract/numerics.h)."""
     dx = fake_quantize_per_token_grad(g, x, scale, zero_point, qmin=qmin, qmax=qmax, dtype=dtype)
     x, scale, zp, fmt, qmin, qmax = _prepare("fake_quantize_per_token", x, scale, zero_point, qmin, qmax, dtype)
     v = _scaled(x, scale)
@@ -132,7 +132,7 @@ def fake_quantize_per_token_dynamic(
     return fake_quantize_per_token(x, s, zp, **grid)
 
 
-# ---- the fused producers (csrc/producers.h): the jnp composition, then the per-token op ---------
+# ---- the fused producers (csrc/contract/producers.h): the jnp composition, then the per-token op ---------
 
 
 def _rounded(h, dtype):
