@@ -1,6 +1,6 @@
-// The registrations() dict of a backend module: "baracuda_<name>" -> handler,
-// one entry per row of ops.def. Both modules build it from the same table, so
-// one primitive lowers to the same custom call on either platform.
+// The registrations() dict of a backend module: "baracuda_<name>" -> handler capsule, one entry
+// per row of ffi/ops.def that the module compiles. Both modules build it from the same table, so
+// that one primitive lowers to the same custom call on either platform.
 #pragma once
 
 #include <initializer_list>

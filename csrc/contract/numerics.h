@@ -1,6 +1,7 @@
-// The numerics contract, written once. The CPU handlers and the CUDA kernels
-// both evaluate these functors, and baracuda_jax/reference.py computes the same
-// bits in jnp; the tests hold the three together.
+// The numerics contract of the per-token quantizers, written once: the functors
+// that the CPU engine and the CUDA kernels both evaluate (baracuda_jax/reference.py
+// computes the same bits in jnp; the tests hold the three together), and at the
+// end the generic pieces every row engine applies them through (Produced, Split).
 //
 //   M     = float64 for float64 data, else float32 (the math type)
 //   inv   = 1 / M(scale)                       one IEEE division per row
@@ -20,7 +21,7 @@
 // which rounds exactly as a C++ cast would).
 #pragma once
 
-#include "formats.h"
+#include "contract/formats.h"
 
 namespace baracuda {
 
@@ -174,6 +175,34 @@ struct Dynamic : Base {
       zp = zp != zp ? qmin : this->clamp(zp);
     }
     return {s, inv, zp};
+  }
+};
+
+// ---- what the row engines apply: an op fed by a producer, and two outputs ----
+
+template <class T> struct Pair { T first, second; };  // an op's two outputs
+
+// Where a Pair-valued op writes: two outputs, moved together.
+template <class T> struct Split {
+  T *first, *second;
+  BJ_HD Split operator+(int64_t i) const { return {first + i, second + i}; }
+};
+
+// The plain ops' producer: h = x.
+struct Identity {
+  template <class T> BJ_HD static T value(T x) { return x; }
+};
+
+// A quantizer (QuantizeOp, FakeQuantizeOp, or Dynamic of one) fed by a producer of h: the row
+// engines take h = value(inputs...) and apply quantize(p, h).
+template <class Base, class Source>
+struct Produced : Base {
+  using M = typename Base::math;
+  template <class... In> BJ_HD static auto value(In... in) { return Source::value(in...); }
+  template <class T> BJ_HD auto quantize(const RowParams<M>& p, T h) const { return Base::operator()(p, h); }
+  template <class... In>
+  BJ_HD auto operator()(const RowParams<M>& p, In... in) const {
+    return quantize(p, value(in...));
   }
 };
 

@@ -1,6 +1,7 @@
-// The output formats, one trait each: its FFI dtype, its name (numpy's), its
-// range, and how a value v = M(x) * inv in the math type M becomes a stored
-// value. baracuda_jax/_formats.py mirrors this table.
+// The output formats, one trait each: its name (numpy's), its range, and how a
+// value v = M(x) * inv in the math type M becomes a stored value.
+// baracuda_jax/_formats.py mirrors this table; ffi/dispatch.h maps each format
+// to its FFI dtype (ffi_dtype_of), so that this contract compiles without XLA.
 //
 // Every format F provides, with g the op's grid parameters (qmin, qmax, zero
 // point) and p the row's parameters:
@@ -20,16 +21,13 @@
 #include <cstdint>
 #include <limits>
 
-#include "scalar.h"
-#include "xla/ffi/api/ffi.h"
+#include "contract/scalar.h"
 
 #if defined(__CUDACC__)
 #include <cuda_fp8.h>
 #endif
 
 namespace baracuda {
-
-namespace ffi = xla::ffi;
 
 // ---- integer formats: a runtime grid [qmin, qmax] inside the type's range ----
 struct IntegerGrid {
@@ -56,17 +54,16 @@ struct IntegerGrid {
   template <class M> BJ_HD static M round(M m) { return m; }
 };
 
-template <class Q, ffi::DataType D>
+template <class Q>
 struct IntegerFormat : IntegerGrid {
   using storage = Q;
-  static constexpr ffi::DataType kDtype = D;
   static constexpr int64_t kLowest = std::numeric_limits<Q>::min(), kMax = std::numeric_limits<Q>::max();
   template <class M> BJ_HD static Q encode(M m) { return Q(m); }  // m is integral and in range: exact
   BJ_HD static float decode(Q q) { return float(q); }
 };
 
-struct Int8 : IntegerFormat<int8_t, ffi::DataType::S8> { static constexpr const char* kName = "int8"; };
-struct UInt8 : IntegerFormat<uint8_t, ffi::DataType::U8> { static constexpr const char* kName = "uint8"; };
+struct Int8 : IntegerFormat<int8_t> { static constexpr const char* kName = "int8"; };
+struct UInt8 : IntegerFormat<uint8_t> { static constexpr const char* kName = "uint8"; };
 
 // ---- float8 formats: a fixed grid, saturating at +-fmax, no zero point ------
 struct f8_bits { uint8_t bits; };  // storage only
@@ -84,8 +81,8 @@ struct Float8Format : S {
   static constexpr int64_t kLowest = -S::kMax;
   static constexpr int kMinExp = 1 - S::kBias;  // exponent of the smallest normal
 
-  template <class G, class P, class M>
-  BJ_HD static M saturate(const G&, const P&, M v) { return v; }  // encode() saturates
+  // encode() saturates
+  template <class G, class P, class M> BJ_HD static M saturate(const G&, const P&, M v) { return v; }
   // Rounding v unsaturated stays finite: below kOverflow, or at it when fmax is even (ties to even).
   template <class G, class P, class M>
   BJ_HD static bool passes(const G&, const P&, M v) {
@@ -158,15 +155,14 @@ struct Float8Format : S {
     const float finite = e == 0 ? float(int(m)) * pow2<float>(kMinExp - kMan) : normal;
     const unsigned past_max = (b & 0x7Fu) - S::kMaxBits;  // 1 is infinity where the format has it
     const float magnitude = past_max == 0 || past_max > 0x80u ? finite
-                            : S::kInf && past_max == 1 ? std::numeric_limits<float>::infinity()
-                                                       : std::numeric_limits<float>::quiet_NaN();
+                            : S::kInf && past_max == 1        ? std::numeric_limits<float>::infinity()
+                                                              : std::numeric_limits<float>::quiet_NaN();
     return bit_cast<float>(bit_cast<uint32_t>(magnitude) | (uint32_t(b & 0x80u) << 24));
   }
 };
 
 // float8_e4m3fn: no infinity (0x7F is NaN); 448 < |v| <= 464 rounds to 448 (464 is a tie, and 448 is even).
 struct E4M3Constants {
-  static constexpr ffi::DataType kDtype = ffi::DataType::F8E4M3FN;
   static constexpr const char* kName = "float8_e4m3fn";
   static constexpr int kMan = 3, kBias = 7;
   static constexpr int64_t kMax = 448, kOverflow = 464;
@@ -178,7 +174,6 @@ struct E4M3Constants {
 };
 // float8_e5m2: the top byte of an IEEE half; 61440 is the tie between 57344 (odd) and infinity: it overflows.
 struct E5M2Constants {
-  static constexpr ffi::DataType kDtype = ffi::DataType::F8E5M2;
   static constexpr const char* kName = "float8_e5m2";
   static constexpr int kMan = 2, kBias = 15;
   static constexpr int64_t kMax = 57344, kOverflow = 61440;
@@ -191,8 +186,8 @@ struct E5M2Constants {
 using E4M3 = Float8Format<E4M3Constants>;
 using E5M2 = Float8Format<E5M2Constants>;
 
-template <class... Fs> struct FormatList {};
-// Every output format. A new one is a struct above and an entry here (and in _formats.py).
-using Formats = FormatList<Int8, UInt8, E4M3, E5M2>;
+// Every output format. A new one is a struct above, an entry here, its FFI dtype in
+// ffi/dispatch.h, and its entry in baracuda_jax/_formats.py.
+using Formats = TypeList<Int8, UInt8, E4M3, E5M2>;
 
 }  // namespace baracuda

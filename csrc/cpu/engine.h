@@ -1,23 +1,31 @@
-// CPU backend: the handlers of handlers.h over a row engine on XLA's thread
-// pool, exported to Python as FFI capsules.
+// The CPU engine: CpuExec, the row engine that the handler bodies of ffi/per_token.h and
+// ffi/fused.h run on, over XLA's intra-op thread pool (ParallelRows) with IEEE subnormals
+// (IeeeSubnormals), in row loops written for the compiler to vectorize.
+//
+// Its definitions have internal linkage: the header belongs to cpu/module.cc alone, and GCC inlines
+// and clones functions local to a file more freely than ones it must keep for others.
+#pragma once
+
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
+#include <cstdint>
 #include <cstring>
 #include <memory>
 #include <mutex>
-#include <stdexcept>
-
 #include <vector>
 
-#include "producer_handlers.h"
-#include "registrations.h"
+#include "contract/producers.h"
+#include "xla/ffi/api/ffi.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <xmmintrin.h>
 #endif
 
 namespace baracuda {
+
+namespace ffi = xla::ffi;
+
 namespace {
 
 // XLA:CPU runs computations with subnormals flushed to zero (FTZ/DAZ), the GPU
@@ -122,12 +130,13 @@ template <> struct Raw<bf16> : RawBits<bf16, uint16_t> {};
 template <> struct Raw<f16> : RawBits<f16, uint16_t> {};
 template <> struct Raw<f8_bits> : RawBits<f8_bits, uint8_t> {};
 
-// The row engine of handlers.h. Each row's inner loop is written so that the
-// compiler vectorizes it (AVX2, F16C on x86): no calls, branches it can turn
-// into selects, and row reductions in fixed lanes.
+// The row engine of ffi/per_token.h and ffi/fused.h. Each row's inner loop is written so that the
+// compiler vectorizes it (AVX2, F16C on x86): no calls, branches it can turn into selects, and row
+// reductions in fixed lanes.
 struct CpuExec {
+  const char* op;  // the op's name, for errors
   ffi::ThreadPool pool;
-  CpuExec(ffi::ThreadPool p) : pool(p) {}
+  CpuExec(const char* op, ffi::ThreadPool pool) : op(op), pool(pool) {}
 
   template <class Op, class OutPtr, class... In>
   ffi::Error map_rows(const Op& op, int64_t rows, int64_t cols, OutPtr out, const In*... in) {
@@ -151,8 +160,7 @@ struct CpuExec {
   }
 
   template <class Op, class Out, class M, class... In>
-  ffi::Error dynamic_rows(const Op& op, int64_t rows, int64_t cols, Out* out, M* scale, int32_t* zp,
-                          const In*... in) {
+  ffi::Error dynamic_rows(const Op& op, int64_t rows, int64_t cols, Out* out, M* scale, int32_t* zp, const In*... in) {
     using T = decltype(op.value(in[0]...));
     ParallelRows::run(pool, rows, cols, [&](int64_t r0, int64_t r1) {
       std::vector<T> produced(sizeof...(In) > 1 ? cols : 0);
@@ -199,7 +207,7 @@ struct CpuExec {
   }
 
   // dw: each group's rows in order into its row of dw_groups (groups run in parallel), then the
-  // groups in slices (producers.h).
+  // groups in slices (contract/producers.h).
   template <class T, class G>
   ffi::Error norm_grad_rows(const NormGradRows<T, G>& io, int64_t rows, int64_t cols) {
     using M = math_t<T>;
@@ -249,8 +257,7 @@ struct CpuExec {
   };
 
   // h of one row: the input itself, or the producer's values written into `buffer`.
-  template <class Op, class T>
-  static const T* row_values(const Op&, int64_t, T*, const T* x) { return x; }
+  template <class Op, class T> static const T* row_values(const Op&, int64_t, T*, const T* x) { return x; }
   template <class Op, class T, class... In>
   static const T* row_values(const Op& op, int64_t cols, T* buffer, const In*... in) {
     map_raw<T, In...>(Value<Op>{op}, 0, cols, Raw<T>::of(buffer), Raw<In>::of(in)...);
@@ -269,7 +276,7 @@ struct CpuExec {
   // anything) can change what it reads, so the loop vectorizes.
   template <class Out, class... In, class Op, class P>
   BJ_VECTOR_CLONES static void map_raw(const Op op, const P p, int64_t cols, typename Raw<Out>::type* __restrict__ out,
-                      const typename Raw<In>::type* __restrict__... in) {
+                                       const typename Raw<In>::type* __restrict__... in) {
     for (int64_t c = 0; c < cols; ++c) out[c] = Raw<Out>::bits(op(p, Raw<In>::value(in[c])...));
   }
   template <class T, class... In, class Op, class P>
@@ -295,8 +302,8 @@ struct CpuExec {
   static void norm_grad_row(const NormGradRows<T, G>& io, int64_t r, int64_t cols, M* dh, M* terms, M* dw) {
     const int64_t at = r * cols;
     const M inv = io.inv_rms[r];
-    grad_terms<T>(io, io.mask.row(r), inv, cols, Raw<T>::of(io.g + at), Raw<T>::of(io.r + at),
-                  Raw<T>::of(io.weight), dh, terms, dw);
+    grad_terms<T>(io, io.mask.row(r), inv, cols, Raw<T>::of(io.g + at), Raw<T>::of(io.r + at), Raw<T>::of(io.weight),
+                  dh, terms, dw);
     grad_dx<T>(inv, io.grad.mean(lane_sum(terms, cols)), cols, Raw<T>::of(io.dx + at), Raw<T>::of(io.r + at),
                Raw<T>::of(io.weight), dh, io.g_residual ? Raw<T>::of(io.g_residual + at) : nullptr);
   }
@@ -382,25 +389,3 @@ struct CpuExec {
 
 }  // namespace
 }  // namespace baracuda
-
-using namespace baracuda;
-
-#define BJ_OP(name, body, bind) \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(name##_cpu, body<CpuExec>, bind(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()));
-#include "ops.def"
-#undef BJ_OP
-
-NB_MODULE(_cpu, m) {
-#if defined(__x86_64__) || defined(_M_X64)
-  if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("f16c"))
-    throw std::runtime_error("baracuda_jax: the CPU kernels are built for x86-64 with AVX2 and F16C, "
-                             "which this CPU lacks");
-#endif
-  m.def("registrations", []() {
-    return registrations({
-#define BJ_OP(name, body, bind) {#name, name##_cpu},
-#include "ops.def"
-#undef BJ_OP
-    });
-  });
-}

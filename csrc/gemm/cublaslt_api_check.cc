@@ -3,7 +3,7 @@
 
 #include <type_traits>
 
-#include "cublaslt_api.h"
+#include "gemm/cublaslt_api.h"
 
 namespace lt = baracuda::lt;
 

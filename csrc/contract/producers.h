@@ -19,11 +19,9 @@
 //   silu:  da = dh * M(b) * (s * (1 + a * (1 - s))),  db = dh * (a * s)
 #pragma once
 
-#include "numerics.h"
+#include "contract/numerics.h"
 
 namespace baracuda {
-
-template <class T> struct Pair { T first, second; };  // an op's two outputs
 
 BJ_HD float ieee_sqrt(float v) { return sqrtf(v); }
 // e^v on the CPU without a libm call, so that the row loops vectorize: Cody-Waite reduction
@@ -76,9 +74,7 @@ struct RmsNormGrad {
   using M = math_t<T>;
   M inv_cols;
 
-  struct Terms {
-    M n, dn;
-  };
+  struct Terms { M n, dn; };
   BJ_HD static Terms terms(M dh, T r, M inv, T w) { return {to_math(r) * inv, dh * to_math(w)}; }
   BJ_HD M mean(M c) const { return c * inv_cols; }
   BJ_HD static T dr(const Terms& t, M inv, M mean_c, M g_residual) {
@@ -101,31 +97,7 @@ struct SiluMul {
   }
 };
 
-// The plain ops' producer: h = x.
-struct Identity {
-  template <class T> BJ_HD static T value(T x) { return x; }
-};
-
-// A quantizer (QuantizeOp, FakeQuantizeOp, or Dynamic of one) fed by a producer of h: the row
-// engines take h = value(inputs...) and apply quantize(p, h).
-template <class Base, class Source>
-struct Produced : Base {
-  using M = typename Base::math;
-  template <class... In>
-  BJ_HD static auto value(In... in) { return Source::value(in...); }
-  template <class T>
-  BJ_HD auto quantize(const RowParams<M>& p, T h) const { return Base::operator()(p, h); }
-  template <class... In>
-  BJ_HD auto operator()(const RowParams<M>& p, In... in) const { return quantize(p, value(in...)); }
-};
-
-// Where a Pair-valued op writes: two outputs, moved together.
-template <class T> struct Split {
-  T *first, *second;
-  BJ_HD Split operator+(int64_t i) const { return {first + i, second + i}; }
-};
-
-// ---- what the fused engines receive (handlers.h documents the engine calls) ----
+// ---- what the fused engines receive (ffi/fused.h documents the engine calls) ----
 
 // The forward of RMSNorm -> quantizer Q (QuantizeOp/FakeQuantizeOp read a per-row scale; a
 // Dynamic one derives it). [N, D]: x, residual and r_out (both null without a residual), out;

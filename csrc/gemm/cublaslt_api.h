@@ -69,11 +69,11 @@ struct Api {
   Status (*preference_create)(Preference*);
   Status (*preference_destroy)(Preference);
   Status (*preference_set)(Preference, PreferenceAttribute, const void* value, size_t size);
-  Status (*heuristic)(Handle, MatmulDesc, MatrixLayout a, MatrixLayout b, MatrixLayout c, MatrixLayout d,
-                      Preference, int requested, HeuristicResult* results, int* returned);
+  Status (*heuristic)(Handle, MatmulDesc, MatrixLayout a, MatrixLayout b, MatrixLayout c, MatrixLayout d, Preference,
+                      int requested, HeuristicResult* results, int* returned);
   Status (*matmul)(Handle, MatmulDesc, const void* alpha, const void* a, MatrixLayout, const void* b, MatrixLayout,
-                   const void* beta, const void* c, MatrixLayout, void* d, MatrixLayout, const Algo*,
-                   void* workspace, size_t workspace_size, cudaStream_t);
+                   const void* beta, const void* c, MatrixLayout, void* d, MatrixLayout, const Algo*, void* workspace,
+                   size_t workspace_size, cudaStream_t);
 };
 
 // Loads the first of `candidates` (paths or sonames) that opens and has every entry point, once

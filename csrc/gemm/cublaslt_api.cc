@@ -1,5 +1,5 @@
 // Run-time loading of libcublasLt (see cublaslt_api.h).
-#include "cublaslt_api.h"
+#include "gemm/cublaslt_api.h"
 
 #include <dlfcn.h>
 

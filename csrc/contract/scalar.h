@@ -1,5 +1,6 @@
 // Scalar types and exact conversions, the same on host and device: the data
-// types the ops read and write, the math type they compute in, and rounding.
+// types the ops read and write, the math type they compute in, and rounding;
+// and TypeList, the sets of types (data types, formats) the ops dispatch over.
 #pragma once
 
 #include <cmath>
@@ -17,6 +18,8 @@
 #endif
 
 namespace baracuda {
+
+template <class... Ts> struct TypeList {};
 
 // Storage-only 16-bit floats: the same layout on host and device. Under nvcc
 // the conversions use cuda_fp16/cuda_bf16 (IEEE round to nearest even on host
@@ -39,8 +42,14 @@ BJ_HD To bit_cast(const From& from) {
 }
 
 template <class M> struct FloatBits;
-template <> struct FloatBits<float> { using uint = uint32_t; static constexpr int kMan = 23, kBias = 127; };
-template <> struct FloatBits<double> { using uint = uint64_t; static constexpr int kMan = 52, kBias = 1023; };
+template <> struct FloatBits<float> {
+  using uint = uint32_t;
+  static constexpr int kMan = 23, kBias = 127;
+};
+template <> struct FloatBits<double> {
+  using uint = uint64_t;
+  static constexpr int kMan = 52, kBias = 1023;
+};
 
 // 2^n, exact, for n in the normal exponent range of M.
 template <class M>
@@ -69,15 +78,20 @@ BJ_HD float to_math(f16 v) {
 
 // ---- rounding from the math type (round to nearest even, like XLA's convert)
 template <class T> struct From;
-template <> struct From<float> { BJ_HD static float math(float v) { return v; } };
-template <> struct From<double> { BJ_HD static double math(double v) { return v; } };
+template <> struct From<float> {
+  BJ_HD static float math(float v) { return v; }
+};
+template <> struct From<double> {
+  BJ_HD static double math(double v) { return v; }
+};
 template <> struct From<bf16> {
   BJ_HD static bf16 math(float v) {
 #if defined(__CUDACC__)
     return {__bfloat16_as_ushort(__float2bfloat16_rn(v))};
 #else
     const uint32_t u = bit_cast<uint32_t>(v);
-    const uint16_t quiet_nan = uint16_t((u >> 16) | 0x0040u), rounded = uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    const uint16_t quiet_nan = uint16_t((u >> 16) | 0x0040u),
+                   rounded = uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
     return {v != v ? quiet_nan : rounded};  // a select, not a branch: the CPU loops vectorize
 #endif
   }

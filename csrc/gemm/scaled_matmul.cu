@@ -21,6 +21,8 @@
 // The cuBLASLt plan (descriptors, layouts and the heuristic's algorithm) is made once per shape and
 // device; the handler enqueues on XLA's stream and allocates nothing (the workspace and the int32
 // accumulator are results XLA allocates), so a command buffer can capture it.
+#include "gemm/scaled_matmul.h"
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -29,32 +31,28 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
 
-#include "cublaslt_api.h"
-#include "cuda_ops.h"
-#include "scaled_matmul.h"
+#include "cuda/device.h"
+#include "ffi/dispatch.h"
+#include "gemm/cublaslt_api.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace baracuda {
 namespace {
 
-namespace ffi = xla::ffi;
-constexpr const char* kOp = "baracuda scaled_matmul: ";
-
-ffi::Error invalid(const std::string& what) { return ffi::Error::InvalidArgument(kOp + what); }
-
-ffi::Error lt_error(const char* call, lt::Status status) {
-  return ffi::Error::Internal(std::string(kOp) + call + " failed with cuBLAS status " + std::to_string(status));
+ffi::Error lt_error(const char* op, const char* call, lt::Status status) {
+  return internal(op, std::string(call) + " failed with cuBLAS status " + std::to_string(status));
 }
 
-#define BJ_TRY(expr) \
-  if (ffi::Error bj_err = (expr); !bj_err.success()) return bj_err
-
-#define BJ_LT(call)                                                  \
-  if (lt::Status bj_status = api.call; bj_status != 0) return lt_error(#call, bj_status)
+// Returns the error of a cuBLASLt call (`api.call`) that fails; `op` names the op in it.
+#define BJ_LT(call)                                                                             \
+  do {                                                                                          \
+    if (lt::Status bj_status = api.call; bj_status != 0) return lt_error(op, #call, bj_status); \
+  } while (false)
 
 struct Scales {
   const float* a;  // [M], or blockwise [K / 128][M]
@@ -99,19 +97,19 @@ __global__ void rescale_kernel(const int4* __restrict__ acc, const float* __rest
 }
 
 template <class Out>
-ffi::Error rescale(cudaStream_t stream, const int32_t* acc, Scales scales, const void* residual, void* out,
-                   int64_t m, int64_t n) {
-  int dev = 0, sms = 0;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+ffi::Error rescale(GemmExec exec, const int32_t* acc, Scales scales, const void* residual, void* out, int64_t m,
+                   int64_t n) {
+  DeviceAttributes device;
+  current_device(device);  // where it fails, sms = 0: a grid of 8 blocks
   const int64_t vecs = m * (n / 4);
   const int threads = 256;
-  const int blocks = static_cast<int>(std::min<int64_t>((vecs + threads - 1) / threads, int64_t{std::max(sms, 1)} * 8));
-  rescale_kernel<Out><<<std::max(blocks, 1), threads, 0, stream>>>(
+  const int blocks =
+      static_cast<int>(std::min<int64_t>((vecs + threads - 1) / threads, int64_t{std::max(device.sms, 1)} * 8));
+  rescale_kernel<Out><<<std::max(blocks, 1), threads, 0, exec.stream>>>(
       reinterpret_cast<const int4*>(acc), scales.a, reinterpret_cast<const float4*>(scales.b),
       static_cast<const Out4<Out>*>(residual), static_cast<Out4<Out>*>(out), m, n / 4);
   if (cudaError_t err = cudaGetLastError(); err != cudaSuccess)
-    return ffi::Error::Internal(std::string(kOp) + "rescale launch failed: " + cudaGetErrorString(err));
+    return internal(exec.op, std::string("rescale launch failed: ") + cudaGetErrorString(err));
   return ffi::Error::Success();
 }
 
@@ -128,13 +126,12 @@ __global__ void pad_columns_kernel(const float* __restrict__ src, float* __restr
   }
 }
 
-ffi::Error pad_columns(cudaStream_t stream, const float* src, float* dst, int64_t rows, int64_t rows_padded,
-                       int64_t cols) {
+ffi::Error pad_columns(GemmExec exec, const float* src, float* dst, int64_t rows, int64_t rows_padded, int64_t cols) {
   const int64_t total = rows_padded * cols;
   const int blocks = static_cast<int>(std::min<int64_t>((total + 255) / 256, 1024));
-  pad_columns_kernel<<<std::max(blocks, 1), 256, 0, stream>>>(src, dst, rows, rows_padded, total);
+  pad_columns_kernel<<<std::max(blocks, 1), 256, 0, exec.stream>>>(src, dst, rows, rows_padded, total);
   if (cudaError_t err = cudaGetLastError(); err != cudaSuccess)
-    return ffi::Error::Internal(std::string(kOp) + "padding b_scale: " + cudaGetErrorString(err));
+    return internal(exec.op, std::string("padding b_scale: ") + cudaGetErrorString(err));
   return ffi::Error::Success();
 }
 
@@ -180,7 +177,7 @@ constexpr int64_t kTimedRows = 65;
 using PlanKey = std::tuple<int, int64_t, int64_t, int64_t, int, int, size_t, bool>;
 
 // cuBLASLt's A scale is one per row of op(A), our N: b_scale; its B scale is a_scale.
-ffi::Error set_scales(const lt::Api& api, lt::MatmulDesc desc, Scales scales) {
+ffi::Error set_scales(const char* op, const lt::Api& api, lt::MatmulDesc desc, Scales scales) {
   const void* a_side = scales.b;
   const void* b_side = scales.a;
   BJ_LT(desc_set(desc, lt::kDescAScalePointer, &a_side, sizeof a_side));
@@ -188,7 +185,8 @@ ffi::Error set_scales(const lt::Api& api, lt::MatmulDesc desc, Scales scales) {
   return ffi::Error::Success();
 }
 
-ffi::Error make_plan(const lt::Api& api, lt::Handle handle, const PlanKey& key, Scales scales, Plan& plan) {
+ffi::Error make_plan(const char* op, const lt::Api& api, lt::Handle handle, const PlanKey& key, Scales scales,
+                     Plan& plan) {
   const auto [dev, m, n, k, in, out, workspace, blockwise] = key;
   const bool fp8 = static_cast<ffi::DataType>(in) == ffi::DataType::F8E4M3FN;
   const cudaDataType_t in_type = cuda_type(static_cast<ffi::DataType>(in));
@@ -203,7 +201,7 @@ ffi::Error make_plan(const lt::Api& api, lt::Handle handle, const PlanKey& key, 
     const int32_t b_mode = blockwise ? lt::kScaleVec128_32F : lt::kScaleOuterVec32F;
     BJ_LT(desc_set(plan.desc, lt::kDescAScaleMode, &a_mode, sizeof a_mode));
     BJ_LT(desc_set(plan.desc, lt::kDescBScaleMode, &b_mode, sizeof b_mode));
-    BJ_TRY(set_scales(api, plan.desc, scales));  // the heuristic refuses these modes without them
+    BJ_TRY(set_scales(op, api, plan.desc, scales));  // the heuristic refuses these modes without them
   }
   BJ_LT(layout_create(&plan.a, in_type, k, n, k));  // b, stored [N][K]
   BJ_LT(layout_create(&plan.b, in_type, k, m, k));  // a, stored [M][K]
@@ -218,10 +216,10 @@ ffi::Error make_plan(const lt::Api& api, lt::Handle handle, const PlanKey& key, 
     status = api.heuristic(handle, plan.desc, plan.a, plan.b, plan.d, plan.d, pref,
                            static_cast<int>(plan.candidates.size()), plan.candidates.data(), &found);
   api.preference_destroy(pref);
-  if (status != 0) return lt_error("cublasLtMatmulAlgoGetHeuristic", status);
+  if (status != 0) return lt_error(op, "cublasLtMatmulAlgoGetHeuristic", status);
   if (found == 0)
-    return ffi::Error::Internal(std::string(kOp) + "cuBLASLt has no algorithm for M=" + std::to_string(m) +
-                                ", N=" + std::to_string(n) + ", K=" + std::to_string(k));
+    return internal(op, "cuBLASLt has no algorithm for M=" + std::to_string(m) + ", N=" + std::to_string(n) +
+                            ", K=" + std::to_string(k));
   plan.candidates.resize(found);
   return ffi::Error::Success();
 }
@@ -262,7 +260,8 @@ struct Plans {
   std::map<int, lt::Handle> handles;
   std::map<PlanKey, std::unique_ptr<Plan>> plans;
 
-  ffi::Error get(const lt::Api& api, const PlanKey& key, Scales scales, Plan*& plan, lt::Handle& handle) {
+  ffi::Error get(const char* op, const lt::Api& api, const PlanKey& key, Scales scales, Plan*& plan,
+                 lt::Handle& handle) {
     std::lock_guard<std::mutex> lock(mu);
     const int dev = std::get<0>(key);
     if (!handles.count(dev)) {
@@ -274,7 +273,7 @@ struct Plans {
     auto& slot = plans[key];
     if (!slot) {
       auto fresh = std::make_unique<Plan>();
-      if (ffi::Error err = make_plan(api, handle, key, scales, *fresh); !err.success()) {
+      if (ffi::Error err = make_plan(op, api, handle, key, scales, *fresh); !err.success()) {
         plans.erase(key);
         const auto [dev, m, n, k, in, out, workspace, blockwise] = key;
         return ffi::Error(*err.errc(), err.message() + " (M=" + std::to_string(m) + ", N=" + std::to_string(n) +
@@ -293,84 +292,86 @@ Plans& plans() {
   return *p;
 }
 
+}  // namespace
+
 // ---- the handler -------------------------------------------------------------------------------
 
-ffi::Error scaled_matmul(cudaStream_t stream, ffi::AnyBuffer a, ffi::Buffer<ffi::F32> a_scale, ffi::AnyBuffer b,
+ffi::Error scaled_matmul(GemmExec exec, ffi::AnyBuffer a, ffi::Buffer<ffi::F32> a_scale, ffi::AnyBuffer b,
                          ffi::Buffer<ffi::F32> b_scale, ffi::RemainingArgs residual_arg,
                          ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> workspace,
                          ffi::RemainingRets rest) {
-  handler_calls.fetch_add(1, std::memory_order_relaxed);
+  const char* op = exec.op;
   const lt::Api* loaded = lt::api();
-  if (loaded == nullptr) return ffi::Error::Internal(std::string(kOp) + "cuBLASLt is not loaded");
+  if (loaded == nullptr) return internal(op, "cuBLASLt is not loaded");
   const lt::Api& api = *loaded;
   const ffi::DataType in = a.element_type();
   const bool fp8 = in == ffi::DataType::F8E4M3FN;
-  if (!fp8 && in != ffi::DataType::S8) return invalid("a must be float8_e4m3fn or int8");
-  if (b.element_type() != in) return invalid("b must have a's dtype");
+  if (!fp8 && in != ffi::DataType::S8) return invalid(op, "a must be float8_e4m3fn or int8");
+  if (b.element_type() != in) return invalid(op, "b must have a's dtype");
   const auto a_dims = a.dimensions(), b_dims = b.dimensions(), out_dims = out->dimensions();
-  if (a_dims.size() < 1 || b_dims.size() != 2) return invalid("a must be [..., K] and b [K, N]");
+  if (a_dims.size() < 1 || b_dims.size() != 2) return invalid(op, "a must be [..., K] and b [K, N]");
   const int64_t k = a_dims.back(), n = b_dims[1];
   const int64_t m = static_cast<int64_t>(a.element_count()) / std::max<int64_t>(k, 1);
-  if (b_dims[0] != k) return invalid("b must be [K, N] with a's K = " + std::to_string(k));
+  if (b_dims[0] != k) return invalid(op, "b must be [K, N] with a's K = " + std::to_string(k));
   if (k == 0 || k % 16 != 0 || n % 16 != 0)  // 16-byte rows for cuBLASLt, 4-column vectors for the rescale
-    return invalid("K and N must be positive multiples of 16 (the primitive lowers other shapes to XLA's dot)");
+    return invalid(op, "K and N must be positive multiples of 16 (the primitive lowers other shapes to XLA's dot)");
   const bool blockwise = b_scale.dimensions().size() == 2;
   const int64_t kb = k / kBlock, kb_padded = (kb + kBlockScaleAlign - 1) / kBlockScaleAlign * kBlockScaleAlign;
   if (blockwise) {
     if (!fp8 || k % kBlock != 0 || n % kBlock != 0 || m % kBlockScaleAlign != 0)  // cuBLASLt has no others
-      return invalid("blockwise scales take float8_e4m3fn with K and N multiples of 128 and rows a multiple of 4 "
+      return invalid(op,
+                     "blockwise scales take float8_e4m3fn with K and N multiples of 128 and rows a multiple of 4 "
                      "(the primitive pads the rows)");
-    if (static_cast<int64_t>(a_scale.element_count()) != m * kb ||
-        b_scale.dimensions()[0] != kb || b_scale.dimensions()[1] != n / kBlock)
-      return invalid("blockwise scales must be a_scale [..., K / 128] and b_scale [K / 128, N / 128]");
-  } else if (static_cast<int64_t>(a_scale.element_count()) != m ||
-             static_cast<int64_t>(b_scale.element_count()) != n) {
-    return invalid("a_scale must have one value per row of a and b_scale one per column of b");
+    if (static_cast<int64_t>(a_scale.element_count()) != m * kb || b_scale.dimensions()[0] != kb ||
+        b_scale.dimensions()[1] != n / kBlock)
+      return invalid(op, "blockwise scales must be a_scale [..., K / 128] and b_scale [K / 128, N / 128]");
+  } else if (static_cast<int64_t>(a_scale.element_count()) != m || static_cast<int64_t>(b_scale.element_count()) != n) {
+    return invalid(op, "a_scale must have one value per row of a and b_scale one per column of b");
   }
   const ffi::DataType out_type = out->element_type();
   if (out_type != ffi::DataType::BF16 && out_type != ffi::DataType::F16 && out_type != ffi::DataType::F32)
-    return invalid("out must be bfloat16, float16 or float32");
+    return invalid(op, "out must be bfloat16, float16 or float32");
   if (out_dims.size() != a_dims.size() || out_dims.back() != n || static_cast<int64_t>(out->element_count()) != m * n)
-    return invalid("out must be [..., N]");
+    return invalid(op, "out must be [..., N]");
   if (fp8 && api.version < lt::kOuterVectorVersion)
-    return invalid("float8 needs cuBLASLt >= 12.9 (per-row and per-column scales); found " +
-                   std::to_string(api.version));
+    return invalid(
+        op, "float8 needs cuBLASLt >= 12.9 (per-row and per-column scales); found " + std::to_string(api.version));
   const void* residual = nullptr;
   if (residual_arg.size() > 0) {
-    auto r = residual_arg.get<ffi::AnyBuffer>(0);
-    if (r.has_error()) return r.error();
+    std::optional<ffi::AnyBuffer> r;
+    BJ_TRY(remaining(residual_arg, 0, r));
     if (r->element_type() != out_type || r->element_count() != out->element_count())
-      return invalid("residual must be [..., N] in the output's dtype");
+      return invalid(op, "residual must be [..., N] in the output's dtype");
     residual = r->untyped_data();
   }
   void* d = out->untyped_data();  // cuBLASLt's output: out, or for int8 the int32 accumulator
   if (!fp8) {
-    auto acc = rest.get<ffi::AnyBuffer>(0);
-    if (acc.has_error()) return acc.error();
-    if ((*acc)->element_type() != ffi::DataType::S32 || static_cast<int64_t>((*acc)->element_count()) != m * n)
-      return invalid("int8 needs an int32 [M, N] accumulator result");
-    d = (*acc)->untyped_data();
+    std::optional<ffi::AnyBuffer> acc;
+    BJ_TRY(remaining(rest, 0, acc));
+    if (acc->element_type() != ffi::DataType::S32 || static_cast<int64_t>(acc->element_count()) != m * n)
+      return invalid(op, "int8 needs an int32 [M, N] accumulator result");
+    d = acc->untyped_data();
   }
   if (m == 0 || n == 0) return ffi::Error::Success();
 
   int dev = 0;
-  if (cudaError_t err = cudaGetDevice(&dev); err != cudaSuccess)
-    return ffi::Error::Internal(std::string(kOp) + cudaGetErrorString(err));
+  if (cudaError_t err = cudaGetDevice(&dev); err != cudaSuccess) return internal(op, cudaGetErrorString(err));
   Scales scales{a_scale.typed_data(), b_scale.typed_data()};
   size_t workspace_bytes = workspace->size_bytes();
   if (blockwise && kb_padded != kb) {  // b_scale's columns padded to kb_padded rows, at the workspace's end
     const size_t bytes = static_cast<size_t>(kb_padded * (n / kBlock)) * sizeof(float);
-    if (bytes + 256 > workspace_bytes) return invalid("the workspace is too small for the padded b_scale");
+    if (bytes + 256 > workspace_bytes) return invalid(op, "the workspace is too small for the padded b_scale");
     workspace_bytes = (workspace_bytes - bytes) / 256 * 256;
     float* padded = reinterpret_cast<float*>(static_cast<char*>(workspace->untyped_data()) + workspace_bytes);
-    BJ_TRY(pad_columns(stream, scales.b, padded, kb, kb_padded, n / kBlock));
+    BJ_TRY(pad_columns(exec, scales.b, padded, kb, kb_padded, n / kBlock));
     scales.b = padded;
   }
-  const PlanKey key{dev, m, n, k, static_cast<int>(in), static_cast<int>(fp8 ? out_type : ffi::DataType::S32),
-                    workspace_bytes, blockwise};
+  const PlanKey key{
+      dev,      m, n, k, static_cast<int>(in), static_cast<int>(fp8 ? out_type : ffi::DataType::S32), workspace_bytes,
+      blockwise};
   Plan* plan = nullptr;
   lt::Handle handle = nullptr;
-  BJ_TRY(plans().get(api, key, scales, plan, handle));
+  BJ_TRY(plans().get(op, api, key, scales, plan, handle));
 
   const float one_f = 1.0f, zero_f = 0.0f;
   const int32_t one_i = 1, zero_i = 0;
@@ -381,37 +382,23 @@ ffi::Error scaled_matmul(cudaStream_t stream, ffi::AnyBuffer a, ffi::Buffer<ffi:
   const void* c = add_c ? residual : d;
   {
     std::lock_guard<std::mutex> lock(plan->mu);
-    if (fp8) BJ_TRY(set_scales(api, plan->desc, scales));
+    if (fp8) BJ_TRY(set_scales(op, api, plan->desc, scales));
     const auto launch = [&](const lt::HeuristicResult& candidate) {
       return api.matmul(handle, plan->desc, alpha, b.untyped_data(), plan->a, a.untyped_data(), plan->b, beta, c,
                         plan->d, d, plan->d, &candidate.algo, workspace->untyped_data(), candidate.workspaceSize,
-                        stream);
+                        exec.stream);
     };
-    time_candidates(*plan, stream, launch);
+    time_candidates(*plan, exec.stream, launch);
     if (lt::Status status = launch(plan->candidates[plan->chosen]); status != 0)
-      return lt_error("cublasLtMatmul", status);
+      return lt_error(op, "cublasLtMatmul", status);
   }
   if (fp8) return ffi::Error::Success();
   const auto* acc = static_cast<const int32_t*>(d);
   switch (out_type) {
-    case ffi::DataType::BF16: return rescale<__nv_bfloat16>(stream, acc, scales, residual, out->untyped_data(), m, n);
-    case ffi::DataType::F16: return rescale<__half>(stream, acc, scales, residual, out->untyped_data(), m, n);
-    default: return rescale<float>(stream, acc, scales, residual, out->untyped_data(), m, n);
+    case ffi::DataType::BF16: return rescale<__nv_bfloat16>(exec, acc, scales, residual, out->untyped_data(), m, n);
+    case ffi::DataType::F16: return rescale<__half>(exec, acc, scales, residual, out->untyped_data(), m, n);
+    default: return rescale<float>(exec, acc, scales, residual, out->untyped_data(), m, n);
   }
 }
 
-}  // namespace
 }  // namespace baracuda
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(baracuda_scaled_matmul_cuda, baracuda::scaled_matmul,
-                              xla::ffi::Ffi::Bind()
-                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<xla::ffi::AnyBuffer>()                  // a [..., K]
-                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()      // a_scale [...] or [..., K/128]
-                                  .Arg<xla::ffi::AnyBuffer>()                  // b [K, N], column-major
-                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()      // b_scale [N] or [K/128, N/128]
-                                  .RemainingArgs()                             // residual [..., N], optional
-                                  .Ret<xla::ffi::AnyBuffer>()                  // out [..., N]
-                                  .Ret<xla::ffi::AnyBuffer>()                  // cuBLASLt's workspace (bytes)
-                                  .RemainingRets(),                            // int8: the int32 accumulator
-                              {xla::ffi::Traits::kCmdBufferCompatible});

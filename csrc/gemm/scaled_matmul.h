@@ -1,0 +1,39 @@
+// The scaled matmul's CUDA handler body (scaled_matmul.cu) and its FFI signature, for the
+// BJ_CUDA_OP row of ffi/ops.def that cuda/engine.cu expands: registered for the CUDA platform
+// only, while on the CPU the primitive lowers to XLA's dot.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <utility>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace baracuda {
+
+namespace ffi = xla::ffi;
+
+// What the generated handler hands a CUDA-only row's body: the op's name and XLA's stream.
+struct GemmExec {
+  const char* op;
+  cudaStream_t stream;
+};
+
+ffi::Error scaled_matmul(GemmExec exec, ffi::AnyBuffer a, ffi::Buffer<ffi::F32> a_scale, ffi::AnyBuffer b,
+                         ffi::Buffer<ffi::F32> b_scale, ffi::RemainingArgs residual_arg,
+                         ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> workspace,
+                         ffi::RemainingRets rest);
+
+template <class B> auto bind_scaled_matmul(B&& b) {
+  return std::move(b)
+      .template Arg<ffi::AnyBuffer>()              // a [..., K]
+      .template Arg<ffi::Buffer<ffi::F32>>()       // a_scale [...] or [..., K/128]
+      .template Arg<ffi::AnyBuffer>()              // b [K, N], column-major
+      .template Arg<ffi::Buffer<ffi::F32>>()       // b_scale [N] or [K/128, N/128]
+      .RemainingArgs()                             // residual [..., N], optional
+      .template Ret<ffi::AnyBuffer>()              // out [..., N]
+      .template Ret<ffi::AnyBuffer>()              // cuBLASLt's workspace (bytes)
+      .RemainingRets();                            // int8: the int32 accumulator
+}
+
+}  // namespace baracuda
