@@ -1,7 +1,7 @@
 """Times every op against the jnp reference and against a copy of the same bytes.
 
 Method: each op, its jnp reference and the copy are timed in the same process, one after the other,
-after warm-up, as the median over many calls (timing.py: on a GPU, kernel durations from a profiler
+after warm-up, as the median over many calls (harness.py: on a GPU, kernel durations from a profiler
 trace; on a CPU, wall-clock differences of chained calls). Calls rotate over K distinct input sets
 spanning at least 256 MiB (several times the 50 MiB L2 of an H100) when at most 100 sets reach it;
 smaller shapes (decode) run from L2, as they would between two layers. Bytes are the minimum the op
@@ -16,20 +16,19 @@ figures are in the README and benchmarks/results/.
 
 import argparse
 import datetime
-import json
 import pathlib
-import platform
 import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from timing import time_per_call
+from harness import copy_time, device_name, on_gpu, rotations, spec_case, time_per_call, write_json
 
 import baracuda_jax as bj
 from baracuda_jax import specs
 
-WORKING_SET = 256 << 20
+# The rows this script times: the per-token ops of specs.SPECS, named here so that rows the table
+# gains for other families (fused, groups, matmul: their own scripts) do not enter this grid.
+OPS = ("quantize", "dequantize", "fake_quant", "ste_backward", "lsq_backward", "dynamic", "fake_dynamic")
 
 LEGEND = """columns: ours us / jnp us = device time per call of our op and of its jnp reference (lower is better);
 GB/s = the bytes the op must move (each input read once, each output written once) over our time;
@@ -37,30 +36,27 @@ GB/s = the bytes the op must move (each input read once, each output written onc
 vs jnp = jnp time / our time (above 1: we are faster)."""
 
 
-def _case(op, x_dtype, q_dtype):
-    """The dynamic ops quantize symmetrically, but uint8 (asymmetric); the static ones take no zero point."""
-    spec = specs.SPECS[op]
-    return specs.case(x_dtype, q_dtype, zero_point=spec.dynamic and jnp.dtype(q_dtype) == jnp.uint8)
-
-
-def _copy(a):
-    return ~a  # reads and writes every byte once: the memory roofline
+def ops():
+    """OPS, each checked against specs.SPECS (a renamed row fails here, not midway through a run)."""
+    missing = [op for op in OPS if op not in specs.SPECS]
+    if missing:
+        raise KeyError(f"bench.py's OPS name rows that specs.SPECS lacks: {missing}")
+    return OPS
 
 
 def bench_row(op, n, d, x_dtype, q_dtype, reps):
-    spec, case = specs.SPECS[op], _case(op, x_dtype, q_dtype)
+    spec, case = specs.SPECS[op], spec_case(op, x_dtype, q_dtype)
     xb, qb = jnp.dtype(x_dtype).itemsize, jnp.dtype(q_dtype).itemsize
     nbytes = n * d * spec.bytes_per_element(xb, qb) + n * 8
-    k = int(np.clip(-(-WORKING_SET // nbytes), 4, 100))
+    k = rotations(nbytes, 4)
     keys = jax.random.split(jax.random.key(n * 100003 + d), k)
     sets = [spec.args(specs.inputs(key, (n, d), case, edges=False)) for key in keys]
     t_ours = time_per_call(spec.ours(case), sets, reps)
     t_jnp = time_per_call(spec.reference(case), sets, reps)
     del sets
     t_copy = float("nan")  # a CPU has no copy ceiling to compare with: XLA's ~a there is not at the roofline
-    if jax.devices()[0].platform == "gpu":
-        words = max(1, nbytes // 8)  # uint32 words read and written: the same byte count
-        t_copy = time_per_call(_copy, [(jnp.full((words,), i, jnp.uint32),) for i in range(k)], reps)
+    if on_gpu():
+        t_copy = copy_time(nbytes, k, reps)
     return dict(
         op=op,
         n=n,
@@ -80,18 +76,16 @@ def bench_row(op, n, d, x_dtype, q_dtype, reps):
 
 def grid(quick, shapes=None):
     if shapes:
-        return [
-            (op, n, d, jnp.bfloat16, q) for q in (jnp.int8, jnp.float8_e4m3fn) for op in specs.SPECS for n, d in shapes
-        ]
+        return [(op, n, d, jnp.bfloat16, q) for q in (jnp.int8, jnp.float8_e4m3fn) for op in ops() for n, d in shapes]
     if quick:
         return [
             (op, n, d, jnp.bfloat16, q)
-            for op in specs.SPECS
+            for op in ops()
             for q in (jnp.int8, jnp.float8_e4m3fn)
             for n, d in [(16, 4096), (1024, 4096)]
         ]
     shapes = [(n, d) for n in (1, 16, 64, 1024, 8192, 32768) for d in (4096, 16384)] + [(16, 4097), (8192, 4097)]
-    rows = [(op, n, d, jnp.bfloat16, q) for q in (jnp.int8, jnp.float8_e4m3fn) for op in specs.SPECS for n, d in shapes]
+    rows = [(op, n, d, jnp.bfloat16, q) for q in (jnp.int8, jnp.float8_e4m3fn) for op in ops() for n, d in shapes]
     for x_dtype, q_dtype in [
         (jnp.float16, jnp.int8),
         (jnp.float32, jnp.int8),
@@ -99,20 +93,15 @@ def grid(quick, shapes=None):
         (jnp.bfloat16, jnp.float8_e5m2),
         (jnp.float32, jnp.float8_e4m3fn),
     ]:
-        rows += [(op, n, d, x_dtype, q_dtype) for op in specs.SPECS for n, d in [(8192, 4097), (32768, 16384)]]
+        rows += [(op, n, d, x_dtype, q_dtype) for op in ops() for n, d in [(8192, 4097), (32768, 16384)]]
     return rows
-
-
-def device_name():
-    dev = jax.devices()[0]
-    return dev.device_kind if dev.platform != "cpu" else f"cpu-{platform.machine()}"
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a few small shapes (the demo)")
     p.add_argument("--reps", type=int, default=None)
-    p.add_argument("--ops", nargs="*", default=None, help="only these ops")
+    p.add_argument("--ops", nargs="*", default=None, help=f"only these ops (of {', '.join(OPS)})")
     p.add_argument(
         "--shapes",
         nargs="*",
@@ -165,8 +154,7 @@ def main(argv=None):
             flush=True,
         )
         if args.json:  # after every row, so that a cut-off run keeps what it timed
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(dict(meta=meta, results=results), indent=1))
+            write_json(args.json, dict(meta=meta, results=results))
     if args.json:
         print(f"wrote {args.json}")
 

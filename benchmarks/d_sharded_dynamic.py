@@ -12,9 +12,9 @@ import argparse
 
 import jax
 import jax.numpy as jnp
+from harness import time_per_call
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from timing import time_per_call
 
 
 def main(argv=None):

@@ -1,5 +1,5 @@
 """The fused ops alone against the same work in natural jnp (XLA fuses it as it can) and a copy of
-the same bytes, as bench.py times the per-token ops (timing.py; device time, median of many calls,
+the same bytes, as bench.py times the per-token ops (harness.py; device time, median of many calls,
 inputs rotated over >= 256 MiB).
 
 Rows: residual add + RMSNorm + dynamic quantize (int8, e4m3), T from 1 to 32768, D 4096 and 8192;
@@ -10,35 +10,14 @@ of the jnp composition with a straight-through quantizer).
 """
 
 import argparse
-import json
 import pathlib
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from bench import WORKING_SET, _copy, device_name
-from timing import time_per_call
+from harness import F32, copy_time, device_name, fake_quant_ste, rms_norm, rotations, time_per_call, write_json
 
 import baracuda_jax as bj
 from baracuda_jax import reference as ref
-
-F32 = jnp.float32
-
-
-def rms_norm(x, w, eps=1e-6):
-    """RMSNorm as a JAX model writes it."""
-    xf = x.astype(F32)
-    return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + eps) * w.astype(F32)).astype(x.dtype)
-
-
-@jax.custom_vjp
-def fake_quant_ste(h):
-    """Dynamic int8 fake-quant as a jnp user writes it, with a straight-through gradient."""
-    return ref.fake_quantize_per_token_dynamic(h)
-
-
-# dynamic symmetric: amax maps to qmax, nothing is clipped, so the straight-through gradient is g
-fake_quant_ste.defvjp(lambda h: (fake_quant_ste(h), None), lambda _, g: (g,))
 
 
 def jnp_norm_quantize(x, w, res, dtype):
@@ -114,11 +93,11 @@ def row(op, t, d, q, reps):
             jax.random.normal(jax.random.fold_in(k, 1), (t, d), jnp.bfloat16),
         )
     if op.endswith("_bwd"):
-        keys = jax.random.split(jax.random.key(t + d), int(np.clip(-(-WORKING_SET // nbytes), 2, 100)))
+        keys = jax.random.split(jax.random.key(t + d), rotations(nbytes, 2))
         t_ours = time_per_call(ours, [ours_args(*primals(key)) for key in keys], reps)
         t_jnp = time_per_call(theirs, [their_args(*primals(key)) for key in keys], reps)
         return _result(op, t, d, q, nbytes, len(keys), t_ours, t_jnp, reps)
-    k = int(np.clip(-(-WORKING_SET // nbytes), 2, 100))
+    k = rotations(nbytes, 2)
     sets = [args(key) for key in jax.random.split(jax.random.key(t + d), k)]
     t_ours, t_jnp = time_per_call(ours, sets, reps), time_per_call(theirs, sets, reps)
     del sets
@@ -126,8 +105,7 @@ def row(op, t, d, q, reps):
 
 
 def _result(op, t, d, q, nbytes, k, t_ours, t_jnp, reps):
-    words = max(1, nbytes // 8)
-    t_copy = time_per_call(_copy, [(jnp.full((words,), i, jnp.uint32),) for i in range(k)], reps)
+    t_copy = copy_time(nbytes, k, reps)
     return dict(
         op=op,
         t=t,
@@ -163,8 +141,7 @@ def main(argv=None):
             flush=True,
         )
         if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(dict(device=device_name(), jax=jax.__version__, results=results), indent=1))
+            write_json(args.json, dict(device=device_name(), jax=jax.__version__, results=results))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """Per-token-group quantization (1 x 128, bf16 -> float8_e4m3fn by default) against its jnp reference,
-the per-token op on the same tensor, and a copy of the same bytes. Device time per call (timing.py),
+the per-token op on the same tensor, and a copy of the same bytes. Device time per call (harness.py),
 calls rotating over input sets of >= 256 MiB in all (decode shapes run from L2).
 
     python benchmarks/groups.py [--quick] [--dtype int8] [--json benchmarks/results/groups_<device>.json]
@@ -14,9 +14,7 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from bench import WORKING_SET, _copy, device_name
-from timing import time_per_call
+from harness import copy_time, device_name, on_gpu, rotations, time_per_call, write_json
 
 import baracuda_jax as bj
 from baracuda_jax import reference as ref
@@ -37,15 +35,14 @@ def _ways(dtype):
 
 def row(n, d, dtype, reps):
     nbytes = n * d * (2 + jnp.dtype(dtype).itemsize) + n * (d // GROUP) * 4
-    k = int(np.clip(-(-WORKING_SET // nbytes), 4, 100))
+    k = rotations(nbytes, 4)
     sets = [(jax.random.normal(jax.random.key(i), (n, d), jnp.bfloat16) * 3,) for i in range(k)]
     result = dict(n=n, d=d, dtype=jnp.dtype(dtype).name, bytes=nbytes)
     for name, fn in _ways(dtype).items():
         result[f"us_{name}"] = time_per_call(fn, sets, reps) * 1e6
     del sets
-    if jax.devices()[0].platform == "gpu":
-        words = max(1, nbytes // 8)  # uint32 words read and written: the same byte count
-        result["us_copy"] = time_per_call(_copy, [(jnp.full((words,), i, jnp.uint32),) for i in range(k)], reps) * 1e6
+    if on_gpu():
+        result["us_copy"] = copy_time(nbytes, k, reps) * 1e6
     return result
 
 
@@ -112,8 +109,7 @@ def main(argv=None):
         results.append(row(n, d, jnp.dtype(args.dtype), args.reps))
         print(line(results[-1]), flush=True)
         if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(dict(device=device_name(), jax=jax.__version__, results=results), indent=1))
+            write_json(args.json, dict(device=device_name(), jax=jax.__version__, results=results))
 
 
 if __name__ == "__main__":

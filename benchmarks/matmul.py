@@ -1,5 +1,5 @@
 """scaled_matmul against XLA's GEMMs: the bf16 dot, and XLA's int8 and float8 dots followed by the
-same rescale (bj.reference.scaled_matmul, XLA fusing what it can). Device time per call (timing.py).
+same rescale (bj.reference.scaled_matmul, XLA fusing what it can). Device time per call (harness.py).
 The *_block ways take blockwise scales (1 x 128 groups of a, 128 x 128 blocks of the weight).
 
 Every way reads the weight stored as [N, K] (one row per output channel) and is passed `w.T`, so no
@@ -12,13 +12,11 @@ call finds its weight in L2.
 
 import argparse
 import json
-import math
 import pathlib
 
 import jax
 import jax.numpy as jnp
-from bench import WORKING_SET, device_name
-from timing import time_per_call
+from harness import device_name, rotations, time_per_call, write_json
 
 import baracuda_jax as bj
 from baracuda_jax import reference as ref
@@ -54,7 +52,7 @@ def _operands(key, m, k, n, dtype, blockwise, copies):
 
 
 def row(m, k, n, reps, ways=WAYS):
-    copies = max(1, min(8, math.ceil(WORKING_SET / (2 * k * n + 2 * m * k))))
+    copies = rotations(2 * k * n + 2 * m * k, 1, 8)
     result = dict(m=m, k=k, n=n)
     for name, (dtype, blockwise, fn) in _ways().items():
         if name not in ways:
@@ -149,12 +147,9 @@ def main(argv=None):
         results.append(row(m, k, n, args.reps, ways))
         print(table(results[-1:]).splitlines()[-1], flush=True)
         if args.json:  # after every row: a long run cut short keeps what it measured
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(
-                json.dumps(
-                    dict(device=device_name(), jax=jax.__version__, cublaslt=cublaslt_version(), results=results),
-                    indent=1,
-                )
+            write_json(
+                args.json,
+                dict(device=device_name(), jax=jax.__version__, cublaslt=cublaslt_version(), results=results),
             )
     print(f"\n{device_name()}, jax {jax.__version__}, cuBLASLt {cublaslt_version()}\n" + table(results))
 

@@ -5,21 +5,18 @@
 float: no quantizer; jnp: dynamic int8 fake-quant in natural jnp with a straight-through gradient
 (XLA fuses it into the norm and the activation); fused: rms_norm_fake_quantize_per_token and
 silu_mul_fake_quantize_per_token. Each is one jitted value_and_grad of a loss in the parameters and
-x (bf16 parameters and activations), timed as device time per step (timing.py: the span from the
+x (bf16 parameters and activations), timed as device time per step (harness.py: the span from the
 step's first kernel to its last, median of many steps).
 
     python benchmarks/qat_step.py [--quick] [--json benchmarks/results/qat_step_<device>.json]
 """
 
 import argparse
-import json
 import pathlib
 
 import jax
 import jax.numpy as jnp
-from bench import device_name
-from fused import F32, fake_quant_ste, rms_norm
-from timing import time_per_call
+from harness import F32, device_name, fake_quant_ste, kernel_totals, rms_norm, time_per_call, write_json
 
 import baracuda_jax as bj
 
@@ -61,26 +58,7 @@ def inputs(t, d, f, seed):
 
 def kernel_table(fn, args, top=12):
     """Device time per kernel name over one step (the --profile view of where a step's time goes)."""
-    import collections
-    import pathlib as pl
-    import tempfile
-
-    f = jax.jit(fn)
-    jax.block_until_ready(f(*args))
-    with tempfile.TemporaryDirectory() as tmp:
-        jax.profiler.start_trace(tmp)
-        jax.block_until_ready(f(*args))
-        jax.profiler.stop_trace()
-        (trace,) = pl.Path(tmp).rglob("*.xplane.pb")
-        profile = jax.profiler.ProfileData.from_file(str(trace))
-    total = collections.Counter()
-    for plane in profile.planes:
-        if plane.name.startswith("/device:GPU"):
-            for line in plane.lines:
-                if line.name.startswith("Stream"):
-                    for e in line.events:
-                        total[e.name[:70]] += (e.end_ns - e.start_ns) / 1e3
-    for name, us in total.most_common(top):
+    for name, us in kernel_totals(fn, args).most_common(top):
         print(f"    {us:9.1f} us  {name}")
 
 
@@ -109,8 +87,7 @@ def main(argv=None):
                 print(f"  {way}:")
                 kernel_table(step(way), sets[0])
         if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(dict(device=device_name(), jax=jax.__version__, results=results), indent=1))
+            write_json(args.json, dict(device=device_name(), jax=jax.__version__, results=results))
 
 
 if __name__ == "__main__":
