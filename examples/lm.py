@@ -31,8 +31,10 @@ import json
 import math
 import os
 import pathlib
-import sys
+import statistics
 import sysconfig
+import tempfile
+import time
 
 import jax
 import jax.numpy as jnp
@@ -390,19 +392,52 @@ def bf16_params(params):
     return jax.tree.map(lambda w: w.astype(jnp.bfloat16) if w.dtype == jnp.float32 else w, params)
 
 
+def device_seconds(fn, args, reps=20):
+    """Median device seconds per call of jax.jit(fn)(*args), after a warm-up call. On a GPU, from a
+    profiler trace: a call's time runs from its first kernel's start to its last kernel's end, so the
+    host's dispatch between calls does not count. Elsewhere: the wall clock of one call at a time."""
+    f = jax.jit(fn)
+    jax.block_until_ready(f(*args))
+    if jax.devices()[0].platform != "gpu":
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(*args))
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+    with tempfile.TemporaryDirectory() as tmp:
+        jax.profiler.start_trace(tmp)
+        for _ in range(reps):
+            out = f(*args)
+        jax.block_until_ready(out)
+        jax.profiler.stop_trace()
+        (trace,) = pathlib.Path(tmp).rglob("*.xplane.pb")
+        profile = jax.profiler.ProfileData.from_file(str(trace))
+    kernels = sorted(
+        (e.start_ns, e.end_ns)
+        for plane in profile.planes
+        if plane.name.startswith("/device:GPU")
+        for line in plane.lines
+        if line.name.startswith("Stream")
+        for e in line.events
+    )
+    if not kernels or len(kernels) % reps:
+        raise RuntimeError(f"{len(kernels)} kernel records for {reps} calls: not the same kernels per call")
+    k = len(kernels) // reps
+    spans = [max(end for _, end in kernels[i : i + k]) - kernels[i][0] for i in range(0, len(kernels), k)]
+    return statistics.median(spans) * 1e-9
+
+
 def time_train_steps(cfg, data, reps=20):
     """Device seconds of one train step of each variant."""
-    from timing import time_per_call
-
     params, opt = init(cfg, jax.random.key(0)), optimizer(cfg)
     batch = windows(data[0], np.random.default_rng(0), cfg.batch, cfg.seq)
-    return {v: time_per_call(train_step(v, cfg, opt), [(params, opt.init(params), batch)], reps) for v in VARIANTS}
+    return {v: device_seconds(train_step(v, cfg, opt), (params, opt.init(params), batch), reps) for v in VARIANTS}
 
 
 def time_inference(params, cfg, reps=20):
     """tokens/s of prefill (batch 16 x 1024) and of one decode step (batch 16, 1024 cached) on this
-    device, bf16 against W8A8 fp8 and int8 (device time, benchmarks/timing.py)."""
-    from timing import time_per_call
+    device, bf16 against W8A8 fp8 and int8 (device time: device_seconds)."""
 
     batch, length = 16, 1024
     hd = cfg.d // cfg.heads
@@ -418,8 +453,8 @@ def time_inference(params, cfg, reps=20):
         prefill = lambda p, t: forward(p, t, ops, cfg.heads)
         decode = lambda p, t, c: forward(p, t, ops, cfg.heads, c, length)
         out[name] = dict(
-            prefill=batch * length / time_per_call(prefill, [(p, tokens)], reps),
-            decode=batch / time_per_call(decode, [(p, tokens[:, :1], caches)], reps),
+            prefill=batch * length / device_seconds(prefill, (p, tokens), reps),
+            decode=batch / device_seconds(decode, (p, tokens[:, :1], caches), reps),
         )
     return out
 
@@ -524,7 +559,6 @@ def main(argv=None):
     if args.png:
         plot(trained, args.png)
     if args.time:
-        sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "benchmarks"))  # timing.py: device time
         result["timing"] = time_all(cfg, trained["fp8"][0], data, log)
         save()
         params = quantize_for_inference(trained["fp8"][0], jnp.float8_e4m3fn)

@@ -12,7 +12,9 @@ with blockwise float8 scales (quantize_per_token_group, 128 x 128 weight blocks)
 
 import argparse
 import pathlib
-import sys
+import statistics
+import tempfile
+import time
 
 import fp8_blockwise
 import jax
@@ -75,21 +77,54 @@ def w8a8_block_stack(x, norms, qweights):
     return x
 
 
+def device_seconds(fn, args, reps=20):
+    """Median device seconds per call of jax.jit(fn)(*args), after a warm-up call. On a GPU, from a
+    profiler trace: a call's time runs from its first kernel's start to its last kernel's end, so the
+    host's dispatch between calls does not count. Elsewhere: the wall clock of one call at a time."""
+    f = jax.jit(fn)
+    jax.block_until_ready(f(*args))
+    if jax.devices()[0].platform != "gpu":
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(*args))
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+    with tempfile.TemporaryDirectory() as tmp:
+        jax.profiler.start_trace(tmp)
+        for _ in range(reps):
+            out = f(*args)
+        jax.block_until_ready(out)
+        jax.profiler.stop_trace()
+        (trace,) = pathlib.Path(tmp).rglob("*.xplane.pb")
+        profile = jax.profiler.ProfileData.from_file(str(trace))
+    kernels = sorted(
+        (e.start_ns, e.end_ns)
+        for plane in profile.planes
+        if plane.name.startswith("/device:GPU")
+        for line in plane.lines
+        if line.name.startswith("Stream")
+        for e in line.events
+    )
+    if not kernels or len(kernels) % reps:
+        raise RuntimeError(f"{len(kernels)} kernel records for {reps} calls: not the same kernels per call")
+    k = len(kernels) // reps
+    spans = [max(end for _, end in kernels[i : i + k]) - kernels[i][0] for i in range(0, len(kernels), k)]
+    return statistics.median(spans) * 1e-9
+
+
 def time_stack(tokens, d=4096, layers=8, reps=30):
     """Device µs per call of an 8-layer stack, bf16 and W8A8 (int8, float8, float8 blockwise)."""
-    sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "benchmarks"))
-    from timing import time_per_call  # the benchmarks' method: kernel durations from a profiler trace
-
     key = jax.random.key(0)
     x = jax.random.normal(key, (tokens, d), jnp.bfloat16)
     norms = [jnp.ones((d,), jnp.bfloat16) for _ in range(layers)]
     weights = [(jax.random.normal(jax.random.fold_in(key, i), (d, d), jnp.float32) / 64) for i in range(layers)]
-    times = {"bf16": time_per_call(bf16_stack, [(x, norms, [w.astype(jnp.bfloat16) for w in weights])], reps)}
+    times = {"bf16": device_seconds(bf16_stack, (x, norms, [w.astype(jnp.bfloat16) for w in weights]), reps)}
     for dtype in (jnp.int8, jnp.float8_e4m3fn):
         qweights = [quantize_weights(w.T, dtype) for w in weights]  # w is stored [N, K]: pass [K, N]
-        times[jnp.dtype(dtype).name] = time_per_call(w8a8_stack, [(x, norms, qweights)], reps)
+        times[jnp.dtype(dtype).name] = device_seconds(w8a8_stack, (x, norms, qweights), reps)
     block_weights = [fp8_blockwise.quantize_weight(w.T) for w in weights]
-    times["float8 blockwise"] = time_per_call(w8a8_block_stack, [(x, norms, block_weights)], reps)
+    times["float8 blockwise"] = device_seconds(w8a8_block_stack, (x, norms, block_weights), reps)
     return {name: t * 1e6 for name, t in times.items()}
 
 
