@@ -8,7 +8,7 @@ import warnings
 
 import jax
 
-from baracuda_jax import _cpu
+from baracuda_jax import _cpu, _formats
 
 try:  # built only where nvcc was found; links cudart statically, so it imports without CUDA
     from baracuda_jax import _cuda
@@ -30,6 +30,7 @@ def gpu_kernels_available() -> bool:
 
 # csrc/ffi/ops.def: the same name on every platform that has the op; the CUDA module also has the
 # ops the CPU lowers to XLA's own code (the scaled matmul).
+_formats.check_formats(_cpu.formats())
 _TABLES = {"cpu": _cpu.registrations(), "cuda": {} if _cuda is None else _cuda.registrations()}
 TARGETS = frozenset().union(*_TABLES.values())
 

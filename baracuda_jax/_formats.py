@@ -2,8 +2,9 @@
 
 An integer format has a grid [qmin, qmax] inside its type's range, chosen per call, and may take a
 zero point. A float8 format has the fixed grid [-fmax, fmax] (values beyond saturate) and no zero
-point. A new output dtype is one entry here, one struct in formats.h, and its branch in
-reference.py (where it rounds differently from these two kinds).
+point. A new output dtype is one entry here, one struct in formats.h (the two tables are checked
+against each other at import), and its branch in reference.py where it rounds differently from these
+two kinds.
 """
 
 import dataclasses
@@ -37,3 +38,13 @@ def _float8(t):
 FORMATS = {
     f.dtype: f for f in (_integer(jnp.int8), _integer(jnp.uint8), _float8(jnp.float8_e4m3fn), _float8(jnp.float8_e5m2))
 }
+
+
+def check_formats(compiled: list[tuple[str, bool, int, int]]) -> None:
+    """This table and the compiled one (csrc/contract/formats.h) must list the same formats."""
+    ours = sorted((f.name, f.is_float, f.lowest, f.max) for f in FORMATS.values())
+    if ours != sorted(tuple(f) for f in compiled):
+        raise ImportError(
+            f"baracuda_jax: _formats.py and csrc/contract/formats.h disagree: {ours} against "
+            f"{sorted(compiled)}; rebuild the package"
+        )

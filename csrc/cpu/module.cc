@@ -12,6 +12,15 @@
 
 using namespace baracuda;
 
+// The output formats of contract/formats.h as (name, is_float, lowest, max): baracuda_jax/_formats.py
+// is checked against them at import.
+template <class... Fs>
+nanobind::list format_table(TypeList<Fs...>) {
+  nanobind::list table;
+  (table.append(nanobind::make_tuple(Fs::kName, Fs::kFloat, Fs::kLowest, Fs::kMax)), ...);
+  return table;
+}
+
 // The handler of a row of ffi/ops.def: the row's body on a CpuExec that holds the row's name and
 // XLA's thread pool.
 #define BJ_OP(name, body, bind)                                                                                  \
@@ -37,4 +46,7 @@ NB_MODULE(_cpu, m) {
         });
       },
       "The CPU targets: 'baracuda_<name>' -> handler capsule, one per BJ_OP row of csrc/ffi/ops.def.");
+  m.def(
+      "formats", [] { return format_table(Formats{}); },
+      "The output formats of csrc/contract/formats.h: (name, is_float, lowest, max) each.");
 }
