@@ -1,3 +1,6 @@
+"""pytest setup: XLA flags for the GPU, jax's config, and the `device` fixture. The helpers the
+test files share are in helpers.py."""
+
 import importlib.util
 import os
 
@@ -16,37 +19,9 @@ import pytest  # noqa: E402
 jax.config.update("jax_enable_x64", True)  # float64 is part of the dtype matrix
 jax.config.update("jax_num_cpu_devices", 4)  # host devices for the sharding tests
 
-
-def _gpus():
-    try:
-        return jax.devices("gpu")
-    except RuntimeError:
-        return []
-
-
-GPUS = _gpus()
-DEVICES = [jax.devices("cpu")[0]] + GPUS[:1]
+from helpers import DEVICES  # noqa: E402  (after the config: it lists the devices)
 
 
 @pytest.fixture(params=DEVICES, ids=lambda d: d.platform)
 def device(request):
     return request.param
-
-
-requires_gpu = pytest.mark.skipif(not GPUS, reason="needs a CUDA GPU")
-
-
-def assert_captured(fn, args, custom_calls, runs=10):
-    """XLA replays fn's custom calls from a CUDA graph: after two runs (compile, then record), the
-    handler bodies run fewer times than `custom_calls` per execution. Returns the last outputs."""
-    from baracuda_jax import _cuda
-
-    for _ in range(2):
-        jax.block_until_ready(fn(*args))
-    before = _cuda.handler_calls()
-    for _ in range(runs):
-        out = jax.block_until_ready(fn(*args))
-    calls = _cuda.handler_calls() - before
-    print(f"handler calls over {runs} runs of {custom_calls} custom calls: {calls}")
-    assert calls < custom_calls * runs
-    return out

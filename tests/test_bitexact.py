@@ -1,79 +1,38 @@
-"""Kernels against the jnp reference, bit for bit, over the whole dtype matrix."""
+"""Every row of the spec table (baracuda_jax/specs.py) against its jnp reference, over its cases and
+shapes, by the rule the row states (bit for bit for the per-token, group and int8 matmul ops); and
+the per-token family's own rules."""
 
-import dataclasses
-
-import cases
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import assert_same_bits, run
 
 import baracuda_jax as bj
 from baracuda_jax import reference as ref
 from baracuda_jax import specs
 
 
-def assert_same_bits(got, want):
-    got, want = np.asarray(got), np.asarray(want)
-    assert got.shape == want.shape and got.dtype == want.dtype, (got.shape, got.dtype, want.shape, want.dtype)
-    if np.issubdtype(got.dtype, np.integer):
-        np.testing.assert_array_equal(got, want)
-        return
-    nan = np.isnan(got.astype(np.float64))
-    np.testing.assert_array_equal(nan, np.isnan(want.astype(np.float64)), err_msg="NaN positions differ")
-    bits = f"uint{8 * got.dtype.itemsize}"
-    bad = (got.view(bits) != want.view(bits)) & ~nan
-    assert not bad.any(), f"{bad.sum()} of {bad.size} differ; first: got {got[bad][:5]}, want {want[bad][:5]}"
-
-
-def run(device, fn, *args, **kw):
-    args = jax.device_put(args, device)
-    return jax.jit(lambda *a: fn(*a, **kw))(*args)
-
-
-def compare(spec, case, got, want, d):
-    """Every result bit for bit; a per-row sum (LSQ's ds) to float rounding: the kernels and XLA sum
-    in different orders, over terms of up to the grid's bound times |g|."""
-    got, want = jax.tree.leaves(got), jax.tree.leaves(want)
-    assert len(got) == len(want)
-    for i, (g, w) in enumerate(zip(got, want)):
-        if spec.sums and i == 1:
-            bound = max(-case.fmt.lowest, case.fmt.max)
-            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=2e-6 * d * bound)
-        else:
-            assert_same_bits(g, w)
-
-
-def runnable(spec, case):
-    """The cases an op takes: dynamic ops need a signed format when symmetric."""
-    return not (spec.dynamic and case.symmetric and case.fmt.lowest >= 0)
-
-
-def sub_grid(r, case):
-    """Half the time, an integer case quantizes to a random sub-grid of its range."""
-    if case.fmt.is_float or r.random() < 0.5:
-        return case
-    lo = int(r.integers(case.fmt.lowest, case.fmt.max // 2))
-    return dataclasses.replace(case, grid=(lo, int(r.integers(lo, case.fmt.max + 1))))
-
-
-CASES = [(spec, case) for spec in specs.SPECS.values() for case in specs.cases() if runnable(spec, case)]
-
-
-@pytest.mark.parametrize("spec,case", CASES, ids=[f"{s.name}-{c.id}" for s, c in CASES])
-@pytest.mark.parametrize("shape", cases.SHAPES, ids=str)
-def test_matches_reference(device, shape, spec, case):
+@pytest.mark.parametrize("spec,case,shape,n", helpers.table())
+def test_matches_reference(device, shape, n, spec, case):
     if device.platform == "gpu" and case.fmt.is_float and case.x_dtype == np.float64:
         pytest.skip(
             "XLA:GPU converts float64 to float8 through float32, rounding twice; the kernels round "
             "once, as XLA:CPU does (tested on the CPU, and CPU against GPU kernels in test_gpu.py)"
         )
-    r = cases.rng()
-    if not spec.dynamic:
-        case = sub_grid(r, case)
-    inputs = specs.inputs(cases.key(r), shape, case, subnormals=device.platform != "cpu")
+    r = helpers.rng()
+    if spec.sub_grids:
+        case = helpers.sub_grid(r, case)
+    inputs = spec.inputs(helpers.key(r), shape, case, subnormals=device.platform != "cpu", n=n)
     args = spec.args(inputs)
-    compare(spec, case, run(device, spec.ours(case), *args), run(device, spec.reference(case), *args), shape[-1])
+    theirs = helpers.CPU if spec.reference_on_cpu else device
+    got, want = (
+        helpers.run_spec(device, spec, case, "ours", args),
+        helpers.run_spec(theirs, spec, case, "reference", args),
+    )
+    scales = helpers.row_scales(spec, case, args, device, theirs)
+    helpers.compare(spec, case, got, want, inputs, device.platform, scales)
 
 
 def test_default_dequantize_dtype_is_scale_dtype(device):
@@ -109,7 +68,7 @@ def test_kernels_keep_subnormals_on_cpu():
 
 
 def test_scale_with_trailing_one(device):
-    r = cases.rng()
+    r = helpers.rng()
     x = jnp.asarray(r.standard_normal((4, 6, 10)), jnp.bfloat16)
     s = jnp.asarray(r.uniform(0.01, 0.1, (4, 6)), jnp.float32)
     zp = jnp.asarray(r.integers(-3, 3, (4, 6)), jnp.int32)
@@ -119,9 +78,9 @@ def test_scale_with_trailing_one(device):
 
 
 def test_vmap_matches_unbatched(device):
-    r = cases.rng()
+    r = helpers.rng()
     x = jnp.asarray(r.standard_normal((3, 5, 8)) * 50, jnp.float32)
-    s = specs.scales(cases.key(r), (3, 5), edges=False)
+    s = specs.scales(helpers.key(r), (3, 5), edges=False)
     zp = jnp.asarray(r.integers(-5, 5, (3, 5)), jnp.int32)
     # batch axis in the middle of x, unbatched zero point, and a nested vmap
     f = jax.vmap(lambda xb, sb: bj.quantize_per_token(xb, sb, zp[:, 0]), in_axes=(1, 1))

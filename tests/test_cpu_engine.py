@@ -1,10 +1,10 @@
 """The CPU row engine: rows split over XLA's thread pool give the bits of rows run one at a time."""
 
-import cases
+import helpers
 import jax
 import jax.numpy as jnp
 import pytest
-from test_bitexact import assert_same_bits
+from helpers import assert_same_bits
 
 import baracuda_jax as bj
 from baracuda_jax import specs
@@ -13,11 +13,11 @@ CPU = jax.devices("cpu")[0]
 
 
 @pytest.mark.parametrize("q_dtype", [jnp.int8, jnp.float8_e4m3fn], ids=lambda d: jnp.dtype(d).name)
-@pytest.mark.parametrize("spec", specs.SPECS.values(), ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", specs.select("per_token"), ids=lambda s: s.name)
 def test_threaded_rows_equal_single_rows(spec, q_dtype):
     """96 rows of 4097 are a dozen chunks for the pool's threads; one row alone is run inline."""
     case = specs.case(jnp.float32, q_dtype)
-    args = jax.device_put(spec.args(specs.inputs(cases.key(cases.rng()), (96, 4097), case)), CPU)
+    args = jax.device_put(spec.args(specs.inputs(helpers.key(helpers.rng()), (96, 4097), case)), CPU)
     f = jax.jit(spec.ours(case))
     whole = jax.tree.leaves(f(*args))
     for i in range(0, 96, 7):
@@ -40,7 +40,7 @@ def _fused_ops(x, w, u):
 
 def test_threaded_fused_rows_equal_single_rows():
     """The fused ops' row engines (norm, SiLU, their backward) on the pool, against one row alone."""
-    r = cases.rng()
+    r = helpers.rng()
     x, u = (jnp.asarray(r.normal(size=(96, 4097)), jnp.bfloat16) for _ in range(2))
     w = jnp.asarray(r.normal(size=4097), jnp.bfloat16)
     f = jax.jit(_fused_ops)

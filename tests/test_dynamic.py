@@ -1,42 +1,25 @@
 """Dynamic per-token quantization: kernels against the reference, the consistency invariant, grads."""
 
-import cases
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_bitexact import assert_same_bits, run
+from helpers import assert_same_bits, dynamic_input, run
 
 import baracuda_jax as bj
 from baracuda_jax import reference as ref
 from baracuda_jax import specs
 
-GRIDS = [(jnp.int8, True), (jnp.int8, False), (jnp.uint8, False), (jnp.float8_e4m3fn, True), (jnp.float8_e5m2, True)]
-GRID_IDS = ["int8-sym", "int8-asym", "uint8-asym", "e4m3-sym", "e5m2-sym"]
-SHAPES = cases.SHAPES + ((3, 40000),)  # a row past the on-chip limit (32768 bf16) streams twice
-
-
-def dynamic_input(r, shape, dtype, subnormals):
-    """Random rows of varied magnitude, plus rows that are all zero, all NaN, constant, or hold inf."""
-    rows = shape[:-1]
-    mags = specs.scales(cases.key(r), rows, edges=False)
-    x = np.array(specs.activations(cases.key(r), shape, specs.case(np.float64, np.int8), mags, subnormals=subnormals))
-    flat = x.reshape(-1, shape[-1]) if x.size else x
-    specials = [0.0, np.nan, 3.0, "inf", "-inf"]
-    for _i, kind in enumerate(specials[: flat.shape[0] // 2] if x.size else []):
-        row = flat[r.integers(flat.shape[0])]
-        if isinstance(kind, str):
-            row[r.integers(row.size)] = float(kind)
-        else:
-            row[:] = kind
-    return jnp.asarray(x, dtype)
+GRIDS, GRID_IDS = helpers.DYNAMIC_GRIDS, helpers.DYNAMIC_GRID_IDS
+SHAPES = helpers.SHAPES + ((3, 40000),)  # a row past the on-chip limit (32768 bf16) streams twice
 
 
 @pytest.mark.parametrize("q_dtype,symmetric", GRIDS, ids=GRID_IDS)
 @pytest.mark.parametrize("x_dtype", specs.FLOATS, ids=lambda d: d.name)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_dynamic_matches_reference(device, shape, x_dtype, q_dtype, symmetric):
-    r = cases.rng()
+    r = helpers.rng()
     x = dynamic_input(r, shape, x_dtype, subnormals=device.platform != "cpu")
     kw = dict(dtype=q_dtype, symmetric=symmetric)
     if symmetric and r.random() < 0.5:
@@ -66,7 +49,7 @@ NARROW = [
 @pytest.mark.parametrize("shape", ((7,), (5, 8), (4, 33), (16, 4097), (3, 40000)), ids=str)
 def test_narrow_grids_match_reference(device, shape, x_dtype, grid):
     """qmin/qmax inside the storage type (4-bit activations in int8): symmetric scale = amax / qmax."""
-    r = cases.rng()
+    r = helpers.rng()
     x = dynamic_input(r, shape, x_dtype, subnormals=device.platform != "cpu")
     q, scale, zp = got = run(device, bj.quantize_per_token_dynamic, x, **grid)
     for g, w in zip(got, run(device, ref.quantize_per_token_dynamic, x, **grid)):
@@ -111,7 +94,7 @@ def test_documented_rows(device):
 
 
 def test_fake_quantize_dynamic_grad(device):
-    r = cases.rng()
+    r = helpers.rng()
     x = jax.device_put(jnp.asarray(r.standard_normal((6, 50)) * 4, jnp.float32).at[0, 3].set(jnp.nan), device)
     for symmetric, q_dtype in [(True, jnp.int8), (False, jnp.uint8)]:
         f = lambda x: bj.fake_quantize_per_token_dynamic(x, dtype=q_dtype, symmetric=symmetric)

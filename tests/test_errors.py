@@ -1,5 +1,6 @@
 """The bad-input corpus: each raises at trace time with a message naming the argument."""
 
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -126,6 +127,4 @@ def test_empty_shapes_return_empty_arrays():
 
 
 def test_gpu_kernels_available_means_compiled_and_a_cuda_device():
-    from conftest import GPUS
-
-    assert bj.gpu_kernels_available() == (bj.HAS_CUDA_KERNELS and bool(GPUS))
+    assert bj.gpu_kernels_available() == (bj.HAS_CUDA_KERNELS and bool(helpers.GPUS))

@@ -1,11 +1,11 @@
 """float8 outputs: the saturating round-to-nearest-even contract at its edges, and torch as an oracle."""
 
-import cases
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_bitexact import assert_same_bits, run
+from helpers import assert_same_bits, run
 
 import baracuda_jax as bj
 from baracuda_jax import specs
@@ -65,9 +65,9 @@ def test_edges_of_the_format(device, fmt, x_dtype):
 def test_torch_oracle(device, fmt, x_dtype):
     """torch's clamp(x * (1/scale), -fmax, fmax).to(float8): what vLLM's kernels compute, NaN aside."""
     torch = pytest.importorskip("torch")
-    r = cases.rng()
+    r = helpers.rng()
     case = specs.case(x_dtype, fmt)
-    inputs = specs.inputs(cases.key(r), (64, 1031), case, subnormals=device.platform != "cpu")
+    inputs = specs.inputs(helpers.key(r), (64, 1031), case, subnormals=device.platform != "cpu")
     x, s = inputs["x"], jnp.abs(inputs["scale"])
     q = run(device, lambda x, s: bj.quantize_per_token(x, s, dtype=fmt), x, s)
     fmax = float(jnp.finfo(fmt).max)
@@ -79,8 +79,8 @@ def test_torch_oracle(device, fmt, x_dtype):
 
 
 def test_dynamic_fp8_never_clips_the_gradient(device):
-    r = cases.rng()
-    x = jax.random.normal(cases.key(r), (16, 513), jnp.float32) * 100
+    r = helpers.rng()
+    x = jax.random.normal(helpers.key(r), (16, 513), jnp.float32) * 100
     for fmt in (E4M3, E5M2):
         dx = run(device, jax.grad(lambda x: bj.fake_quantize_per_token_dynamic(x, dtype=fmt).sum()), x)
         np.testing.assert_array_equal(np.asarray(dx), 1.0)  # the row max maps to fmax, give or take an ulp

@@ -1,5 +1,6 @@
-"""The fused producer + quantizer ops (RMSNorm with a residual add, SiLU-mul) against the jnp
-composition, on the CPU and (where present) the GPU.
+"""The fused producer + quantizer ops (RMSNorm with a residual add, SiLU-mul): their family's own
+rules, on the CPU and (where present) the GPU. On general data every fused row of the spec table is
+held to the reference by test_bitexact.py, to the bounded-mismatch rule baracuda_jax/specs.py states.
 
 Bit-exact where the contract allows it: with integer-valued activations every sum of squares is
 exact in float32, in any order, and with D a power of two so is its mean (whether or not XLA
@@ -9,81 +10,50 @@ most before its rounding, and the quantized values agree but for the rare ones a
 boundary, which the tests count and bound. SiLU uses each platform's expf: the same bounds.
 """
 
-import cases
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_bitexact import assert_same_bits, run
+from helpers import (
+    assert_close_quantized,
+    assert_same_bits,
+    integer_valued,
+    run,
+    same_scale_rows,
+    static_scale,
+    weight_of,
+)
 
 import baracuda_jax as bj
 from baracuda_jax import reference as ref
+from baracuda_jax import specs
 
-X_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
 FORMATS = (jnp.int8, jnp.float8_e4m3fn, jnp.float8_e5m2)
-SHAPES = ((1, 8), (7, 33), (2, 3, 40), (4, 1000), (3, 4096))
 # D a power of two: the mean of squares is exact too, whether XLA contracts `* (1/D) + eps` into an
 # FMA or not.
 EXACT_SHAPES = ((1, 8), (7, 32), (2, 3, 64), (4, 1024), (3, 4096))
-# The fraction of quantized values allowed to differ from the reference on general data (each by
-# one step of the grid): a value moves only when an ulp of float32 carries it across a rounding
-# boundary of h's dtype or of the grid.
-MISMATCH = 2e-3
+# The norm rows of the spec table that are bit for bit on integer-valued data: static and dynamic,
+# quantized and fake-quantized, with and without a residual.
+EXACT = [
+    pytest.param(spec, case, id=f"{spec.name}-{case.id}")
+    for spec in specs.select("fused")
+    if spec.exact_on_integers
+    for case in specs.cases(specs.FUSED_FLOATS, specs.SIGNED_FORMATS)
+    if spec.takes(case)
+]
 
 
-def integer_valued(r, shape, dtype, lo=-8, hi=8, specials=True):
-    """Integers in [lo, hi] (exact squares and sums in float32 for rows up to 65536 wide); with
-    specials, one row gets a NaN, one an inf."""
-    x = r.integers(lo, hi + 1, shape).astype(np.float32)
-    if specials and x.ndim and x.size // x.shape[-1] >= 3:
-        flat = x.reshape(-1, x.shape[-1])
-        flat[1, 0], flat[2, -1] = np.nan, np.inf
-    return jnp.asarray(x).astype(dtype)
-
-
-def weight_of(r, d, dtype):
-    return jnp.asarray(r.uniform(0.5, 1.5, (d,)).astype(np.float32)).astype(dtype)
-
-
-def static_scale(r, rows, fmt):
-    """Per-row scales that put h's values across the grid and past it."""
-    q = float(jnp.finfo(fmt).max) if jnp.issubdtype(fmt, jnp.floating) else 127.0
-    return jnp.asarray(r.uniform(0.5, 3.0, rows).astype(np.float32) / q)
-
-
-def same_scale_rows(q, s, q_ref, s_ref):
-    """A dynamic row whose amax moved across a rounding boundary gets another scale, and then most of
-    its values move by a step: such rows (at most a few) are left out of the comparison."""
-    s, s_ref = np.asarray(s), np.asarray(s_ref)
-    same = s == s_ref
-    assert (~same).sum() <= max(1, same.size // 16), f"{(~same).sum()} of {same.size} rows' scales differ"
-    return np.asarray(q.astype(jnp.float32))[same], np.asarray(q_ref.astype(jnp.float32))[same]
-
-
-def assert_close_quantized(got, want, fmt, what):
-    """Equal but for at most MISMATCH of the values, each by one step of the grid."""
-    got, want = np.asarray(got).astype(np.float64), np.asarray(want).astype(np.float64)
-    nan = np.isnan(got)
-    np.testing.assert_array_equal(nan, np.isnan(want), err_msg=f"{what}: NaN positions differ")
-    diff = got[~nan] != want[~nan]
-    assert diff.mean() <= MISMATCH if diff.size else True, f"{what}: {diff.sum()} of {diff.size} differ"
-    if not jnp.issubdtype(fmt, jnp.floating):
-        assert np.all(np.abs(got[~nan] - want[~nan]) <= 1), f"{what}: a value differs by more than one step"
-
-
-@pytest.mark.parametrize("fmt", FORMATS, ids=lambda d: jnp.dtype(d).name)
-@pytest.mark.parametrize("x_dtype", X_DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("spec,case", EXACT)
 @pytest.mark.parametrize("shape", EXACT_SHAPES, ids=str)
-def test_rms_norm_matches_reference_bit_for_bit(device, shape, x_dtype, fmt):
-    """Integer-valued x and residual: every output is the reference's, static and dynamic, quantized and
-    fake-quantized, with and without a residual."""
-    r = cases.rng()
-    rows = shape[:-1]
-    x, res = integer_valued(r, shape, x_dtype), integer_valued(r, shape, x_dtype, specials=False)
-    w = weight_of(r, shape[-1], x_dtype)
-    for residual in (None, res):
-        for scale in (None, static_scale(r, rows, fmt)):
-            assert_norm_matches_reference(device, x, w, residual=residual, scale=scale, dtype=fmt)
+def test_rms_norm_matches_reference_bit_for_bit(device, shape, spec, case):
+    """Integer-valued x and residual (x with a NaN and an inf): every output is the CPU reference's."""
+    inputs = spec.inputs(helpers.key(helpers.rng()), shape, case, integers=True)
+    args = spec.args(inputs)
+    got = run(device, spec.ours(case), *args)
+    want = run(helpers.CPU, spec.reference(case), *args)
+    for g, t in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert_same_bits(g, t)
 
 
 def assert_norm_matches_reference(device, x, w, **kw):
@@ -102,7 +72,7 @@ def assert_norm_matches_reference(device, x, w, **kw):
 def test_narrow_int_grid_bit_for_bit(device, shape):
     """qmin/qmax = -8/7 (4-bit activations in int8): the reference's bits, static and dynamic, and q
     inside the grid."""
-    r = cases.rng()
+    r = helpers.rng()
     x, res = integer_valued(r, shape, jnp.bfloat16), integer_valued(r, shape, jnp.bfloat16, specials=False)
     w = weight_of(r, shape[-1], jnp.bfloat16)
     for scale in (None, static_scale(r, shape[:-1], jnp.int8)):
@@ -117,43 +87,6 @@ def test_narrow_int_grid_bit_for_bit(device, shape):
         assert np.asarray(q).min() >= -8 and np.asarray(q).max() <= 7
 
 
-@pytest.mark.parametrize("fmt", FORMATS, ids=lambda d: jnp.dtype(d).name)
-@pytest.mark.parametrize("x_dtype", X_DTYPES, ids=lambda d: jnp.dtype(d).name)
-def test_rms_norm_on_general_data(device, x_dtype, fmt):
-    """Normal data, sums in different orders: r exact, q and y within the stated bound."""
-    r = cases.rng()
-    shape = (64, 1024)
-    x = jnp.asarray(r.normal(size=shape).astype(np.float32)).astype(x_dtype)
-    res = jnp.asarray(r.normal(size=shape).astype(np.float32)).astype(x_dtype)
-    w = weight_of(r, shape[-1], x_dtype)
-    for scale in (None, static_scale(r, shape[:-1], fmt)):
-        kw = dict(residual=res, scale=scale, dtype=fmt)
-        q, s, r_out = run(device, lambda x, w: bj.rms_norm_quantize_per_token(x, w, **kw), x, w)
-        q_ref, s_ref, r_ref = run(device, lambda x, w: ref.rms_norm_quantize_per_token(x, w, **kw), x, w)
-        assert_same_bits(r_out, r_ref)
-        np.testing.assert_allclose(np.asarray(s), np.asarray(s_ref), rtol=2e-2 if x_dtype != jnp.float32 else 1e-5)
-        if scale is not None or x_dtype != jnp.float32:  # a dynamic float32 scale moves with its amax's ulp
-            assert_close_quantized(*same_scale_rows(q, s, q_ref, s_ref), fmt, "q")
-
-
-@pytest.mark.parametrize("fmt", FORMATS, ids=lambda d: jnp.dtype(d).name)
-@pytest.mark.parametrize("x_dtype", X_DTYPES, ids=lambda d: jnp.dtype(d).name)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_silu_mul_matches_reference(device, shape, x_dtype, fmt):
-    r = cases.rng()
-    a = jnp.asarray(r.normal(0, 3, shape).astype(np.float32)).astype(x_dtype)
-    b = jnp.asarray(r.normal(0, 2, shape).astype(np.float32)).astype(x_dtype)
-    for scale in (None, static_scale(r, shape[:-1], fmt)):
-        kw = dict(scale=scale, dtype=fmt)
-        q, s = run(device, lambda a, b: bj.silu_mul_quantize_per_token(a, b, **kw), a, b)
-        q_ref, s_ref = run(device, lambda a, b: ref.silu_mul_quantize_per_token(a, b, **kw), a, b)
-        assert_close_quantized(*same_scale_rows(q, s, q_ref, s_ref), fmt, "q")
-        np.testing.assert_allclose(np.asarray(s), np.asarray(s_ref), rtol=1e-6 if x_dtype == jnp.float32 else 1e-2)
-        y = run(device, lambda a, b: bj.silu_mul_fake_quantize_per_token(a, b, **kw), a, b)
-        y_ref = run(device, lambda a, b: ref.silu_mul_fake_quantize_per_token(a, b, **kw), a, b)
-        assert_close_quantized(*same_scale_rows(y, s, y_ref, s_ref), x_dtype, "y")
-
-
 # ---- gradients: jax.grad of a float32 composition with a straight-through quantizer -------------
 
 # The quantizer's grids: the formats' full ones, and 4-bit activations stored in int8 (qmin/qmax).
@@ -161,33 +94,13 @@ GRIDS = [dict(dtype=f) for f in FORMATS] + [dict(dtype=jnp.int8, qmin=-8, qmax=7
 GRID_IDS = [jnp.dtype(f).name for f in FORMATS] + ["int4"]
 
 
-def _ste_dynamic(grid):
-    def quantize(h):
-        y = ref.fake_quantize_per_token_dynamic(h, **grid)
-        s = ref.quantize_per_token_dynamic(h, **grid)[1]
-        inside = ref.fake_quantize_per_token_grad(jnp.ones_like(h), h, s, **grid)
-        return y, inside
-
-    return quantize
-
-
-def composed_norm(x, w, res, grid, eps=1e-6):
-    r = x + res if res is not None else x
-    h = r * jax.lax.rsqrt(jnp.mean(r * r, -1, keepdims=True) + eps) * w
-    y, inside = _ste_dynamic(grid)(jax.lax.stop_gradient(h))
-    return jnp.where(inside != 0, h, jax.lax.stop_gradient(h)) + jax.lax.stop_gradient(y - h), r
-
-
-def composed_silu(a, b, grid):
-    h = jax.nn.silu(a) * b
-    y, inside = _ste_dynamic(grid)(jax.lax.stop_gradient(h))
-    return jnp.where(inside != 0, h, jax.lax.stop_gradient(h)) + jax.lax.stop_gradient(y - h)
+composed_norm, composed_silu = specs.composed_norm, specs.composed_silu
 
 
 @pytest.mark.parametrize("grid", GRIDS, ids=GRID_IDS)
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_rms_norm_gradients(device, grid, with_residual):
-    r = cases.rng()
+    r = helpers.rng()
     shape = (6, 5, 48)
     x, res, gy, gr = (jnp.asarray(r.normal(size=shape).astype(np.float32)) for _ in range(4))
     x = x.at[0, 0, 3].set(40.0)  # a clipped value (STE: no gradient through it)
@@ -212,7 +125,7 @@ def test_rms_norm_gradients(device, grid, with_residual):
 
 @pytest.mark.parametrize("grid", GRIDS, ids=GRID_IDS)
 def test_silu_mul_gradients(device, grid):
-    r = cases.rng()
+    r = helpers.rng()
     a, b, g = (jnp.asarray(r.normal(0, 2, (9, 40)).astype(np.float32)) for _ in range(3))
     got = run(
         device, jax.grad(lambda a, b: jnp.sum(bj.silu_mul_fake_quantize_per_token(a, b, **grid) * g), (0, 1)), a, b
@@ -223,7 +136,7 @@ def test_silu_mul_gradients(device, grid):
 
 
 def test_static_scale_gets_no_gradient_and_bf16_grads_run(device):
-    r = cases.rng()
+    r = helpers.rng()
     x = jnp.asarray(r.normal(size=(4, 64)).astype(np.float32)).astype(jnp.bfloat16)
     w = jnp.ones((64,), jnp.bfloat16)
     s = jnp.full((4,), 0.02, jnp.float32)
@@ -240,7 +153,7 @@ def test_static_scale_gets_no_gradient_and_bf16_grads_run(device):
 
 
 def test_vmap_is_more_rows_and_per_example_weight_gradients():
-    r = cases.rng()
+    r = helpers.rng()
     x = jnp.asarray(r.normal(size=(3, 4, 32)).astype(np.float32))
     w = jnp.asarray(r.uniform(0.5, 1.5, 32).astype(np.float32))
     batched = jax.vmap(lambda x: bj.rms_norm_quantize_per_token(x, w))(x)
@@ -258,7 +171,7 @@ def test_vmap_is_more_rows_and_per_example_weight_gradients():
 
 
 def test_deterministic_run_to_run(device):
-    r = cases.rng()
+    r = helpers.rng()
     x = jnp.asarray(r.normal(size=(300, 700)).astype(np.float32))
     w = jnp.asarray(r.uniform(0.5, 1.5, 700).astype(np.float32))
     g = jax.grad(lambda x, w: jnp.sum(bj.rms_norm_fake_quantize_per_token(x, w, residual=x)[0] ** 2), (0, 1))

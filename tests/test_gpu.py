@@ -1,12 +1,11 @@
 """GPU-only: the CUDA kernels against the CPU kernels, and 64-bit indexing. Skipped without a GPU."""
 
-import cases
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import GPUS, assert_captured, requires_gpu
-from test_bitexact import CASES, assert_same_bits, compare
+from helpers import GPUS, assert_captured, assert_same_bits, on, requires_gpu
 
 import baracuda_jax as bj
 from baracuda_jax import reference as ref
@@ -15,24 +14,38 @@ from baracuda_jax import specs
 pytestmark = requires_gpu
 
 
-def on(device_kind, fn, *args, **kw):
-    device = GPUS[0] if device_kind == "gpu" else jax.devices("cpu")[0]
-    return jax.jit(lambda *a: fn(*a, **kw))(*jax.device_put(args, device))
-
-
 # The kernels spread small launches over more threads (one vector each) and give large ones up to
-# four (csrc/cuda_ops.cu, vectors_per_thread): on an H100 (132 SMs x 2048 threads) the last two
+# four (csrc/cuda/engine.cu, vectors_per_thread): on an H100 (132 SMs x 2048 threads) the last two
 # shapes take three and four vectors a thread.
 FILLING = [(1100, 4096), (1700, 4097)]
+# D odd (W = 1), past the register cache (the rows stream), and one vector a thread.
+FUSED_SHAPES = [(2, 8), (5, 4097), (1100, 4096), (3, 40000)]
+GPU_SHAPES = {
+    "per_token": [(s, None) for s in [(1, 1), (3, 7), (5, 4097), (2, 3, 1000), (64, 4096), *FILLING]],
+    "fused": [(s, None) for s in FUSED_SHAPES],
+    "groups": [((3, 256), None), ((5, 4096), None), ((1100, 4096), None)],
+    # cuBLASLt (K, N multiples of 16) and the XLA fallback; blockwise with K / 128 = 3 and 5 (b_scale
+    # padded) and rows not a multiple of 4 (padded)
+    "matmul": [((7, 48), 32), ((33, 40), 24), ((256, 1024), 1024), ((33, 384), 256), ((2, 5, 640), 1024)],
+}
 
 
-@pytest.mark.parametrize("spec,case", CASES, ids=[f"{s.name}-{c.id}" for s, c in CASES])
-@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (5, 4097), (2, 3, 1000), (64, 4096), *FILLING], ids=str)
-def test_cpu_and_gpu_kernels_agree(shape, spec, case):
-    """Every op of the spec table, every dtype pair, subnormals included: the same bits on both devices
-    (float8 on the GPU converts with the hardware's cvt instructions, on the CPU with portable code)."""
-    args = spec.args(specs.inputs(cases.key(cases.rng()), shape, case))
-    compare(spec, case, on("gpu", spec.ours(case), *args), on("cpu", spec.ours(case), *args), shape[-1])
+@pytest.mark.parametrize("spec,case,shape,n", helpers.table(GPU_SHAPES, overrides={}))
+def test_cpu_and_gpu_kernels_agree(shape, n, spec, case):
+    """Every row of the spec table, every case it takes, subnormals included: the GPU kernels against
+    the CPU's by the row's rule, bit for bit for the per-token and group ops and the int8 matmul
+    (float8 on the GPU converts with the hardware's cvt instructions, on the CPU with portable code);
+    the fused ops to their bounds (the row sums' orders and each backend's expf differ); the float8
+    matmul within the float64 product's bound."""
+    inputs = spec.inputs(helpers.key(helpers.rng()), shape, case, n=n)
+    args = spec.args(inputs)
+    gpu, cpu = GPUS[0], helpers.CPU
+    got, want = helpers.run_spec(gpu, spec, case, "ours", args), helpers.run_spec(cpu, spec, case, "ours", args)
+    scales = None
+    if spec.scales_from is not None:
+        twin = specs.SPECS[spec.scales_from]
+        scales = tuple(helpers.run_spec(d, twin, case, "ours", args)[1] for d in (gpu, cpu))
+    helpers.compare(spec, case, got, want, inputs, "gpu", scales)
 
 
 @pytest.mark.large
@@ -69,18 +82,12 @@ def test_cuda_handlers_are_captured_in_command_buffers():
 @pytest.mark.parametrize("x_dtype", specs.FLOATS, ids=lambda d: d.name)
 @pytest.mark.parametrize("shape", [(1, 1), (5, 4097), (64, 16384), (3, 40000), FILLING[0]], ids=str)
 def test_cpu_and_gpu_dynamic_kernels_agree(shape, x_dtype):
-    from test_dynamic import GRIDS, dynamic_input
-
-    x = dynamic_input(cases.rng(), shape, x_dtype, subnormals=True)
-    for q_dtype, symmetric in GRIDS:
+    x = helpers.dynamic_input(helpers.rng(), shape, x_dtype, subnormals=True)
+    for q_dtype, symmetric in helpers.DYNAMIC_GRIDS:
         kw = dict(dtype=q_dtype, symmetric=symmetric)
         for fn in (bj.quantize_per_token_dynamic, bj.fake_quantize_per_token_dynamic):
             for g, c in zip(jax.tree.leaves(on("gpu", fn, x, **kw)), jax.tree.leaves(on("cpu", fn, x, **kw))):
                 assert_same_bits(g, c)
-
-
-# D odd (W = 1), past the register cache (the rows stream), and one vector a thread.
-FUSED_SHAPES = [(2, 8), (5, 4097), (1100, 4096), (3, 40000)]
 
 
 @pytest.mark.parametrize("x_dtype", [jnp.bfloat16, jnp.float32], ids=lambda d: jnp.dtype(d).name)
@@ -88,11 +95,9 @@ FUSED_SHAPES = [(2, 8), (5, 4097), (1100, 4096), (3, 40000)]
 def test_cpu_and_gpu_fused_norm_agree(shape, x_dtype):
     """Integer-valued rows (exact sums of squares): the forward, and d(weight), bit for bit on both
     devices; dx to the rounding of its row sum (the two backends add it in different orders)."""
-    from test_fused import integer_valued, weight_of
-
-    r = cases.rng()
-    x, res = integer_valued(r, shape, x_dtype), integer_valued(r, shape, x_dtype, specials=False)
-    w = weight_of(r, shape[-1], x_dtype)
+    r = helpers.rng()
+    x, res = helpers.integer_valued(r, shape, x_dtype), helpers.integer_valued(r, shape, x_dtype, specials=False)
+    w = helpers.weight_of(r, shape[-1], x_dtype)
     for fmt in (jnp.int8, jnp.float8_e4m3fn):
         for fn in (bj.rms_norm_quantize_per_token, bj.rms_norm_fake_quantize_per_token):
             for g, c in zip(
@@ -113,14 +118,12 @@ def test_cpu_and_gpu_fused_norm_agree(shape, x_dtype):
 @pytest.mark.parametrize("shape", FUSED_SHAPES, ids=str)
 def test_cpu_and_gpu_silu_mul_agree(shape):
     """Each backend's expf: the quantized values agree but at rounding boundaries (test_fused's bound)."""
-    from test_fused import assert_close_quantized
-
-    r = cases.rng()
+    r = helpers.rng()
     a, b = (jnp.asarray(r.normal(0, 3, shape).astype(np.float32)).astype(jnp.bfloat16) for _ in range(2))
     for fmt in (jnp.int8, jnp.float8_e4m3fn):
         q_g, s_g = on("gpu", bj.silu_mul_quantize_per_token, a, b, dtype=fmt)
         q_c, s_c = on("cpu", bj.silu_mul_quantize_per_token, a, b, dtype=fmt)
-        assert_close_quantized(q_g, q_c, fmt, "q")
+        helpers.assert_close_quantized(q_g, q_c, fmt, "q")
         np.testing.assert_allclose(np.asarray(s_g), np.asarray(s_c), rtol=1e-2)
     g = jnp.asarray(r.normal(size=shape).astype(np.float32)).astype(jnp.bfloat16)
     grad = jax.grad(lambda a, b: jnp.sum((bj.silu_mul_fake_quantize_per_token(a, b) * g).astype(jnp.float32)), (0, 1))

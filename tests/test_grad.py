@@ -1,6 +1,6 @@
 """Derivatives: the straight-through estimator, scale gradients, and the transforms around them."""
 
-import cases
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,8 +20,8 @@ def _ste_mask(x, scale, zp, qmin, qmax):
 
 
 def test_ste_mask_matches_formula(device):
-    r = cases.rng()
-    x = specs.activations(cases.key(r), (6, 37), specs.case(jnp.float32, jnp.int8), jnp.full((6,), 0.25))
+    r = helpers.rng()
+    x = specs.activations(helpers.key(r), (6, 37), specs.case(jnp.float32, jnp.int8), jnp.full((6,), 0.25))
     scale = jnp.asarray(2.0 ** r.integers(-3, 0, 6), jnp.float32)
     zp = jnp.asarray(r.integers(-20, 20, 6), jnp.int32)
     qmin, qmax = -100, 90
@@ -38,7 +38,7 @@ def test_ste_boundary_is_inclusive(device):
 
 
 def test_scale_gets_zero_gradient_and_vmap_grad(device):
-    r = cases.rng()
+    r = helpers.rng()
     x = jax.device_put(jnp.asarray(r.standard_normal((4, 3, 16)), jnp.bfloat16), device)
     s = jnp.full((4, 3), 0.02, jnp.float32)
     loss = lambda x, s: bj.fake_quantize_per_token(x, s).astype(jnp.float32).sum()
@@ -55,7 +55,7 @@ def test_quantize_gradient_is_zero(device):
 
 
 def test_dequantize_scale_gradient(device):
-    r = cases.rng()
+    r = helpers.rng()
     q = jax.device_put(jnp.asarray(r.integers(-128, 128, (5, 11)), jnp.int8), device)
     zp = jnp.asarray(r.integers(-3, 3, 5), jnp.int32)
     s = jnp.asarray(r.uniform(0.01, 0.1, 5), jnp.float64)
@@ -65,7 +65,7 @@ def test_dequantize_scale_gradient(device):
 
 
 def test_fake_quantize_grad_composes_by_the_product_rule(device):
-    r = cases.rng()
+    r = helpers.rng()
     x = jax.device_put(jnp.asarray(r.uniform(-1, 1, (3, 200)), jnp.float64), device)
     s = jnp.full(3, 1e-3, jnp.float64)  # |x/s| < 1000: int8 clips, uint8 too
     f = lambda x: bj.fake_quantize_per_token(x, s, qmin=-128, qmax=127)

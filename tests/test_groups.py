@@ -1,12 +1,11 @@
 """Per-token-group quantization: bit for bit the per-token dynamic ops on x.reshape(..., D // g, g)."""
 
-import cases
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_bitexact import assert_same_bits, run
-from test_dynamic import dynamic_input
+from helpers import assert_same_bits, dynamic_input, run
 
 import baracuda_jax as bj
 from baracuda_jax import reference as ref
@@ -27,7 +26,7 @@ def _composed(x, group_size, **kw):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("group_size", (32, 64, 128))
 def test_matches_composition_and_reference(device, shape, x_dtype, dtype, group_size):
-    r = cases.rng()
+    r = helpers.rng()
     x = dynamic_input(r, shape, x_dtype, subnormals=device.platform != "cpu")  # NaN, inf, zero rows
     kw = dict(dtype=dtype, pow2_scale=bool(r.random() < 0.5))
     if r.random() < 0.3:
@@ -53,7 +52,7 @@ def test_matches_composition_and_reference(device, shape, x_dtype, dtype, group_
 
 @pytest.mark.parametrize("dtype", FORMATS, ids=lambda d: d.__name__)
 def test_column_layout_and_pow2(device, dtype):
-    x = jax.random.normal(cases.key(cases.rng()), (4, 33, 512), jnp.bfloat16) * 5
+    x = jax.random.normal(helpers.key(helpers.rng()), (4, 33, 512), jnp.bfloat16) * 5
     q, s = run(device, bj.quantize_per_token_group, x, group_size=128, dtype=dtype)
     qc, sc = run(device, bj.quantize_per_token_group, x, group_size=128, dtype=dtype, scale_layout="column")
     assert sc.shape == (4, 4, 33)
@@ -87,7 +86,7 @@ def test_pow2_ceil_edges():
 
 
 def test_gradient_is_straight_through(device):
-    x = jax.random.normal(cases.key(cases.rng()), (8, 256), jnp.float32)
+    x = jax.random.normal(helpers.key(helpers.rng()), (8, 256), jnp.float32)
     x = x.at[0, 5].set(1e4)  # saturates only under a scale_ub
     loss = lambda f: lambda x: jnp.sum(f(x, 64, dtype=jnp.int8, scale_ub=1.0) * jnp.arange(256.0))
     got = run(device, jax.grad(loss(bj.fake_quantize_per_token_group)), x)
@@ -101,7 +100,7 @@ def test_gradient_is_straight_through(device):
 
 
 def test_vmap_and_jit():
-    x = jax.random.normal(cases.key(cases.rng()), (3, 5, 256), jnp.bfloat16)
+    x = jax.random.normal(helpers.key(helpers.rng()), (3, 5, 256), jnp.bfloat16)
     q, s = jax.vmap(lambda x: bj.quantize_per_token_group(x, 128, scale_layout="column"))(x)
     q2, s2 = bj.quantize_per_token_group(x, 128, scale_layout="column")
     assert_same_bits(q, q2)

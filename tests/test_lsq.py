@@ -1,11 +1,11 @@
 """Learned scale (LSQ): the scale gradient of fake_quantize_per_token(..., learnable_scale=True)."""
 
-import cases
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_bitexact import assert_same_bits
+from helpers import assert_same_bits
 
 import baracuda_jax as bj
 from baracuda_jax import reference as ref
@@ -29,7 +29,7 @@ def _grads(device, x, s, zp, g, **kw):
 @pytest.mark.parametrize("x_dtype", specs.FLOATS, ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("shape", [(3, 1), (5, 33), (2, 3, 300)], ids=str)
 def test_lsq_matches_written_formula(device, shape, x_dtype, with_zp):
-    g, x, s, zp = _case(cases.rng(), shape, x_dtype, with_zp)
+    g, x, s, zp = _case(helpers.rng(), shape, x_dtype, with_zp)
     dx, ds = _grads(device, x, s, zp, g)
     want_dx, want_ds = ref.fake_quantize_per_token_lsq_grad(g, x, s, zp)
     assert_same_bits(dx, want_dx)  # the same STE mask
@@ -40,7 +40,7 @@ def test_lsq_matches_written_formula(device, shape, x_dtype, with_zp):
 def test_lsq_matches_autodiff_and_finite_differences():
     """Against jax.grad of the LSQ surrogate (rounding as identity plus a frozen offset), and its
     central differences away from the clipping boundaries, in float64."""
-    r = cases.rng()
+    r = helpers.rng()
     g, x, s, zp = _case(r, (4, 64), jnp.float64, True)
     qmin, qmax = -128, 127
     # keep every x/s + zp at least 1.5 from the clipping boundaries, where the surrogate has a kink
@@ -65,7 +65,7 @@ def test_lsq_matches_autodiff_and_finite_differences():
 
 
 def test_grad_scale_and_the_cost_of_not_learning():
-    r = cases.rng()
+    r = helpers.rng()
     g, x, s, zp = _case(r, (4, 64), jnp.float32, False)
     cpu = jax.devices("cpu")[0]
     _, ds = _grads(cpu, x, s, zp, g)

@@ -11,12 +11,12 @@ at most 2**-12.6 at K = 48-64 and 2**-15.6 at K = 4096 (test_gpu_float8_accumula
 
 import re
 
-import cases
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import GPUS, assert_captured, requires_gpu
+from helpers import GPUS, assert_captured, requires_gpu
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -25,10 +25,9 @@ from baracuda_jax import matmul
 from baracuda_jax import reference as ref
 
 DTYPES = [jnp.int8, jnp.float8_e4m3fn]
-OUT_DTYPES = [jnp.bfloat16, jnp.float16, jnp.float32]
-HALF_ULP = {np.dtype(t): 2.0 ** -jnp.finfo(t).nmant / 2 for t in OUT_DTYPES}  # relative, normal numbers
-HALF_TINY = {np.dtype(t): float(jnp.finfo(t).smallest_subnormal) / 2 for t in OUT_DTYPES}  # subnormals
-GPU_SUM_ERROR = 2.0**-11
+OUT_DTYPES = helpers.MATMUL_OUT_DTYPES
+GPU_SUM_ERROR = helpers.GPU_SUM_ERROR
+exact, assert_close = helpers.exact_product, helpers.assert_product_close
 
 
 def operands(rng, m_shape, k, n, dtype):
@@ -53,37 +52,12 @@ def blockwise_operands(rng, m_shape, k, n, dtype):
     return a, scale((*m_shape, k // 128)), b, scale((k // 128, n // 128))
 
 
-def exact(a, a_scale, b, b_scale):
-    """The float64 product of the operands (exact for these sizes) and the sum of |products|."""
-    a64, b64 = (np.asarray(x.astype(jnp.float32), np.float64) for x in (a, b))
-    sa, sb = np.asarray(a_scale, np.float64), np.asarray(b_scale, np.float64)
-    if sb.ndim == 2:  # blockwise: scale each element of a and b by its block's scale
-        a64, b64 = a64 * np.repeat(sa, 128, axis=-1), b64 * np.repeat(np.repeat(sb, 128, 0), 128, 1)
-        sa = sb = np.float64(1)
-    sa = sa[..., None] if sa.ndim else sa
-    return a64 @ b64 * sa * sb, np.abs(a64) @ np.abs(b64) * np.abs(sa) * np.abs(sb)
-
-
-def assert_close(out, a, a_scale, b, b_scale, sum_error, residual=None):
-    """Within the module's tolerance; a residual adds one float32 rounding of the sum."""
-    want, magnitude = exact(a, a_scale, b, b_scale)
-    add = 0.0
-    if residual is not None:
-        r = np.asarray(residual.astype(jnp.float32), np.float64)
-        add, want = 2.0**-24 * (np.abs(want) + np.abs(r)), want + r
-    got = np.asarray(out.astype(jnp.float32), np.float64)
-    dtype = np.dtype(out.dtype)
-    bound = (HALF_ULP[dtype] + 2.0**-22) * np.abs(want) + sum_error * magnitude + add + HALF_TINY[dtype]
-    err = np.abs(got - want)
-    assert np.all(err <= bound), f"worst error {np.max(err / bound):.2f} x the bound, at {np.argmax(err / bound)}"
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("m_shape,k,n", [((1,), 16, 16), ((7,), 48, 32), ((2, 5), 64, 80), ((33,), 40, 24)], ids=str)
 def test_against_float64(device, m_shape, k, n, dtype, out_dtype):
     """K and N multiples of 16 take the GPU's cuBLASLt path; 40 and 24 its XLA fallback."""
-    args = jax.device_put(operands(cases.rng(), m_shape, k, n, dtype), device)
+    args = jax.device_put(operands(helpers.rng(), m_shape, k, n, dtype), device)
     out = jax.jit(lambda *x: bj.scaled_matmul(*x, out_dtype=out_dtype))(*args)
     assert out.shape == (*m_shape, n) and out.dtype == out_dtype
     fp8_sum = k * 2.0**-24 if device.platform == "cpu" else GPU_SUM_ERROR
@@ -101,7 +75,7 @@ def test_blockwise_against_float64(device, m_shape, k, n, dtype, out_dtype):
     """1 x 128 and 128 x 128 scales: float8 takes cuBLASLt's blockwise modes on the GPU (K / 128 = 3
     pads b_scale's columns; M = 33 leaves a_scale's rows unaligned); int8 the reference. Each block's
     sum adds its own rounding, and the blocks' terms are added in float32: K * 2**-24 covers both."""
-    rng = cases.rng()
+    rng = helpers.rng()
     args = jax.device_put(blockwise_operands(rng, m_shape, k, n, dtype), device)
     residual = _residual(rng, (*m_shape, n), out_dtype) if rng.random() < 0.5 else None
     out = jax.jit(lambda *x: bj.scaled_matmul(*x, out_dtype=out_dtype, residual=residual))(*args)
@@ -120,7 +94,7 @@ def _residual(rng, shape, dtype):
 def test_int8_matches_the_reference_bit_for_bit(device, m_shape, k, n, out_dtype, with_residual):
     """int8: the int32 sum is exact, then (acc * a_scale) * b_scale (+ residual) is rounded the same
     way. The reference runs on the CPU (XLA:GPU may contract the multiply and add into an FMA)."""
-    rng = cases.rng()
+    rng = helpers.rng()
     args = operands(rng, m_shape, k, n, jnp.int8)
     kw = dict(out_dtype=out_dtype, residual=_residual(rng, (*m_shape, n), out_dtype) if with_residual else None)
     out = jax.jit(lambda *x: bj.scaled_matmul(*x, **kw))(*jax.device_put(args, device))
@@ -131,7 +105,7 @@ def test_int8_matches_the_reference_bit_for_bit(device, m_shape, k, n, out_dtype
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("out_dtype", [jnp.bfloat16, jnp.float32], ids=lambda d: np.dtype(d).name)
 def test_residual_is_added_before_the_rounding(device, dtype, out_dtype):
-    rng = cases.rng()
+    rng = helpers.rng()
     args = operands(rng, (2, 9), 64, 48, dtype)
     residual = _residual(rng, (2, 9, 48), out_dtype)
     f = jax.jit(lambda *x: bj.scaled_matmul(*x, out_dtype=out_dtype, residual=residual))
@@ -141,7 +115,7 @@ def test_residual_is_added_before_the_rounding(device, dtype, out_dtype):
 
 
 def test_scalar_scales_and_non_finite_scales(device):
-    a, a_scale, b, b_scale = operands(cases.rng(), (6,), 32, 16, jnp.float8_e4m3fn)
+    a, a_scale, b, b_scale = operands(helpers.rng(), (6,), 32, 16, jnp.float8_e4m3fn)
     a_scale = a_scale.at[1].set(np.nan).at[2].set(np.inf)
     out = jax.jit(bj.scaled_matmul)(*jax.device_put((a, a_scale, b, b_scale), device))
     got = np.asarray(out.astype(jnp.float32))
@@ -151,7 +125,7 @@ def test_scalar_scales_and_non_finite_scales(device):
 
 
 def test_vmap():
-    a, a_scale, b, b_scale = operands(cases.rng(), (3, 4), 32, 16, jnp.int8)
+    a, a_scale, b, b_scale = operands(helpers.rng(), (3, 4), 32, 16, jnp.int8)
     per_example = jax.vmap(bj.scaled_matmul, in_axes=(0, 0, None, None))(a, a_scale, b, b_scale)
     np.testing.assert_array_equal(per_example, bj.scaled_matmul(a, a_scale, b, b_scale))
     bs = jnp.stack([b, -b])
@@ -163,7 +137,7 @@ def test_vmap():
 
 
 def test_errors_name_the_argument():
-    a, a_scale, b, b_scale = operands(cases.rng(), (4,), 32, 16, jnp.int8)
+    a, a_scale, b, b_scale = operands(helpers.rng(), (4,), 32, 16, jnp.int8)
     bad = [
         (dict(a=a.astype(jnp.bfloat16)), TypeError, "a has dtype bfloat16"),
         (dict(b=b.astype(jnp.float8_e4m3fn)), TypeError, "b has dtype float8_e4m3fn; expected a's"),
@@ -186,7 +160,7 @@ def test_errors_name_the_argument():
 
 
 def test_blockwise_errors_name_the_argument():
-    a, a_scale, b, b_scale = blockwise_operands(cases.rng(), (4,), 256, 128, jnp.float8_e4m3fn)
+    a, a_scale, b, b_scale = blockwise_operands(helpers.rng(), (4,), 256, 128, jnp.float8_e4m3fn)
     bad = [
         (dict(a_scale=a_scale[:, :1]), "a_scale has shape \\(4, 1\\); blockwise .* expected \\(4, 2\\)"),
         (dict(b_scale=b_scale.T), "b_scale has shape \\(1, 2\\); .*expected \\(2, 1\\)"),
@@ -199,7 +173,7 @@ def test_blockwise_errors_name_the_argument():
 
 
 def test_it_has_no_derivative():
-    a, a_scale, b, b_scale = operands(cases.rng(), (4,), 32, 16, jnp.float8_e4m3fn)
+    a, a_scale, b, b_scale = operands(helpers.rng(), (4,), 32, 16, jnp.float8_e4m3fn)
     with pytest.raises(TypeError, match="inference op and has no derivative"):
         jax.grad(lambda s: bj.scaled_matmul(a, s, b, b_scale, out_dtype=jnp.float32).sum())(a_scale)
 
@@ -213,7 +187,7 @@ def _cuda_text(monkeypatch, *args):
 def test_cuda_lowering(monkeypatch):
     """One custom call that reads b column-major, gets its workspace (and for int8 its int32 sum) as
     results, and leaves b whole under the batch partitioner (a lifted to 3 batch dims)."""
-    a, a_scale, b, b_scale = operands(cases.rng(), (5,), 64, 48, jnp.int8)
+    a, a_scale, b, b_scale = operands(helpers.rng(), (5,), 64, 48, jnp.int8)
     text = _cuda_text(monkeypatch, a, a_scale, b, b_scale)
     call = next(line for line in text.splitlines() if "custom_call @baracuda_scaled_matmul" in line)
     assert "dense<[0, 1]> : tensor<2xindex>" in call  # b's operand layout: column-major
@@ -229,7 +203,7 @@ def test_cuda_lowering(monkeypatch):
 def test_cuda_lowering_blockwise(monkeypatch):
     """Blockwise float8: a_scale stored [K/128][rows] and b_scale [N/128][K/128] (operand layouts),
     the block factors replicated; rows padded to a multiple of 4; int8 blocks lower to XLA's dot."""
-    a, a_scale, b, b_scale = blockwise_operands(cases.rng(), (2, 6), 384, 256, jnp.float8_e4m3fn)
+    a, a_scale, b, b_scale = blockwise_operands(helpers.rng(), (2, 6), 384, 256, jnp.float8_e4m3fn)
     text = _cuda_text(monkeypatch, a, a_scale, b, b_scale)
     call = next(line for line in text.splitlines() if "custom_call @baracuda_scaled_matmul" in line)
     assert "tensor<1x2x6x384xf8E4M3FN>, tensor<1x2x6x3xf32>" in call
@@ -250,7 +224,7 @@ def test_token_sharded_a_needs_no_collective():
     if len(cpus) < 4:
         pytest.skip("needs 4 host devices")
     mesh = jax.make_mesh((4,), ("t",), devices=cpus[:4])
-    a, a_scale, b, b_scale = operands(cases.rng(), (16,), 64, 32, jnp.float8_e4m3fn)
+    a, a_scale, b, b_scale = operands(helpers.rng(), (16,), 64, 32, jnp.float8_e4m3fn)
     put = lambda x, *spec: jax.device_put(x, NamedSharding(mesh, P(*spec)))
     sharded = put(a, "t", None), put(a_scale, "t"), put(b), put(b_scale)
     f = jax.jit(bj.scaled_matmul)
@@ -264,7 +238,7 @@ def test_token_sharded_a_needs_no_collective():
 @pytest.mark.parametrize("m", [1, 16, 256, 4096])
 def test_gpu_float8_accumulation_error(m):
     """The measured error of cuBLASLt's float8 sum at K = 4096, against the stated GPU_SUM_ERROR."""
-    a, a_scale, b, b_scale = jax.device_put(operands(cases.rng(), (m,), 4096, 512, jnp.float8_e4m3fn), GPUS[0])
+    a, a_scale, b, b_scale = jax.device_put(operands(helpers.rng(), (m,), 4096, 512, jnp.float8_e4m3fn), GPUS[0])
     out = jax.jit(lambda *x: bj.scaled_matmul(*x, out_dtype=jnp.float32))(a, a_scale, b, b_scale)
     want, magnitude = exact(a, a_scale, b, b_scale)
     ratio = np.max(np.abs(np.asarray(out, np.float64) - want) / magnitude)
@@ -274,11 +248,11 @@ def test_gpu_float8_accumulation_error(m):
 
 @requires_gpu
 def test_gpu_is_deterministic_and_captured_in_command_buffers():
-    a, a_scale, b, b_scale = jax.device_put(operands(cases.rng(), (256,), 1024, 1024, jnp.float8_e4m3fn), GPUS[0])
-    ai, ai_scale, bi, bi_scale = jax.device_put(operands(cases.rng(), (256,), 1024, 1024, jnp.int8), GPUS[0])
+    a, a_scale, b, b_scale = jax.device_put(operands(helpers.rng(), (256,), 1024, 1024, jnp.float8_e4m3fn), GPUS[0])
+    ai, ai_scale, bi, bi_scale = jax.device_put(operands(helpers.rng(), (256,), 1024, 1024, jnp.int8), GPUS[0])
     # blockwise, K / 128 = 5: b_scale is padded in the workspace, a copy the graph must hold too
     ab, ab_scale, bb, bb_scale = jax.device_put(
-        blockwise_operands(cases.rng(), (256,), 640, 1024, jnp.float8_e4m3fn), GPUS[0]
+        blockwise_operands(helpers.rng(), (256,), 640, 1024, jnp.float8_e4m3fn), GPUS[0]
     )
 
     @jax.jit

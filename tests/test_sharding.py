@@ -2,14 +2,14 @@
 
 import re
 
-import cases
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import assert_same_bits, dynamic_input
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from test_bitexact import assert_same_bits
 
 import baracuda_jax as bj
 from baracuda_jax import specs
@@ -23,44 +23,78 @@ CASES = [specs.case(jnp.bfloat16, jnp.int8, zero_point=True), specs.case(jnp.bfl
 
 
 def _inputs(shape, case=CASES[0]):
-    return specs.inputs(cases.key(cases.rng()), shape, case, edges=False)
+    return specs.inputs(helpers.key(helpers.rng()), shape, case, edges=False)
 
 
 def _ops(shape):
-    """Every op of the spec table as a function of its operands (int8 with a zero point, so the dynamic
-    ones are asymmetric, and float8), and a gradient through the custom_vjp."""
+    """Every row of the spec table that takes the case (int8 with a zero point, so the dynamic ones
+    are asymmetric, and float8) as (name, its function, its operands, their layouts, a check of
+    sharded results against whole ones), and a gradient through the custom_vjp. Rows whose D must be
+    a multiple of 128 (the groups, the blockwise matmul) take D = 128."""
+    drawn = {}
     for case in CASES:
-        inputs = _inputs(shape, case)
         for spec in specs.SPECS.values():
-            yield f"{spec.name}-{case.id}", spec.ours(case), tuple(a for a in spec.args(inputs) if a is not None)
+            if not spec.takes(case):
+                continue
+            s = shape if spec.fits(shape) else (*shape[:-1], 128)
+            if (spec.family, case, s) not in drawn:  # a family's rows share their operands
+                drawn[spec.family, case, s] = spec.inputs(helpers.key(helpers.rng()), s, case, edges=False)
+            inputs = drawn[spec.family, case, s]
+            kept = [(a, layout) for a, layout in zip(spec.args(inputs), spec.layouts) if a is not None]
+            args, layouts = map(tuple, zip(*kept))
+            yield f"{spec.name}-{case.id}", spec.ours(case), args, layouts, _check(spec, case, inputs)
+    inputs = _inputs(shape, CASES[-1])
     grad = lambda g, x: jax.vjp(bj.fake_quantize_per_token_dynamic, x)[1](g)[0]
-    yield "fake_dynamic_grad", grad, (inputs["g"], inputs["x"])
+    yield "fake_dynamic_grad", grad, (inputs["g"], inputs["x"]), ("rows", "rows"), _check(None, None, None)
 
 
-def _put(args, mesh, spec):
-    """Shards each operand: the [..., D] ones by `spec`, the per-row ones by its leading part."""
-    return tuple(jax.device_put(a, NamedSharding(mesh, P(*spec[: a.ndim]))) for a in args)
+def _check(spec, case, inputs):
+    """Sharded results against the whole ones: bit for bit, the float8 matmul within its bound (on
+    the CPU it is XLA's dot, whose float32 sum order depends on the shard's rows: helpers.compare,
+    same_program=False). `collectives`: a result sums over every row (the norm backward's
+    d(weight)), so XLA gathers the rows."""
+    as_bits = spec is None or spec.compare != "product"
+    rule = specs.SPECS["quantize"] if as_bits else spec
+
+    def check(got, want):
+        helpers.compare(rule, case, got, want, inputs, same_program=False)
+
+    check.collectives = spec is not None and spec.reduces_rows
+    return check
+
+
+def _put(args, layouts, mesh, spec):
+    """Shards each operand by its layout: the [..., D] ones by `spec`, the per-row ones by its leading
+    part, one value per group of a row by the rows' part; a [D] weight or a [K, N] matrix stays whole."""
+
+    def partition(a, layout):
+        if layout == "whole":
+            return P()
+        return P(*spec[: a.ndim - (layout == "row_groups")])
+
+    return tuple(jax.device_put(a, NamedSharding(mesh, partition(a, lay))) for a, lay in zip(args, layouts))
 
 
 @pytest.mark.parametrize("mesh_shape", [(1, 4), (2, 2), (4, 1)], ids=str)
 def test_token_sharding_is_local_and_bit_equal(mesh_shape):
+    """Token shards run each device on its own rows, with no collective (but where a result sums over
+    every row: the norm backward's d(weight))."""
     mesh = jax.make_mesh(mesh_shape, ("a", "b"), devices=CPUS[:4])
-    for name, fn, args in _ops((8, 12, 40)):
-        sharded = _put(args, mesh, ("a", "b", None))
+    for name, fn, args, layouts, check in _ops((8, 12, 40)):
+        sharded = _put(args, layouts, mesh, ("a", "b", None))
         f = jax.jit(fn)
-        hlo = f.lower(*sharded).compile().as_text()
-        assert not COLLECTIVES.search(hlo), f"{name}: collective in\n{hlo}"
-        for got, want in zip(jax.tree.leaves(f(*sharded)), jax.tree.leaves(f(*args))):
-            assert_same_bits(got, want)
+        compiled = f.lower(*sharded).compile()
+        if not check.collectives:
+            assert not COLLECTIVES.search(compiled.as_text()), f"{name}: collective in\n{compiled.as_text()}"
+        check(compiled(*sharded), f(*args))
 
 
 def test_d_sharding_gives_correct_results():
     """x sharded along D: the batch partitioner gathers D (the dynamic ops need whole rows anyway)."""
     mesh = jax.make_mesh((2, 2), ("a", "b"), devices=CPUS[:4])
-    for _name, fn, args in _ops((8, 6, 40)):
-        sharded = _put(args, mesh, ("a", None, "b"))
-        for got, want in zip(jax.tree.leaves(jax.jit(fn)(*sharded)), jax.tree.leaves(jax.jit(fn)(*args))):
-            assert_same_bits(got, want)
+    for _name, fn, args, layouts, check in _ops((8, 6, 40)):
+        sharded = _put(args, layouts, mesh, ("a", None, "b"))
+        check(jax.jit(fn)(*sharded), jax.jit(fn)(*args))
 
 
 def test_uneven_token_shards():
@@ -108,10 +142,8 @@ def test_inside_shard_map():
 @pytest.mark.parametrize("x_dtype", [jnp.bfloat16, jnp.float32], ids=lambda d: jnp.dtype(d).name)
 def test_dynamic_with_axis_name_over_a_split_d(x_dtype, q_dtype, symmetric):
     """D split four ways inside shard_map: local ranges + pmin/pmax give the whole row's bits, no gather."""
-    from test_dynamic import dynamic_input
-
     mesh = jax.make_mesh((4,), ("d",), devices=CPUS[:4], axis_types=(jax.sharding.AxisType.Auto,))
-    x = dynamic_input(cases.rng(), (9, 4 * 1001), x_dtype, subnormals=False)  # shards of 1001: odd
+    x = dynamic_input(helpers.rng(), (9, 4 * 1001), x_dtype, subnormals=False)  # shards of 1001: odd
     kw = dict(dtype=q_dtype, symmetric=symmetric)
     split = jax.jit(
         jax.shard_map(
@@ -153,7 +185,7 @@ def test_fused_ops_token_sharded(shape, spec):
     leading unit dim); the norm's backward sums d(weight) over every row, so XLA gathers its rows:
     correct, with a collective."""
     mesh = jax.make_mesh((2, 2), ("a", "b"), devices=CPUS[:4])
-    r = cases.rng()
+    r = helpers.rng()
     x, res = (jnp.asarray(r.normal(size=shape).astype(np.float32)).astype(jnp.bfloat16) for _ in range(2))
     w = jnp.asarray(r.uniform(0.5, 1.5, 64).astype(np.float32)).astype(jnp.bfloat16)
     rows = NamedSharding(mesh, P(*spec))

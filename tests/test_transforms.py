@@ -1,11 +1,11 @@
 """The transforms a training loop uses, and export."""
 
-import cases
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_bitexact import assert_same_bits
+from helpers import assert_same_bits
 
 import baracuda_jax as bj
 from baracuda_jax import export as bj_export
@@ -23,7 +23,7 @@ def _mlp(params, x):
 
 
 def _setup():
-    r = cases.rng()
+    r = helpers.rng()
     params = jnp.asarray(r.standard_normal((3, 16, 16)) / 4, jnp.float32)
     x = jnp.asarray(r.standard_normal((8, 16)), jnp.float32)
     return params, x
@@ -63,7 +63,7 @@ def test_donated_inputs():
 
 
 def test_export_round_trip():
-    r = cases.rng()
+    r = helpers.rng()
     x = jnp.asarray(r.standard_normal((4, 33)), jnp.bfloat16)
     s = jnp.full((4,), 0.02, jnp.float32)
 
