@@ -14,7 +14,7 @@ import sys
 # source tree, whose package has no compiled modules (_cpu, _cuda) unless it was built in place: then autodoc
 # reads the installed package instead.
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if not glob.glob(os.path.join(_ROOT, "baracuda_jax", "_cpu*")):
+if not glob.glob(os.path.join(_ROOT, "baracuda_jax", "_cpu*.so")):  # (_cpu.pyi, the stub, is always there)
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
 
 from jax.typing import ArrayLike, DTypeLike  # noqa: E402
