@@ -11,15 +11,12 @@ with blockwise float8 scales (quantize_per_token_group, 128 x 128 weight blocks)
 """
 
 import argparse
-import pathlib
-import statistics
-import tempfile
-import time
 
 import fp8_blockwise
 import jax
 import jax.numpy as jnp
 import qat
+from lm import device_seconds  # the sibling example's device timer
 
 import baracuda_jax as bj
 
@@ -75,42 +72,6 @@ def w8a8_block_stack(x, norms, qweights):
         q, s = bj.quantize_per_token_group(rms_norm(x, g), 128)
         x = bj.scaled_matmul(q, s, wq.T, ws, out_dtype=x.dtype, residual=x)
     return x
-
-
-def device_seconds(fn, args, reps=20):
-    """Median device seconds per call of jax.jit(fn)(*args), after a warm-up call. On a GPU, from a
-    profiler trace: a call's time runs from its first kernel's start to its last kernel's end, so the
-    host's dispatch between calls does not count. Elsewhere: the wall clock of one call at a time."""
-    f = jax.jit(fn)
-    jax.block_until_ready(f(*args))
-    if jax.devices()[0].platform != "gpu":
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            jax.block_until_ready(f(*args))
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-    with tempfile.TemporaryDirectory() as tmp:
-        jax.profiler.start_trace(tmp)
-        for _ in range(reps):
-            out = f(*args)
-        jax.block_until_ready(out)
-        jax.profiler.stop_trace()
-        (trace,) = pathlib.Path(tmp).rglob("*.xplane.pb")
-        profile = jax.profiler.ProfileData.from_file(str(trace))
-    kernels = sorted(
-        (e.start_ns, e.end_ns)
-        for plane in profile.planes
-        if plane.name.startswith("/device:GPU")
-        for line in plane.lines
-        if line.name.startswith("Stream")
-        for e in line.events
-    )
-    if not kernels or len(kernels) % reps:
-        raise RuntimeError(f"{len(kernels)} kernel records for {reps} calls: not the same kernels per call")
-    k = len(kernels) // reps
-    spans = [max(end for _, end in kernels[i : i + k]) - kernels[i][0] for i in range(0, len(kernels), k)]
-    return statistics.median(spans) * 1e-9
 
 
 def time_stack(tokens, d=4096, layers=8, reps=30):
