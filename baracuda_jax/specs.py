@@ -2,16 +2,17 @@
 arg_specs: one table, many suites).
 
 Each row (`OpSpec`) is one public op or backward kernel of a family (per_token, fused, groups,
-matmul): the operands it takes, by role; ours and the jnp reference as functions of them; the cases
-(`Case`: data dtype, output format, zero point, sub-grid) it takes; how its results are compared
-with the reference's (`compare`, below); and the bytes it must move. `inputs` draws a family's
-operands for a shape and a case on the device, with fresh random data: per-token values spread over
-the whole grid and past it, exact ties of the format's rounding, and (for tests) NaN, +-inf, zeros
-and subnormals; the fused ops' normal data (or integer-valued data, whose sums are exact); every
-stored value of a format for the matmul.
+matmul): the operands it takes, by role, and the results it gives, by name; ours and the jnp
+reference as functions of those operands; the cases (`Case`: data dtype, output format, zero
+point, sub-grid) and shapes it takes (`takes`, `fits`); how its results are compared with the
+reference's (`compare`, below); and the bytes it must move (`bytes_per_element`, `nbytes`).
+`inputs` draws a family's operands for a shape and a case, each on first use, with fresh random
+data: per-token values spread over the whole grid and past it, exact ties of the format's
+rounding, and (for tests) NaN, +-inf, zeros and subnormals; the fused ops' normal data (or
+integer-valued data, whose sums are exact); every stored value of a format for the matmul.
 
 The tests run every row over its cases against its reference (tests/test_bitexact.py), the GPU
-kernels against the CPU ones (test_gpu.py) and token and D sharded (test_sharding.py); the
+kernels against the CPU ones (test_gpu.py), and token and D sharded (test_sharding.py); the
 benchmarks time the same functions on large shapes (`select` picks a family's rows).
 
 How a row is compared (`OpSpec.compare`):
@@ -28,16 +29,20 @@ How a row is compared (`OpSpec.compare`):
              its `scales_from` row). Where h comes from a row sum (`row_reduction`, the norm), a
              float32 dynamic scale moves with every amax's ulp: its rows' values are not compared.
              On integer-valued data (`exact_on_integers`: every sum of squares exact, D a power of
-             two) the norm ops are bit for bit.
+             two) the norm ops are bit for bit (tests/test_fused.py).
   "close"    the fused backward kernels against jax.vjp of the reference forward with a
-             straight-through quantizer (`composed_*` below): every result within CLOSE_ULPS:
-             rtol that many eps of the data's dtype (the final rounding of float32 values that
-             differ in their last bits), atol that many eps of float32 times the result's largest
-             finite magnitude (the row sums' orders).
-  "product"  scaled_matmul: int8 bit for bit (its int32 sum is exact; the reference runs on the
-             CPU, where XLA does not contract the multiply and add); float8 bit for bit on the CPU
-             (where ours lowers to the reference), and on a GPU within the float64 product's bound
-             (tests/helpers.assert_product_close: the tensor cores' partial sums).
+             straight-through quantizer at the kernel's scale (the reference on the CPU): every
+             result within CLOSE_ULPS: rtol that many eps of the data's dtype (the final rounding
+             of float32 values that differ in their last bits), atol that many eps of float32
+             times the result's largest finite magnitude (the row sums' orders).
+  "product"  scaled_matmul: int8 with per-channel scales bit for bit (its int32 sum is exact; the
+             reference runs on the CPU, where XLA does not contract the multiply and add); float8,
+             and blockwise scales (the blocks' terms added in float32), bit for bit against the
+             same XLA program on the CPU (ours lowers to the reference there), and otherwise (on a
+             GPU: the tensor cores' partial sums, XLA:GPU's order; on the CPU for other shapes,
+             e.g. token shards: XLA's dot picks its float32 sum order by shape) within the float64
+             product's bound (tests/helpers.assert_product_close; tests/test_matmul.py states it).
+             The operands are test_matmul's, the data that bound was measured on.
 """
 
 import collections.abc

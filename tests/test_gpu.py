@@ -33,10 +33,10 @@ GPU_SHAPES = {
 @pytest.mark.parametrize("spec,case,shape,n", helpers.table(GPU_SHAPES, overrides={}))
 def test_cpu_and_gpu_kernels_agree(shape, n, spec, case):
     """Every row of the spec table, every case it takes, subnormals included: the GPU kernels against
-    the CPU's by the row's rule, bit for bit for the per-token and group ops and the int8 matmul
-    (float8 on the GPU converts with the hardware's cvt instructions, on the CPU with portable code);
-    the fused ops to their bounds (the row sums' orders and each backend's expf differ); the float8
-    matmul within the float64 product's bound."""
+    the CPU's by the row's rule (specs.py), bit for bit for the per-token and group ops and the int8
+    per-channel matmul (float8 on the GPU converts with the hardware's cvt instructions, on the CPU
+    with portable code); the fused ops to their bounds (the row sums' orders and each backend's expf
+    differ); the float8 and blockwise matmul within the float64 product's bound."""
     inputs = spec.inputs(helpers.key(helpers.rng()), shape, case, n=n)
     args = spec.args(inputs)
     gpu, cpu = GPUS[0], helpers.CPU
