@@ -239,9 +239,9 @@ def runnable(spec, case):
 # The shapes each family's rows run on in the bit-exact suite: (x's shape, the matmul's N or None).
 # The fused rows on the shapes test_fused.py's general-data tests took (SiLU's five: D odd, and
 # past a vector's width; the norm's 64 x 1024, and an odd D); the groups on one to a few groups per
-# row and an empty tensor; the matmul
-# with K and N multiples of 16 (the GPU's cuBLASLt path) and not (its XLA fallback), blockwise with
-# K / 128 = 3 (b_scale padded on the GPU) and M = 33 (a_scale's rows unaligned).
+# row and an empty tensor; the matmul with K and N multiples of 16 (the GPU's cuBLASLt path) and
+# not (its XLA fallback), blockwise with K / 128 = 3 (b_scale padded on the GPU) and M = 33
+# (a_scale's rows unaligned).
 FUSED_SHAPES = ((1, 8), (7, 33), (2, 3, 40), (4, 1000), (3, 4096))
 TABLE_SHAPES = {
     "per_token": [(s, None) for s in SHAPES],
