@@ -1,5 +1,5 @@
 """Per-token (per-row) and per-token-group int8/uint8 and float8 quantization for JAX, as XLA FFI custom
-calls on CPU and CUDA, and the scaled 8-bit matmul (cuBLASLt) that consumes it."""
+calls on CPU and CUDA, and the scaled 8-bit matmul that consumes it, with its prepared weights."""
 
 from baracuda_jax import reference
 from baracuda_jax._ffi import HAS_CUDA_KERNELS, gpu_kernels_available
@@ -19,12 +19,14 @@ from baracuda_jax.ops import (
     quantize_per_token_dynamic,
 )
 from baracuda_jax.primitives import check_targets
+from baracuda_jax.weights import QuantizedWeight, quantize_weight
 
 check_targets()  # every family is declared by now: the declarations against the compiled op tables
 del check_targets
 
 __all__ = [
     "HAS_CUDA_KERNELS",
+    "QuantizedWeight",
     "dequantize_per_token",
     "dequantize_per_token_group",
     "fake_quantize_per_token",
@@ -34,6 +36,7 @@ __all__ = [
     "quantize_per_token",
     "quantize_per_token_dynamic",
     "quantize_per_token_group",
+    "quantize_weight",
     "reference",
     "rms_norm_fake_quantize_per_token",
     "rms_norm_quantize_per_token",

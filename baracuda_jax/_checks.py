@@ -199,10 +199,11 @@ MATMUL_DTYPES = tuple(np.dtype(t) for t in (jnp.int8, jnp.float8_e4m3fn))
 
 
 def matmul_operands(op: str, a, a_scale, b, b_scale, out_dtype, residual=None) -> np.dtype:
-    """a [..., K] and b [K, N], both int8 or both float8_e4m3fn, and their float scales: per row of a
-    (a.shape[:-1] or a scalar) and per column of b ([N] or a scalar), or blockwise: a_scale
-    a.shape[:-1] + (K // 128,) and b_scale [K // 128, N // 128]. residual, if given, [..., N] in
-    out_dtype. Returns out_dtype (float16, bfloat16 or float32)."""
+    """a [..., K] and b [K, N], both int8 or both float8_e4m3fn (int8: K < 2**17, so that no int32
+    sum of K products wraps), and their float scales: per row of a (a.shape[:-1] or a scalar) and per
+    column of b ([N] or a scalar), or blockwise: a_scale a.shape[:-1] + (K // 128,) and b_scale
+    [K // 128, N // 128]. residual, if given, [..., N] in out_dtype. Returns out_dtype (float16,
+    bfloat16 or float32)."""
     if np.dtype(a.dtype) not in MATMUL_DTYPES:
         raise TypeError(f"{op}: a has dtype {a.dtype}; expected one of {_names(MATMUL_DTYPES)}")
     if b.dtype != a.dtype:
@@ -212,20 +213,27 @@ def matmul_operands(op: str, a, a_scale, b, b_scale, out_dtype, residual=None) -
     k, n = b.shape
     if k != a.shape[-1]:
         raise ValueError(f"{op}: b has shape {tuple(b.shape)}; its K must be a's last dim, {a.shape[-1]}")
-    if is_blockwise(b_scale):
-        if k % MATMUL_BLOCK or n % MATMUL_BLOCK:
-            raise ValueError(f"{op}: blockwise scales need K and N to be multiples of {MATMUL_BLOCK}; got K={k}, N={n}")
-        wants = (
-            ("a_scale", a_scale, (*a.shape[:-1], k // MATMUL_BLOCK)),
-            ("b_scale", b_scale, (k // MATMUL_BLOCK, n // MATMUL_BLOCK)),
+    if a.dtype == np.int8 and k > MATMUL_INT8_MAX_K:
+        raise ValueError(
+            f"{op}: a has K={k}; int8 takes K <= {MATMUL_INT8_MAX_K}: the int32 sum of K products of "
+            f"up to 128 * 128 could wrap (split K into pieces and add their results)"
         )
-        for name, s, want in wants:
-            if tuple(s.shape) != want:
-                raise ValueError(
-                    f"{op}: {name} has shape {tuple(s.shape)}; blockwise scales (b_scale of rank 2) "
-                    f"are a_scale a.shape[:-1] + (K // {MATMUL_BLOCK},) and b_scale "
-                    f"[K // {MATMUL_BLOCK}, N // {MATMUL_BLOCK}]: expected {want}"
-                )
+    if is_blockwise(b_scale):
+        blocks = (k // MATMUL_BLOCK, n // MATMUL_BLOCK)
+        if k % MATMUL_BLOCK or n % MATMUL_BLOCK or tuple(b_scale.shape) != blocks:
+            raise ValueError(
+                f"{op}: b_scale has shape {tuple(b_scale.shape)}; expected a scalar, [N] = {(n,)} (one per "
+                f"column of b) or [K // {MATMUL_BLOCK}, N // {MATMUL_BLOCK}] (blockwise; K and N must be "
+                f"multiples of {MATMUL_BLOCK}; got K={k}, N={n})"
+            )
+        want = (*a.shape[:-1], k // MATMUL_BLOCK)
+        if tuple(a_scale.shape) != want:
+            raise ValueError(
+                f"{op}: a_scale has shape {tuple(a_scale.shape)}; blockwise scales (b_scale of rank 2) "
+                f"are a_scale a.shape[:-1] + (K // {MATMUL_BLOCK},) and b_scale "
+                f"[K // {MATMUL_BLOCK}, N // {MATMUL_BLOCK}]: expected {want}"
+            )
+        for name, s in (("a_scale", a_scale), ("b_scale", b_scale)):
             float_dtype(op, name, s.dtype)
     else:
         for name, s, want in (("a_scale", a_scale, tuple(a.shape[:-1])), ("b_scale", b_scale, (n,))):
@@ -247,6 +255,7 @@ def matmul_operands(op: str, a, a_scale, b, b_scale, out_dtype, residual=None) -
 
 
 MATMUL_BLOCK = 128  # blockwise scales: 1 x 128 groups of a, 128 x 128 blocks of b
+MATMUL_INT8_MAX_K = 2**17 - 1  # 128 * 128 * K < 2**31: no int32 sum of int8 products wraps
 
 
 def is_blockwise(b_scale) -> bool:

@@ -10,6 +10,7 @@ at most 2**-12.6 at K = 48-64 and 2**-15.6 at K = 4096 (test_gpu_float8_accumula
 """
 
 import re
+import warnings
 
 import helpers
 import jax
@@ -21,7 +22,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import baracuda_jax as bj
-from baracuda_jax import matmul
+from baracuda_jax import _ffi, matmul
 from baracuda_jax import reference as ref
 
 DTYPES = [jnp.int8, jnp.float8_e4m3fn]
@@ -144,7 +145,13 @@ def test_errors_name_the_argument():
         (dict(b=b[:16]), ValueError, "its K must be a's last dim, 32"),
         (dict(b=b[0]), ValueError, "b \\[K, N\\]"),
         (dict(a_scale=a_scale[:3]), ValueError, "a_scale has shape \\(3,\\); expected \\(4,\\)"),
-        (dict(b_scale=b_scale[None]), ValueError, "blockwise scales need K and N to be multiples of 128; got K=32"),
+        (
+            dict(b_scale=b_scale[None]),
+            ValueError,
+            "b_scale has shape \\(1, 16\\); expected a scalar, \\[N\\] = \\(16,",
+        ),
+        (dict(b_scale=b_scale[:, None]), ValueError, "b_scale has shape \\(16, 1\\); .*multiples of 128; got K=32"),
+        (dict(b_scale=None), TypeError, "b_scale is None; a plain b needs its scales"),
         (dict(b_scale=b_scale.astype(jnp.int32)), TypeError, "b_scale has dtype int32"),
         (dict(out_dtype=jnp.int8), TypeError, "out_dtype has dtype int8"),
         (
@@ -163,8 +170,11 @@ def test_blockwise_errors_name_the_argument():
     a, a_scale, b, b_scale = blockwise_operands(helpers.rng(), (4,), 256, 128, jnp.float8_e4m3fn)
     bad = [
         (dict(a_scale=a_scale[:, :1]), "a_scale has shape \\(4, 1\\); blockwise .* expected \\(4, 2\\)"),
-        (dict(b_scale=b_scale.T), "b_scale has shape \\(1, 2\\); .*expected \\(2, 1\\)"),
-        (dict(a=a[:, :200], b=b[:200]), "blockwise scales need K and N to be multiples of 128; got K=200"),
+        (
+            dict(b_scale=b_scale.T),
+            "b_scale has shape \\(1, 2\\); expected a scalar, \\[N\\] = \\(128,\\) .*\\[K // 128",
+        ),
+        (dict(a=a[:, :200], b=b[:200]), "K and N must be multiples of 128; got K=200"),
     ]
     for change, message in bad:
         kw = dict(a=a, a_scale=a_scale, b=b, b_scale=b_scale) | change
@@ -178,44 +188,77 @@ def test_it_has_no_derivative():
         jax.grad(lambda s: bj.scaled_matmul(a, s, b, b_scale, out_dtype=jnp.float32).sum())(a_scale)
 
 
-def _cuda_text(monkeypatch, *args):
-    """The StableHLO lowered for a CUDA GPU (no GPU needed), as if cuBLASLt 13.1 were loaded."""
-    monkeypatch.setattr(matmul._ffi, "cublaslt_version", lambda: 130100)
-    return jax.jit(bj.scaled_matmul).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+def _cuda_text(*args, route="auto"):
+    """The StableHLO lowered for a CUDA GPU (no GPU needed)."""
+    f = lambda *x: matmul._scaled_matmul_on(route, *x)
+    return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
-def test_cuda_lowering(monkeypatch):
+def _custom_call(text):
+    return next(line for line in text.splitlines() if "custom_call @baracuda_scaled_matmul" in line)
+
+
+def test_cuda_lowering():
     """One custom call that reads b column-major, gets its workspace (and for int8 its int32 sum) as
     results, and leaves b whole under the batch partitioner (a lifted to 3 batch dims)."""
     a, a_scale, b, b_scale = operands(helpers.rng(), (5,), 64, 48, jnp.int8)
-    text = _cuda_text(monkeypatch, a, a_scale, b, b_scale)
-    call = next(line for line in text.splitlines() if "custom_call @baracuda_scaled_matmul" in line)
+    call = _custom_call(_cuda_text(a, a_scale, b, b_scale))
     assert "dense<[0, 1]> : tensor<2xindex>" in call  # b's operand layout: column-major
     assert 'num_batch_dims = "3"' in call and "tensor<1x1x5x64xi8>" in call
     assert re.search(r"-> \(tensor<1x1x5x48xbf16>, tensor<\d+xui8>, tensor<1x1x5x48xi32>\)", call)
-    assert "need_replication" in call
-    fp8 = _cuda_text(monkeypatch, a.astype(jnp.float8_e4m3fn), a_scale, b.astype(jnp.float8_e4m3fn), b_scale)
+    assert "need_replication" in call and 'route = "auto"' in call
+    fp8 = _cuda_text(a.astype(jnp.float8_e4m3fn), a_scale, b.astype(jnp.float8_e4m3fn), b_scale)
     assert re.search(r"-> \(tensor<1x1x5x48xbf16>, tensor<\d+xui8>\)", fp8)
-    odd = _cuda_text(monkeypatch, a[:, :40], a_scale, b[:40], b_scale)  # K % 16 != 0: XLA's dot
+    odd = _cuda_text(a[:, :40], a_scale, b[:40], b_scale)  # K % 16 != 0: XLA's dot
     assert "baracuda_scaled_matmul" not in odd and "dot_general" in odd
 
 
-def test_cuda_lowering_blockwise(monkeypatch):
+def test_cuda_lowering_takes_any_n_and_a_route():
+    """N need not be a multiple of 16 (the handler routes it to the small-M kernel); a forced route is
+    the custom call's string attribute; shapes with nothing to compute lower to XLA's dot."""
+    a, a_scale, b, b_scale = operands(helpers.rng(), (5,), 64, 37, jnp.float8_e4m3fn)
+    assert "tensor<64x37xf8E4M3FN>" in _custom_call(_cuda_text(a, a_scale, b, b_scale))
+    assert 'route = "small_m"' in _custom_call(_cuda_text(a, a_scale, b, b_scale, route="small_m"))
+    assert 'route = "cublaslt"' in _custom_call(_cuda_text(a, a_scale, b[:, :32], b_scale[:32], route="cublaslt"))
+    for empty in [(a[:0], a_scale[:0], b, b_scale), (a, a_scale, b[:, :0], b_scale[:0])]:
+        assert "baracuda_scaled_matmul" not in _cuda_text(*empty)
+
+
+def test_cuda_lowering_does_not_ask_for_cublaslt(monkeypatch):
+    """The handler picks its kernel where it runs (ours where cuBLASLt is missing or too old), so the
+    lowering is the same on any machine, a CPU-only one included, and says nothing about cuBLASLt."""
+    a, a_scale, b, b_scale = operands(helpers.rng(), (3,), 64, 48, jnp.float8_e4m3fn)
+    monkeypatch.setattr(_ffi, "cublaslt_version", lambda: None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert "tensor<1x1x3x64xf8E4M3FN>" in _custom_call(_cuda_text(a, a_scale, b, b_scale))
+
+
+def test_route_errors():
+    a, a_scale, b, b_scale = operands(helpers.rng(), (4,), 128, 40, jnp.float8_e4m3fn)
+    with pytest.raises(ValueError, match="route is 'fast'; expected one of"):
+        matmul._scaled_matmul_on("fast", a, a_scale, b, b_scale)
+    with pytest.raises(ValueError, match="route 'cublaslt' needs N a multiple of 16; got N=40"):
+        matmul._scaled_matmul_on("cublaslt", a, a_scale, b, b_scale)
+    with pytest.raises(ValueError, match="route 'small_m' takes per-channel scales"):
+        matmul._scaled_matmul_on("small_m", *blockwise_operands(helpers.rng(), (4,), 128, 128, jnp.float8_e4m3fn))
+
+
+def test_cuda_lowering_blockwise():
     """Blockwise float8: a_scale stored [K/128][rows] and b_scale [N/128][K/128] (operand layouts),
     the block factors replicated; rows padded to a multiple of 4; int8 blocks lower to XLA's dot."""
     a, a_scale, b, b_scale = blockwise_operands(helpers.rng(), (2, 6), 384, 256, jnp.float8_e4m3fn)
-    text = _cuda_text(monkeypatch, a, a_scale, b, b_scale)
-    call = next(line for line in text.splitlines() if "custom_call @baracuda_scaled_matmul" in line)
+    call = _custom_call(_cuda_text(a, a_scale, b, b_scale))
     assert "tensor<1x2x6x384xf8E4M3FN>, tensor<1x2x6x3xf32>" in call
     assert (
         "operand_layouts = [dense<[3, 2, 1, 0]> : tensor<4xindex>, dense<[2, 1, 0, 3]> : tensor<4xindex>, "
         "dense<[0, 1]> : tensor<2xindex>, dense<[0, 1]> : tensor<2xindex>]" in call
     )
     assert "need_replication={l, m, n, o, p}" in call
-    int8 = _cuda_text(monkeypatch, a.astype(jnp.int8), a_scale, b.astype(jnp.int8), b_scale)
+    int8 = _cuda_text(a.astype(jnp.int8), a_scale, b.astype(jnp.int8), b_scale)
     assert "baracuda_scaled_matmul" not in int8 and "dot_general" in int8
-    padded = _cuda_text(monkeypatch, a[:, :5], a_scale[:, :5], b, b_scale)  # 10 rows -> 12
-    call = next(line for line in padded.splitlines() if "custom_call @baracuda_scaled_matmul" in line)
+    padded = _cuda_text(a[:, :5], a_scale[:, :5], b, b_scale)  # 10 rows -> 12
+    call = _custom_call(padded)
     assert "tensor<1x1x12x384xf8E4M3FN>, tensor<1x1x12x3xf32>" in call and "stablehlo.pad" in padded
 
 
