@@ -7,6 +7,11 @@ for float8 the float32 sum of K exact products, bounded by K * 2**-24 * sum_k |a
 On the GPU the float8 tensor cores keep about 14 bits in their partial sums before cuBLASLt
 promotes them to float32, so the sum's term there is 2**-11 * sum_k |a_k b_k|: measured on an H100,
 at most 2**-12.6 at K = 48-64 and 2**-15.6 at K = 4096 (test_gpu_float8_accumulation_error prints it).
+The GPU's small-M kernel sums float8 products in float32 in a fixed order: its sum's term is
+K * 2**-23 * sum_k |a_k b_k| (small_m_sum_error states why).
+
+Also here: the prepared weight (quantize_weight, QuantizedWeight) and each GPU kernel forced through
+its route (matmul._scaled_matmul_on).
 """
 
 import re
@@ -311,3 +316,373 @@ def test_gpu_is_deterministic_and_captured_in_command_buffers():
     again = assert_captured(layers, (a, ai, ab), custom_calls=12)
     for x, y in zip(first, again):
         np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
+
+
+# ---- the prepared weight ------------------------------------------------------------------------
+
+WEIGHT_DTYPES = [jnp.bfloat16, jnp.float16, jnp.float32]
+QMAX = {np.dtype(jnp.int8): 127, np.dtype(jnp.float8_e4m3fn): 448}
+
+
+def weight(rng, k, n, dtype, specials=True):
+    """A [K, N] weight whose columns have varied magnitudes; with specials, some columns all zero,
+    all NaN, or holding an inf (helpers.dynamic_input's rows, transposed)."""
+    if specials:
+        return helpers.dynamic_input(rng, (n, k), jnp.float32, subnormals=False).astype(dtype).T
+    return jnp.asarray(rng.normal(0, 1, (k, n)) * 10.0 ** rng.uniform(-3, 1, n), dtype)
+
+
+@pytest.mark.parametrize("w_dtype", WEIGHT_DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("k,n", [(64, 1), (48, 1003), (256, 37)], ids=str)
+def test_quantize_weight_is_the_dynamic_rule_on_w_t(device, k, n, dtype, w_dtype):
+    w = weight(helpers.rng(), k, n, w_dtype)
+    got = helpers.run(device, bj.quantize_weight, w, dtype=dtype)
+    q, scale, _ = helpers.run(device, bj.quantize_per_token_dynamic, w.T, dtype=dtype)
+    assert isinstance(got, bj.QuantizedWeight) and got.block_size is None
+    assert got.shape == (k, n) and got.dtype == dtype and got.q.shape == (n, k)
+    helpers.assert_same_bits(got.q, q)
+    helpers.assert_same_bits(got.scale, scale)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_quantize_weight_stacked_layers_each_on_their_own(dtype):
+    ws = jnp.stack([weight(helpers.rng(), 48, 40, jnp.bfloat16) for _ in range(3)])
+    for block_size, ws_ in ((None, ws), (128, jnp.tile(ws, (1, 8, 16)))):  # [3, 384, 640] in blocks
+        stacked = bj.quantize_weight(ws_, dtype=dtype, block_size=block_size)
+        assert stacked.shape == ws_.shape and stacked.q.shape == (3, ws_.shape[2], ws_.shape[1])
+        for i, w in enumerate(ws_):
+            one = bj.quantize_weight(w, dtype=dtype, block_size=block_size)
+            helpers.assert_same_bits(stacked.q[i], one.q)
+            helpers.assert_same_bits(stacked.scale[i], one.scale)
+
+
+@pytest.mark.parametrize("w_dtype", WEIGHT_DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_quantize_weight_blockwise_rule(device, dtype, w_dtype):
+    """Each 128 x 128 block: scale = amax * (1/qmax) in float32, 1 for an all-zero block; each value
+    times the scale's reciprocal, rounded half to even (int8) or to the format with saturation."""
+    k, n = 384, 256
+    w = np.array(weight(helpers.rng(), k, n, w_dtype, specials=False)).astype(np.float32)
+    w[128:256, :128] = 0
+    got = helpers.run(device, bj.quantize_weight, jnp.asarray(w, w_dtype), dtype=dtype, block_size=128)
+    assert got.block_size == 128 and got.shape == (k, n) and got.scale.shape == (3, 2) and got.q.shape == (n, k)
+    w = np.asarray(jnp.asarray(w, w_dtype).astype(jnp.float32))
+    amax = np.abs(w).reshape(3, 128, 2, 128).max(axis=(1, 3))
+    scale = np.where(amax == 0, np.float32(1), amax * (np.float32(1) / np.float32(QMAX[np.dtype(dtype)])))
+    helpers.assert_same_bits(got.scale, scale.astype(np.float32))
+    v = w * np.repeat(np.repeat(np.float32(1) / scale, 128, 0), 128, 1)
+    if dtype == jnp.int8:
+        want = np.clip(np.round(v), -128, 127).astype(np.int8)
+    else:
+        want = np.clip(v, -448, 448).astype(jnp.float8_e4m3fn)
+    helpers.assert_same_bits(got.q, want.T)
+
+
+def test_quantize_weight_errors_name_the_argument():
+    w = jnp.ones((256, 128), jnp.bfloat16)
+    bad = [
+        (dict(w=w.astype(jnp.int8)), TypeError, "w has dtype int8; expected one of float16, bfloat16, float32"),
+        (dict(w=w.astype(jnp.float64)), TypeError, "w has dtype float64"),
+        (dict(w=w[0]), ValueError, "w has shape \\(128,\\); expected \\[K, N\\]"),
+        (dict(dtype=jnp.uint8), TypeError, "dtype is uint8; expected one of int8, float8_e4m3fn"),
+        (dict(dtype=jnp.float8_e5m2), TypeError, "dtype is float8_e5m2"),
+        (dict(dtype="int9"), TypeError, "dtype must be a dtype"),
+        (dict(block_size=64), ValueError, "block_size is 64; expected None or 128"),
+        (dict(w=w[:, :100], block_size=128), ValueError, "w has shape \\(256, 100\\); block_size=128 needs K and N"),
+    ]
+    for change, error, message in bad:
+        kw = dict(w=w) | change
+        with pytest.raises(error, match=f"quantize_weight: {message}"):
+            bj.quantize_weight(kw.pop("w"), **kw)
+
+
+def _per_layer(fn, stacked):
+    return [fn(jax.tree.map(lambda x: x[i], stacked)) for i in range(stacked.q.shape[0])]
+
+
+def test_quantized_weight_is_a_pytree():
+    w = bj.quantize_weight(weight(helpers.rng(), 256, 384, jnp.bfloat16), block_size=128)
+    leaves, tree = jax.tree.flatten(w)
+    assert len(leaves) == 2 and jax.tree.unflatten(tree, leaves) == w
+    assert jax.tree.structure(bj.quantize_weight(jnp.ones((256, 384), jnp.float32))) != tree  # block_size is static
+    same = jax.jit(lambda w: w)(w)
+    assert isinstance(same, bj.QuantizedWeight) and same.block_size == 128
+    halved = jax.tree.map(lambda x: x[:128], w)  # N = 128 of the stored [N, K]
+    assert halved.shape == (256, 128) and halved.dtype == jnp.float8_e4m3fn
+    shapes = jax.eval_shape(lambda x: bj.quantize_weight(x, dtype=jnp.int8), jnp.ones((4, 64, 48), jnp.float32))
+    assert shapes.shape == (4, 64, 48) and shapes.q.shape == (4, 48, 64) and shapes.scale.shape == (4, 48)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_stacked_weights_under_vmap_and_scan(device, dtype):
+    """L layers stacked: vmap over the weights and a lax.scan over layers give each layer's product."""
+    rng = helpers.rng()
+    layers, m, d = 3, 5, 48
+    ws = bj.quantize_weight(
+        jnp.stack([weight(rng, d, d, jnp.float32, specials=False) for _ in range(layers)]), dtype=dtype
+    )
+    a, a_scale, _, _ = operands(rng, (m,), d, d, dtype)
+    a, a_scale, ws = jax.device_put((a, a_scale, ws), device)
+    per_weight = jax.jit(jax.vmap(lambda w: bj.scaled_matmul(a, a_scale, w, out_dtype=jnp.float32)))(ws)
+    for got, want in zip(per_weight, _per_layer(lambda w: jax.jit(bj.scaled_matmul)(a, a_scale, w), ws)):
+        helpers.assert_same_bits(got.astype(jnp.bfloat16), want)
+
+    def layer(x, w):
+        q, s, _ = bj.quantize_per_token_dynamic(x, dtype=dtype)
+        return bj.scaled_matmul(q, s, w, out_dtype=jnp.float32, residual=x), None
+
+    x = jax.device_put(jnp.asarray(rng.normal(0, 1, (m, d)), jnp.float32), device)
+    scanned = jax.jit(lambda x, ws: jax.lax.scan(layer, x, ws)[0])(x, ws)
+    looped = x
+    for w in _per_layer(lambda w: w, ws):
+        looped = jax.jit(layer)(looped, w)[0]
+    helpers.assert_same_bits(scanned, looped)
+
+
+@pytest.mark.parametrize("block_size", [None, 128], ids=["per_channel", "blockwise"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_quantized_weight_saved_with_numpy(tmp_path, dtype, block_size):
+    w = bj.quantize_weight(weight(helpers.rng(), 256, 128, jnp.bfloat16), dtype=dtype, block_size=block_size)
+    np.savez(tmp_path / "w.npz", q=w.q, scale=w.scale)
+    f = np.load(tmp_path / "w.npz")
+    back = bj.QuantizedWeight.from_arrays(f["q"], f["scale"], dtype=dtype)
+    assert back.block_size == block_size and back.shape == w.shape and back.dtype == dtype
+    helpers.assert_same_bits(back.q, w.q)
+    helpers.assert_same_bits(back.scale, w.scale)
+
+
+def test_from_arrays_checks_the_leaves():
+    q, scale = jnp.zeros((384, 256), jnp.int8), jnp.ones((384,), jnp.float32)
+    bad = [
+        (dict(q=q.astype(jnp.float32)), TypeError, "q has dtype float32; expected one of int8, float8_e4m3fn"),
+        (dict(q=q[0]), ValueError, "q has shape \\(256,\\); expected \\[..., N, K\\]"),
+        (
+            dict(scale=scale[:3]),
+            ValueError,
+            "scale has shape \\(3,\\) and dtype float32; expected float32 \\[..., N\\]",
+        ),
+        (dict(scale=scale.astype(jnp.bfloat16)), ValueError, "scale has shape \\(384,\\) and dtype bfloat16"),
+        (
+            dict(scale=jnp.ones((3, 2), jnp.float32)),
+            ValueError,
+            "scale has shape \\(3, 2\\).*expected float32 \\[..., K // 128",
+        ),
+        (
+            dict(q=q[:100], scale=jnp.ones((2, 1), jnp.float32)),
+            ValueError,
+            "q has shape \\(100, 256\\); blocks need K and N",
+        ),
+    ]
+    for change, error, message in bad:
+        kw = dict(q=q, scale=scale) | change
+        with pytest.raises(error, match=f"QuantizedWeight.from_arrays: {message}"):
+            bj.QuantizedWeight.from_arrays(kw["q"], kw["scale"])
+    assert bj.QuantizedWeight.from_arrays(q, jnp.ones((2, 3), jnp.float32)).block_size == 128
+
+
+@pytest.mark.parametrize("with_residual", [False, True], ids=["", "residual"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize(
+    "m_shape,k,n,block_size", [((7,), 48, 37, None), ((2, 3), 4096, 272, None), ((33,), 256, 384, 128)], ids=str
+)
+def test_quantized_weight_is_the_transposed_form(device, m_shape, k, n, block_size, dtype, with_residual):
+    """scaled_matmul(a, s, w) with a QuantizedWeight is scaled_matmul(a, s, w.q.T, w.scale), bit for bit."""
+    if block_size and dtype == jnp.int8 and device.platform != "cpu":
+        block_size = None  # keeps the case on the GPU kernels (int8 blocks lower to the reference)
+    rng = helpers.rng()
+    w = bj.quantize_weight(weight(rng, k, n, jnp.float32, specials=False), dtype=dtype, block_size=block_size)
+    a, a_scale, _, _ = (blockwise_operands if block_size else operands)(rng, m_shape, k, 128, dtype)
+    kw = dict(out_dtype=jnp.float16, residual=_residual(rng, (*m_shape, n), jnp.float16) if with_residual else None)
+    args = jax.device_put((a, a_scale, w), device)
+    got = jax.jit(lambda a, s, w: bj.scaled_matmul(a, s, w, **kw))(*args)
+    want = jax.jit(lambda a, s, w: bj.scaled_matmul(a, s, w.q.T, w.scale, **kw))(*args)
+    helpers.assert_same_bits(got, want)
+    helpers.assert_same_bits(bj.scaled_matmul(*args, **kw), got)  # eagerly: the same program
+
+
+def test_quantized_weight_errors_name_the_argument():
+    a, a_scale, _, _ = operands(helpers.rng(), (4,), 256, 128, jnp.float8_e4m3fn)
+    ones = lambda *shape: jnp.ones(shape, jnp.float32)
+    w = bj.quantize_weight(ones(256, 128))
+    bad = [
+        ((w, w.scale), TypeError, "b is a QuantizedWeight, which holds its scale; b_scale must be None"),
+        (
+            (bj.quantize_weight(ones(2, 256, 128)), None),
+            ValueError,
+            "b is a QuantizedWeight of shape \\(2, 256, 128\\), stacked",
+        ),
+        ((bj.QuantizedWeight(w.q, w.scale[:3]), None), ValueError, "b.scale has shape \\(3,\\)"),
+        ((bj.QuantizedWeight(w.q, w.scale, 128), None), ValueError, "b.scale has shape \\(128,\\).*K // 128"),
+        ((bj.QuantizedWeight(w.q.astype(jnp.bfloat16), w.scale), None), TypeError, "b.q has dtype bfloat16"),
+        ((bj.quantize_weight(ones(256, 128), dtype=jnp.int8), None), TypeError, "b has dtype int8; expected a's"),
+        ((bj.quantize_weight(ones(128, 128)), None), ValueError, "its K must be a's last dim, 256"),
+    ]
+    for (b, b_scale), error, message in bad:
+        with pytest.raises(error, match=f"scaled_matmul: .*{message}"):
+            bj.scaled_matmul(a, a_scale, b, b_scale)
+
+
+def test_int8_k_limit():
+    """int8 sums in int32: K up to 2**17 - 1 cannot wrap (128 * 128 * K < 2**31); longer K is refused
+    (float8 sums in float32 and takes any K)."""
+    limit = 2**17 - 1
+    shapes = lambda k, dtype: (
+        jax.ShapeDtypeStruct((1, k), dtype),
+        jax.ShapeDtypeStruct((1,), jnp.float32),
+        jax.ShapeDtypeStruct((k, 16), dtype),
+        jax.ShapeDtypeStruct((16,), jnp.float32),
+    )
+    assert jax.eval_shape(bj.scaled_matmul, *shapes(limit, jnp.int8)).shape == (1, 16)
+    assert jax.eval_shape(bj.scaled_matmul, *shapes(2**18, jnp.float8_e4m3fn)).shape == (1, 16)
+    with pytest.raises(ValueError, match=f"scaled_matmul: a has K=131072; int8 takes K <= {limit}"):
+        jax.eval_shape(bj.scaled_matmul, *shapes(limit + 1, jnp.int8))
+
+
+def test_token_sharded_a_with_a_replicated_weight():
+    """Tokens split over 4 host devices, the QuantizedWeight replicated: no collective, the same bits."""
+    cpus = jax.devices("cpu")
+    if len(cpus) < 4:
+        pytest.skip("needs 4 host devices")
+    mesh = jax.make_mesh((4,), ("t",), devices=cpus[:4])
+    rng = helpers.rng()
+    a, a_scale, _, _ = operands(rng, (2, 8), 64, 37, jnp.int8)
+    w = bj.quantize_weight(weight(rng, 64, 37, jnp.bfloat16, specials=False), dtype=jnp.int8)
+    residual = _residual(rng, (2, 8, 37), jnp.bfloat16)
+    put = lambda x, *spec: jax.device_put(x, NamedSharding(mesh, P(*spec)))
+    sharded = put(a, None, "t", None), put(a_scale, None, "t"), put(w), put(residual, None, "t", None)
+    f = jax.jit(lambda a, s, w, r: bj.scaled_matmul(a, s, w, residual=r))
+    hlo = f.lower(*sharded).compile().as_text()
+    assert not re.search(r"all-gather|all-reduce|all-to-all|collective-permute", hlo), hlo
+    out = f(*sharded)
+    assert out.sharding.spec[1] == "t"
+    helpers.assert_same_bits(out, f(*jax.device_put((a, a_scale, w, residual), cpus[0])))
+
+
+def test_vmap_over_tokens_is_one_call(device):
+    rng = helpers.rng()
+    a, a_scale, _, _ = operands(rng, (3, 4), 64, 37, jnp.float8_e4m3fn)
+    w = bj.quantize_weight(weight(rng, 64, 37, jnp.float32, specials=False))
+    residual = _residual(rng, (3, 4, 37), jnp.bfloat16)
+    args = jax.device_put((a, a_scale, w, residual), device)
+    f = lambda a, s, w, r: bj.scaled_matmul(a, s, w, residual=r)
+    helpers.assert_same_bits(jax.jit(jax.vmap(f, in_axes=(0, 0, None, 0)))(*args), jax.jit(f)(*args))
+
+
+# ---- the GPU's kernels, each route forced ------------------------------------------------------
+
+SMALL_M = [1, 2, 3, 4, 8, 16, 17, 32, 64, 100, 128]
+# (K, N): K one, three and 257 16-byte pieces (of int8 or float8); N odd, and one multiple of 16
+ROUTE_SHAPES = [(16, 1003), (48, 77), (4112, 1003), (4096, 1024)]
+ROUTE_CASES = [
+    pytest.param(route, k, n, id=f"{route}-{k}x{n}")
+    for k, n in ROUTE_SHAPES
+    for route in ("small_m", "cublaslt")
+    if route == "small_m" or n % 16 == 0  # cuBLASLt's 8-bit kernels need N % 16 == 0
+]
+
+
+def small_m_sum_error(k):
+    """The float8 bound's sum term for the small-M kernel: K * 2**-23 of sum_k |a_k b_k| (the scales
+    times it in assert_product_close, with half an ulp of out_dtype and the two float32 multiplies).
+    A float32 sum of K exact products (e4m3 x e4m3 is exact in float32) in a fixed order rounds at
+    most K - 1 times, each by at most 2**-24 of a partial sum no larger than sum |a b|; the factor 2
+    leaves room for the order's partial sums being added together at the end."""
+    return k * 2.0**-23
+
+
+def _on_gpu(route, a, a_scale, b, b_scale, out_dtype, residual):
+    f = lambda *x, r: matmul._scaled_matmul_on(route, *x, out_dtype=out_dtype, residual=r)
+    return jax.jit(f)(*jax.device_put((a, a_scale, b, b_scale), GPUS[0]), r=jax.device_put(residual, GPUS[0]))
+
+
+@requires_gpu
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("route,k,n", ROUTE_CASES)
+def test_gpu_int8_routes_match_the_reference_bit_for_bit(route, k, n, out_dtype):
+    """Every M of the small-M range, a residual on every other one, against the CPU reference."""
+    rng = helpers.rng()
+    for m in SMALL_M:
+        args = operands(rng, (m,), k, n, jnp.int8)
+        residual = _residual(rng, (m, n), out_dtype) if m % 2 else None
+        got = _on_gpu(route, *args, out_dtype, residual)
+        want = helpers.run(helpers.CPU, ref.scaled_matmul, *args, out_dtype=out_dtype, residual=residual)
+        print(f"M={m}")
+        helpers.assert_same_bits(got, want)
+
+
+@requires_gpu
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("route,k,n", ROUTE_CASES)
+def test_gpu_float8_routes_against_float64(route, k, n, out_dtype):
+    """The small-M kernel within small_m_sum_error; cuBLASLt within GPU_SUM_ERROR (its tensor cores)."""
+    rng = helpers.rng()
+    sum_error = small_m_sum_error(k) if route == "small_m" else GPU_SUM_ERROR
+    for m in SMALL_M:
+        args = operands(rng, (m,), k, n, jnp.float8_e4m3fn)
+        residual = _residual(rng, (m, n), out_dtype) if m % 2 else None
+        print(f"M={m}")
+        assert_close(_on_gpu(route, *args, out_dtype, residual), *args, sum_error, residual)
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_gpu_quantized_weight_is_not_transposed(dtype):
+    """q [N, K] passed as q.T is the GEMM's column-major b: the compiled program moves no weight
+    bytes. A row-major [K, N] array, for contrast, is transposed (or copied to the layout)."""
+    rng = helpers.rng()
+    w = bj.quantize_weight(weight(rng, 1024, 512, jnp.bfloat16, specials=False), dtype=dtype)
+    a, a_scale, _, _ = operands(rng, (16,), 1024, 512, dtype)
+    compiled = lambda *b: jax.jit(bj.scaled_matmul).lower(a, a_scale, *b).compile().as_text()
+    moves = re.compile(r"\s(transpose|copy)\(")
+    prepared = compiled(w)
+    assert "baracuda_scaled_matmul" in prepared and not moves.search(prepared), prepared
+    assert moves.search(compiled(jnp.asarray(np.asarray(w.q).T), w.scale))
+
+
+@requires_gpu
+def test_gpu_small_m_is_deterministic_and_captured_in_command_buffers():
+    rng = helpers.rng()
+    w8 = bj.quantize_weight(weight(rng, 4096, 1003, jnp.bfloat16, specials=False), dtype=jnp.int8)
+    wf = bj.quantize_weight(weight(rng, 4096, 1003, jnp.bfloat16, specials=False))
+    a8, s8, _, _ = operands(rng, (16,), 4096, 1003, jnp.int8)
+    af, sf, _, _ = operands(rng, (16,), 4096, 1003, jnp.float8_e4m3fn)
+    w8, wf, s8, sf = jax.device_put((w8, wf, s8, sf), GPUS[0])
+
+    @jax.jit
+    def layers(a8, af):
+        out = []
+        for i in range(2):
+            out.append(matmul._scaled_matmul_on("small_m", a8, s8 * (i + 1), w8, None))
+            out.append(matmul._scaled_matmul_on("small_m", af, sf * (i + 1), wf, None))
+        return out
+
+    args = jax.device_put((a8, af), GPUS[0])
+    first = jax.block_until_ready(layers(*args))
+    for x, y in zip(first, assert_captured(layers, args, custom_calls=4)):
+        helpers.assert_same_bits(x, y)
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_gpu_twice_in_a_jitted_loop(dtype):
+    """Two calls in a fori_loop's body (XLA's command buffers capture the loop on the GPU): the same
+    bits as the calls run one at a time, and run to run."""
+    rng = helpers.rng()
+    w = bj.quantize_weight(weight(rng, 1024, 1003, jnp.bfloat16, specials=False), dtype=dtype)
+    a, a_scale, _, _ = operands(rng, (8,), 1024, 1003, dtype)
+    a, a_scale, w = jax.device_put((a, a_scale, w), GPUS[0])
+
+    def body(i, acc):
+        y = bj.scaled_matmul(a, a_scale * (i + 1).astype(jnp.float32), w, out_dtype=jnp.float32)
+        return acc + bj.scaled_matmul(a, a_scale, w, out_dtype=jnp.float32, residual=y)
+
+    zeros = jax.device_put(jnp.zeros((8, 1003), jnp.float32), GPUS[0])
+    loop = jax.jit(lambda acc: jax.lax.fori_loop(0, 3, body, acc))
+    looped = loop(zeros)
+    for _ in range(2):
+        helpers.assert_same_bits(loop(zeros), looped)
+    one_at_a_time = zeros
+    for i in range(3):
+        one_at_a_time = body(jnp.int32(i), one_at_a_time)
+    helpers.assert_same_bits(looped, one_at_a_time)
