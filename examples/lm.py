@@ -16,7 +16,7 @@ Variants, trained with the same steps, seed and batches (one jitted step each):
 - LSQ at 4 bits: a learned step per projection (`fake_quantize_per_token(learnable_scale=True)`);
 - PTQ: the float model evaluated through each variant's quantizers.
 
-Inference: the trained weights quantized per output channel (stored [N, K]), activations through
+Inference: the trained weights quantized per output channel (`quantize_weight`), activations through
 `rms_norm_quantize_per_token`, `quantize_per_token_dynamic` and `silu_mul_quantize_per_token`, the
 projections through `scaled_matmul` (the skip connections in its epilogue). With --time (a GPU),
 prefill and decode (KV cache) tokens/s against the same model in bf16, and a generated sample; then
@@ -230,45 +230,37 @@ class QatOps(FloatOps):
 
 
 class W8A8Ops:
-    """Real 8-bit inference in bf16: per-token activations in `fmt`, per-channel weights stored [N, K]."""
+    """Real 8-bit inference in bf16: per-token activations in `fmt`, per-channel weights (QuantizedWeight)."""
 
     dtype = jnp.bfloat16
 
     def __init__(self, fmt):
         self.fmt = fmt
 
-    def _matmul(self, q, s, w, out_dtype, residual=None):
-        return bj.scaled_matmul(q, s, w[0].T, w[1], out_dtype=out_dtype, residual=residual)
-
     def norm_proj(self, x, norm, w, i, j):
         q, s, _ = bj.rms_norm_quantize_per_token(x, norm, dtype=self.fmt)
-        return self._matmul(q, s, w, x.dtype)
+        return bj.scaled_matmul(q, s, w, out_dtype=x.dtype)
 
     def gate_up(self, x, norm, w, i, j):
         """Two products from one quantized input: gate and up are stored apart, so that the SiLU op
         reads them without the copies a split of one [.., 2F] product would make (a custom call
         takes whole buffers)."""
         q, s, _ = bj.rms_norm_quantize_per_token(x, norm, dtype=self.fmt)
-        return [self._matmul(q, s, half, x.dtype) for half in w]
+        return [bj.scaled_matmul(q, s, half, out_dtype=x.dtype) for half in w]
 
     def proj_add(self, a, w, residual, i, j):
         q, s, _ = bj.quantize_per_token_dynamic(a, dtype=self.fmt)
-        return self._matmul(q, s, w, a.dtype, residual)
+        return bj.scaled_matmul(q, s, w, out_dtype=a.dtype, residual=residual)
 
     def silu_proj_add(self, g, u, w, residual, i, j):
         q, s = bj.silu_mul_quantize_per_token(g, u, dtype=self.fmt)
-        return self._matmul(q, s, w, g.dtype, residual)
+        return bj.scaled_matmul(q, s, w, out_dtype=g.dtype, residual=residual)
 
 
 def quantize_for_inference(params, dtype):
-    """Each projection's weight [K, N] -> (q stored [N, K] in dtype, per-channel scale [N]); the norms
-    in bf16 (the fused ops take the data's dtype)."""
-    qmax = 448.0 if dtype == jnp.float8_e4m3fn else 127.0
-
-    def quantize(w):
-        scale = jnp.max(jnp.abs(w), axis=0) / qmax
-        return bj.quantize_per_token(w.T, scale, dtype=dtype), scale
-
+    """Each projection's weight [K, N] quantized per output channel (a QuantizedWeight); the norms in
+    bf16 (the fused ops take the data's dtype)."""
+    quantize = lambda w: bj.quantize_weight(w, dtype=dtype)
     layers = [
         dict(
             p,

@@ -2,17 +2,16 @@
 
     python examples/w8a8.py [--steps 600] [--time]
 
-Weights are quantized once per output channel and stored [N, K] (one row per channel, as
-scaled_matmul reads them); activations per token at run time with quantize_per_token_dynamic; the
-matmul is bj.scaled_matmul (cuBLASLt on a GPU, scales in its epilogue). With --time and a GPU, it
-also times a stack of pre-norm W8A8 layers (residual + RMSNorm + dynamic quantize in one op, then
-scaled_matmul with the residual add in its epilogue) against the same stack in bf16, and the stack
-with blockwise float8 scales (quantize_per_token_group, 128 x 128 weight blocks).
+Weights are quantized once per output channel with bj.quantize_weight (stored [N, K], as the GEMM
+reads them); activations per token at run time with quantize_per_token_dynamic; the matmul is
+bj.scaled_matmul (scales in its epilogue). With --time and a GPU, it also times a stack of pre-norm
+W8A8 layers (residual + RMSNorm + dynamic quantize in one op, then scaled_matmul with the residual add
+in its epilogue) against the same stack in bf16, and the stack with blockwise float8 scales
+(quantize_per_token_group, 128 x 128 weight blocks).
 """
 
 import argparse
 
-import fp8_blockwise
 import jax
 import jax.numpy as jnp
 import qat
@@ -20,25 +19,17 @@ from lm import device_seconds  # the sibling example's device timer
 
 import baracuda_jax as bj
 
-FMAX = {jnp.int8: 127.0, jnp.float8_e4m3fn: 448.0}
 
-
-def quantize_weights(w, dtype):
-    """Per output channel: w [K, N] -> (q [N, K] in dtype, scale [N])."""
-    wt = w.T
-    scale = jnp.max(jnp.abs(wt), axis=-1) * (1 / FMAX[dtype])
-    return bj.quantize_per_token(wt, scale, dtype=dtype), scale
-
-
-def w8a8_linear(h, wq, w_scale, b):
-    q, s, _ = bj.quantize_per_token_dynamic(h, dtype=wq.dtype)
-    return bj.scaled_matmul(q, s, wq.T, w_scale, out_dtype=jnp.float32) + b
+def w8a8_linear(h, w, b):
+    """h @ w + b with w a bj.QuantizedWeight: h quantized per token in w's format."""
+    q, s, _ = bj.quantize_per_token_dynamic(h, dtype=w.dtype)
+    return bj.scaled_matmul(q, s, w, out_dtype=jnp.float32) + b
 
 
 def w8a8_forward(qparams, x):
     h = x
-    for i, (wq, ws, b) in enumerate(qparams):
-        h = w8a8_linear(h, wq, ws, b)
+    for i, (w, b) in enumerate(qparams):
+        h = w8a8_linear(h, w, b)
         if i < len(qparams) - 1:
             h = jax.nn.relu(h)
     return h
@@ -50,27 +41,27 @@ def rms_norm(x, w, eps=1e-6):
 
 
 def bf16_stack(x, norms, weights):
-    """Pre-norm layers in bf16: x + rms_norm(x) @ W, weights stored [N, K]."""
+    """Pre-norm layers in bf16: x + rms_norm(x) @ w, weights [K, N]."""
     for g, w in zip(norms, weights):
-        x = x + rms_norm(x, g) @ w.T
+        x = x + rms_norm(x, g) @ w
     return x
 
 
 def w8a8_stack(x, norms, qweights):
     """The same layers in W8A8: the norm quantizes per token as it normalizes; the matmul rescales
     and adds the skip connection in its epilogue."""
-    for g, (wq, ws) in zip(norms, qweights):
-        q, s, _ = bj.rms_norm_quantize_per_token(x, g, dtype=wq.dtype)
-        x = bj.scaled_matmul(q, s, wq.T, ws, out_dtype=x.dtype, residual=x)
+    for g, w in zip(norms, qweights):
+        q, s, _ = bj.rms_norm_quantize_per_token(x, g, dtype=w.dtype)
+        x = bj.scaled_matmul(q, s, w, out_dtype=x.dtype, residual=x)
     return x
 
 
 def w8a8_block_stack(x, norms, qweights):
     """The same layers with DeepSeek-V3's FP8 scales: the normed activations quantized per 1 x 128
     group, the weights per 128 x 128 block, the skip connection in the matmul's epilogue."""
-    for g, (wq, ws) in zip(norms, qweights):
+    for g, w in zip(norms, qweights):
         q, s = bj.quantize_per_token_group(rms_norm(x, g), 128)
-        x = bj.scaled_matmul(q, s, wq.T, ws, out_dtype=x.dtype, residual=x)
+        x = bj.scaled_matmul(q, s, w, out_dtype=x.dtype, residual=x)
     return x
 
 
@@ -82,9 +73,9 @@ def time_stack(tokens, d=4096, layers=8, reps=30):
     weights = [(jax.random.normal(jax.random.fold_in(key, i), (d, d), jnp.float32) / 64) for i in range(layers)]
     times = {"bf16": device_seconds(bf16_stack, (x, norms, [w.astype(jnp.bfloat16) for w in weights]), reps)}
     for dtype in (jnp.int8, jnp.float8_e4m3fn):
-        qweights = [quantize_weights(w.T, dtype) for w in weights]  # w is stored [N, K]: pass [K, N]
+        qweights = [bj.quantize_weight(w, dtype=dtype) for w in weights]
         times[jnp.dtype(dtype).name] = device_seconds(w8a8_stack, (x, norms, qweights), reps)
-    block_weights = [fp8_blockwise.quantize_weight(w.T) for w in weights]
+    block_weights = [bj.quantize_weight(w, block_size=128) for w in weights]
     times["float8 blockwise"] = device_seconds(w8a8_block_stack, (x, norms, block_weights), reps)
     return {name: t * 1e6 for name, t in times.items()}
 
@@ -98,7 +89,10 @@ def main(argv=None):
     params, _, float_acc = qat.train("float", args.steps, data=data)
     accuracy = {"float": float_acc}
     for dtype in (jnp.int8, jnp.float8_e4m3fn):
-        qparams = [(*quantize_weights(w, dtype), b) for w, b in zip(params["w"], params["b"])]
+        # float32: quantize_weight takes 16- and 32-bit floats, and qat's are float64 under jax_enable_x64
+        qparams = [
+            (bj.quantize_weight(w.astype(jnp.float32), dtype=dtype), b) for w, b in zip(params["w"], params["b"])
+        ]
         accuracy[jnp.dtype(dtype).name] = qat.accuracy(lambda x: w8a8_forward(qparams, x), x_te, y_te)
     print("digits test accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in accuracy.items()))
     if args.time:
