@@ -67,7 +67,7 @@ class QuantizedWeight:
           dtype: the values' dtype where ``q`` holds their raw bytes.
 
         Returns:
-          The :class:`QuantizedWeight`; blockwise (``block_size=128``) where ``scale`` has ``q``'s rank.
+          The weight, blockwise (``block_size=128``) where ``scale`` has ``q``'s rank.
         """
         if dtype is not None and np.dtype(q.dtype).kind == "V":
             q = np.asarray(q).view(np.dtype(dtype))
@@ -118,8 +118,8 @@ def quantize_weight(
       block_size: None (per channel) or 128 (blockwise; K and N multiples of 128).
 
     Returns:
-      A :class:`QuantizedWeight`: ``q`` ``[..., N, K]`` in ``dtype``, ``scale`` float32 ``[..., N]`` or
-      ``[..., K // 128, N // 128]``.
+      ``QuantizedWeight(q, scale, block_size)``, ``q`` ``[..., N, K]`` in ``dtype``, ``scale`` float32
+      ``[..., N]`` or ``[..., K // 128, N // 128]``.
     """
     w = jnp.asarray(w)
     _checks.fused_float_dtype(_OP, w.dtype, "w")
