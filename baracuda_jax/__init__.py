@@ -12,6 +12,7 @@ from baracuda_jax.fused import (
 from baracuda_jax.groups import dequantize_per_token_group, fake_quantize_per_token_group, quantize_per_token_group
 from baracuda_jax.matmul import scaled_matmul
 from baracuda_jax.ops import (
+    VLLM_FP8_MIN_SCALE,
     dequantize_per_token,
     fake_quantize_per_token,
     fake_quantize_per_token_dynamic,
@@ -27,6 +28,7 @@ del check_targets
 __all__ = [
     "HAS_CUDA_KERNELS",
     "QuantizedWeight",
+    "VLLM_FP8_MIN_SCALE",
     "dequantize_per_token",
     "dequantize_per_token_group",
     "fake_quantize_per_token",

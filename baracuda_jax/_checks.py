@@ -3,6 +3,7 @@
 Every error names the op, the argument, what it got and what was expected.
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -30,10 +31,41 @@ def _as_dtype(op, name, dtype, expected):
         raise TypeError(f"{op}: {name} must be a dtype, one of {_names(expected)}; got {dtype!r}") from None
 
 
+def static(op: str, name: str, value, what: str) -> None:
+    """A parameter that must be known at trace time (it selects the kernel's attributes)."""
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(
+            f"{op}: {name} must be a static {what}, but it is traced (an argument of a jitted function?): "
+            f"mark it static, jax.jit(f, static_argnames=({name!r},)), or close over its value"
+        )
+
+
+def array(op: str, name: str, value) -> jax.Array:
+    """An array operand, as jnp.asarray makes it, with an error that names it."""
+    try:
+        return jnp.asarray(value)
+    except (TypeError, ValueError):  # jnp.asarray's words for a str, for None
+        raise TypeError(
+            f"{op}: {name} must be an array (a jax or numpy array, or nested Python numbers); "
+            f"got {type(value).__name__} {value!r:.60}"
+        ) from None
+
+
 def float_dtype(op: str, name: str, dtype) -> np.dtype:
     dtype = _as_dtype(op, name, dtype, FLOAT_DTYPES)
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: {name} has dtype {dtype.name}; expected one of {_names(FLOAT_DTYPES)}")
+    return dtype
+
+
+def output_float_dtype(op: str, name: str, dtype) -> np.dtype:
+    """A float dtype asked for as an output: float64 needs JAX's x64 mode."""
+    dtype = float_dtype(op, name, dtype)
+    if dtype == np.float64 and not jax.config.jax_enable_x64:
+        raise TypeError(
+            f"{op}: {name}=float64 needs 64-bit mode, which is off (JAX would make float32): enable it "
+            f"with jax.config.update('jax_enable_x64', True), or ask for float32"
+        )
     return dtype
 
 
@@ -45,7 +77,23 @@ def format_of(op: str, name: str, dtype) -> Format:
     return FORMATS[dtype]
 
 
+SIGNED_FORMAT_DTYPES = tuple(d for d, f in FORMATS.items() if f.lowest < 0)
+
+
+def symmetric_format(op: str, dtype) -> Format:
+    """The format of an op that quantizes symmetrically only: int8 or a float8 dtype."""
+    dtype = _as_dtype(op, "dtype", dtype, SIGNED_FORMAT_DTYPES)
+    if dtype not in SIGNED_FORMAT_DTYPES:
+        raise TypeError(
+            f"{op}: dtype is {dtype.name}; expected one of {_names(SIGNED_FORMAT_DTYPES)} (this op quantizes "
+            f"symmetrically, scale = amax / qmax, which needs a signed format)"
+        )
+    return FORMATS[dtype]
+
+
 def flag(op: str, name: str, value) -> bool:
+    """A bool flag: Python's bool or numpy's bool_, as Python bool (the attribute the kernel takes)."""
+    static(op, name, value, "bool")
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__} {value!r}")
     return bool(value)
@@ -68,6 +116,7 @@ def grid(op: str, dtype, qmin, qmax, zero_point=None) -> tuple[Format, int, int]
     qmin = fmt.lowest if qmin is None else qmin
     qmax = fmt.max if qmax is None else qmax
     for name, v in (("qmin", qmin), ("qmax", qmax)):
+        static(op, name, v, "Python int")
         if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
             raise TypeError(f"{op}: {name} must be a Python int, got {type(v).__name__} {v!r}")
         if not fmt.lowest <= v <= fmt.max:
@@ -120,14 +169,38 @@ def dynamic_grid(
         raise ValueError(
             f"{op}: scale_ub bounds the amax of symmetric quantization; it does not apply with symmetric=False"
         )
-    if (
-        not isinstance(scale_ub, (int, float, np.floating, np.integer))
-        or isinstance(scale_ub, bool)
-        or not np.isfinite(scale_ub)
-        or scale_ub <= 0
-    ):
-        raise ValueError(f"{op}: scale_ub must be a positive finite Python float, got {scale_ub!r}")
-    return fmt, qmin, qmax, float(scale_ub)
+    return fmt, qmin, qmax, positive_float(op, "scale_ub", scale_ub)
+
+
+def positive_float(op: str, name: str, value) -> float:
+    """A positive finite real number known at trace time, as a Python float."""
+    static(op, name, value, "Python float")
+    real = isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, (bool, np.bool_))
+    if not real or not np.isfinite(value) or value <= 0:
+        raise ValueError(f"{op}: {name} must be a positive finite Python float, got {value!r}")
+    return float(value)
+
+
+def min_scale(op: str, min_scale, symmetric: bool) -> float:
+    """A dynamic symmetric op's floor on each scale (vLLM's min_scaling_factor), as the kernel's
+    attribute: 0.0 for none."""
+    if min_scale is None:
+        return 0.0
+    if not symmetric:
+        raise ValueError(
+            f"{op}: min_scale floors the scale of symmetric quantization; it does not apply with symmetric=False"
+        )
+    return positive_float(op, "min_scale", min_scale)
+
+
+def axis_name(op: str, axis_name) -> None:
+    """A mesh axis name (a str), or a tuple of them."""
+    names = axis_name if isinstance(axis_name, (tuple, list)) else (axis_name,)
+    if not names or not all(isinstance(n, str) for n in names):
+        raise TypeError(
+            f"{op}: axis_name must name the shard_map mesh axis that splits D (a str, or a tuple of them); "
+            f"got {type(axis_name).__name__} {axis_name!r}"
+        )
 
 
 def row_operands(op: str, data_name: str, data, scale, zero_point, scale_dtype=None) -> None:
@@ -191,8 +264,15 @@ def norm_operands(op: str, x, weight, residual, eps) -> None:
         )
     if residual is not None:
         same_as(op, "residual", residual, "x", x)
-    if not isinstance(eps, (float, int, np.floating)) or isinstance(eps, bool) or not eps > 0:
-        raise ValueError(f"{op}: eps must be a positive Python float, got {eps!r}")
+    static(op, "eps", eps, "Python float")
+    real = isinstance(eps, (float, int, np.floating, np.integer)) and not isinstance(eps, (bool, np.bool_))
+    with np.errstate(over="ignore"):
+        finite = real and 0 < np.float32(eps) < np.inf  # the norm computes in float32
+    if not finite:
+        raise ValueError(
+            f"{op}: eps must be a positive Python float, finite and above 0 in float32 (the norm "
+            f"computes in float32), got {eps!r}"
+        )
 
 
 MATMUL_DTYPES = tuple(np.dtype(t) for t in (jnp.int8, jnp.float8_e4m3fn))
@@ -266,8 +346,8 @@ def is_blockwise(b_scale) -> bool:
 def row_qparams(op, data_name, data, scale, zero_point, math_dtype):
     """Accepts scale/zero_point of shape data.shape[:-1] or data.shape[:-1] + (1,), checks them,
     and converts scale to the math type. Returns (scale, zero_point operands as a tuple)."""
-    scale = jnp.asarray(scale)
-    zero_point = None if zero_point is None else jnp.asarray(zero_point)
+    scale = array(op, "scale", scale)
+    zero_point = None if zero_point is None else array(op, "zero_point", zero_point)
     rows = tuple(data.shape[:-1])
     if data.ndim >= 1 and scale.shape == rows + (1,):
         scale = scale[..., 0]

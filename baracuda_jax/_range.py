@@ -19,13 +19,15 @@ def row_range(x):
     return jnp.min(xm, axis=-1, initial=0), jnp.max(xm, axis=-1, initial=0)
 
 
-def qparams(lo, hi, symmetric, qmin, qmax, scale_ub=float("inf"), pow2_scale=False):
+def qparams(lo, hi, symmetric, qmin, qmax, scale_ub=float("inf"), min_scale=0.0, pow2_scale=False):
     """(scale, zero_point) of rows whose range is [lo, hi]; qmax is fmax for a float8 format,
-    scale_ub bounds a symmetric row's amax, and pow2_scale rounds its scale up to a power of two."""
+    scale_ub bounds a symmetric row's amax, min_scale floors its scale (0: none), and pow2_scale
+    rounds the scale up to a power of two."""
     m = lo.dtype
     one = np.ones((), m)
     if symmetric:
         s = jnp.minimum(jnp.maximum(-lo, hi), m.type(scale_ub)) * (one / m.type(qmax))
+        s = jnp.maximum(s, m.type(min_scale))
     else:
         s = (hi - lo) * (one / m.type(qmax - qmin))
     s = jnp.where(s == 0, one, s)

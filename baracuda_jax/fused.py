@@ -6,7 +6,7 @@ Inside a jitted step a custom call is a fusion barrier: XLA fuses jnp quantizati
 activation that produces its input, which an unfused kernel cannot. These ops take the producer in.
 Symmetric grids (int8, float8_e4m3fn, float8_e5m2; for int8 optionally narrower, qmin/qmax, e.g.
 -8/7 for 4-bit activations), float16/bfloat16/float32 data, a static per-row `scale` or a dynamic one
-(each row's amax, bounded by `scale_ub`, over qmax).
+(each row's amax, bounded by `scale_ub`, over qmax, floored at `min_scale`).
 """
 
 from functools import partial
@@ -18,7 +18,7 @@ from jax.typing import ArrayLike, DTypeLike
 
 from baracuda_jax import _checks
 from baracuda_jax._checks import row_qparams
-from baracuda_jax.primitives import GROUPS, PER_COLUMN, PER_ROW, ROWS, OpDecl, define, like
+from baracuda_jax.primitives import GROUPS, PER_COLUMN, PER_ROW, ROWS, OpDecl, define, like, no_derivative
 
 # ---- shape rules: the checks a direct bind gets too ---------------------------------------------
 
@@ -46,10 +46,11 @@ def _rms_norm_layout(params):
     )
 
 
-def _rms_norm_aval(x, weight, *rest, dtype, fake, qmin, qmax, eps, has_residual, dynamic, scale_ub):
+def _rms_norm_aval(x, weight, *rest, dtype, fake, qmin, qmax, eps, has_residual, dynamic, scale_ub, min_scale):
     op = "rms_norm_quantize_per_token"
     out = _fused_output(op, x, dtype, fake, qmin, qmax)
     _checks.norm_operands(op, x, weight, rest[0] if has_residual else None, eps)
+    _checks.min_scale(op, min_scale or None, True)
     rows = x.shape[:-1]
     if not dynamic:
         _checks.row_operands(op, "x", x, rest[-1], None, np.float32)
@@ -95,10 +96,11 @@ def _silu_mul_layout(params):
     return (ROWS, ROWS) + (PER_ROW,) * (not dyn), (ROWS,) + (PER_ROW,) * dyn
 
 
-def _silu_mul_aval(a, b, *scale, dtype, fake, qmin, qmax, dynamic, scale_ub):
+def _silu_mul_aval(a, b, *scale, dtype, fake, qmin, qmax, dynamic, scale_ub, min_scale):
     op = "silu_mul_quantize_per_token"
     out = _fused_output(op, a, dtype, fake, qmin, qmax)
     _checks.same_as(op, "b", b, "a", a)
+    _checks.min_scale(op, min_scale or None, True)
     if not dynamic:
         _checks.row_operands(op, "a", a, scale[0], None, np.float32)
     return (out, *((like(a, a.shape[:-1], np.float32),) if dynamic else ()))
@@ -121,7 +123,7 @@ rms_norm_quantize_p = define(
         "rms_norm_quantize_per_token",
         (),
         (),
-        ("format", *_GRID, "eps", "has_residual", "scale_ub"),
+        ("format", *_GRID, "eps", "has_residual", "scale_ub", "min_scale"),
         _rms_norm_aval,
         layout=_rms_norm_layout,
     )
@@ -138,7 +140,12 @@ rms_norm_grad_p = define(
 )
 silu_mul_quantize_p = define(
     OpDecl(
-        "silu_mul_quantize_per_token", (), (), ("format", *_GRID, "scale_ub"), _silu_mul_aval, layout=_silu_mul_layout
+        "silu_mul_quantize_per_token",
+        (),
+        (),
+        ("format", *_GRID, "scale_ub", "min_scale"),
+        _silu_mul_aval,
+        layout=_silu_mul_layout,
     )
 )
 silu_mul_grad_p = define(
@@ -150,17 +157,36 @@ silu_mul_grad_p = define(
         _silu_mul_grad_aval,
     )
 )
+for _prim, _instead in (
+    (rms_norm_quantize_p, "rms_norm_fake_quantize_per_token"),
+    (silu_mul_quantize_p, "silu_mul_fake_quantize_per_token"),
+):
+    no_derivative(  # the fake-quant op runs it too, inside its own derivative rule
+        _prim,
+        f"{_prim.name} has no derivative: it is an inference op (train through {_instead}, exact through "
+        f"the producer and straight-through for the quantizer), and second derivatives of {_instead} "
+        f"are not implemented",
+    )
+for _prim in (rms_norm_grad_p, silu_mul_grad_p):
+    no_derivative(
+        _prim,
+        f"{_prim.name} is a backward kernel and has no derivative of its own: second derivatives through "
+        f"the fused fake-quant ops are not implemented",
+    )
 
 
 # ---- the public functions -----------------------------------------------------------------------
 
 
-def _grid(op, dtype, scale, scale_ub, qmin, qmax):
-    """(format, qmin, qmax, scale_ub attribute) of a symmetric grid, static or dynamic."""
+def _grid(op, dtype, scale, scale_ub, qmin, qmax, min_scale):
+    """The params of a symmetric grid, static or dynamic: dtype, qmin, qmax, scale_ub, min_scale."""
+    _checks.symmetric_format(op, dtype)
     fmt, qmin, qmax, ub = _checks.dynamic_grid(op, dtype, True, scale_ub, qmin=qmin, qmax=qmax)
-    if scale is not None and scale_ub is not None:
-        raise ValueError(f"{op}: scale_ub bounds a dynamic scale; it does not apply with a static scale")
-    return fmt, qmin, qmax, ub
+    for name, v in (("scale_ub", scale_ub), ("min_scale", min_scale)):
+        if scale is not None and v is not None:
+            raise ValueError(f"{op}: {name} applies to a dynamic scale; it does not apply with a static scale")
+    floor = _checks.min_scale(op, min_scale, True)
+    return dict(dtype=fmt.dtype, qmin=qmin, qmax=qmax, scale_ub=ub, min_scale=floor)
 
 
 def _static_scale(op, name, data, scale):
@@ -168,21 +194,17 @@ def _static_scale(op, name, data, scale):
     return () if scale is None else (row_qparams(op, name, data, scale, None, jnp.float32)[0],)
 
 
-def _norm_call(op, x, weight, residual, eps, scale, dtype, scale_ub, fake, qmin, qmax):
-    x, weight = jnp.asarray(x), jnp.asarray(weight)
-    residual = None if residual is None else jnp.asarray(residual)
+def _norm_call(op, x, weight, residual, eps, scale, dtype, scale_ub, fake, qmin, qmax, min_scale):
+    x, weight = _checks.array(op, "x", x), _checks.array(op, "weight", weight)
+    residual = None if residual is None else _checks.array(op, "residual", residual)
     _checks.fused_float_dtype(op, x.dtype)
     _checks.norm_operands(op, x, weight, residual, eps)
-    fmt, qmin, qmax, ub = _grid(op, dtype, scale, scale_ub, qmin, qmax)
     params = dict(
-        dtype=fmt.dtype,
         fake=fake,
-        qmin=qmin,
-        qmax=qmax,
         eps=float(eps),
         has_residual=residual is not None,
         dynamic=scale is None,
-        scale_ub=ub,
+        **_grid(op, dtype, scale, scale_ub, qmin, qmax, min_scale),
     )
     return x, weight, () if residual is None else (residual,), _static_scale(op, "x", x, scale), params
 
@@ -205,6 +227,7 @@ def rms_norm_quantize_per_token(
     scale_ub: float | None = None,
     qmin: int | None = None,
     qmax: int | None = None,
+    min_scale: float | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """A residual add, RMSNorm and the per-token quantizer, in one pass over each row.
 
@@ -219,11 +242,13 @@ def rms_norm_quantize_per_token(
       residual: like ``x``, added to it first; None for none.
       eps: a positive float inside the square root.
       scale: a static scale, one per row (``x.shape[:-1]``, or with a trailing 1); None: dynamic,
-        ``scale = min(amax, scale_ub) * (1/qmax)`` from each row of ``h``.
+        ``scale = max(min(amax, scale_ub) * (1/qmax), min_scale)`` from each row of ``h``.
       dtype: int8, float8_e4m3fn or float8_e5m2 (symmetric grids).
       scale_ub: bounds a dynamic scale's amax (a positive float); not with a static scale.
       qmin: a narrower int8 grid's lower bound (4-bit activations: -8); ``qmin < 0 < qmax``.
       qmax: its upper bound (7).
+      min_scale: floors a dynamic scale (a positive float; vLLM's fp8 floor is
+        :data:`VLLM_FP8_MIN_SCALE`); not with a static scale.
 
     Returns:
       A tuple ``(q, scale, residual_out)``, with ``q`` like ``x`` in ``dtype``; ``scale`` ``x.shape[:-1]`` float32;
@@ -231,7 +256,7 @@ def rms_norm_quantize_per_token(
     """
     op = "rms_norm_quantize_per_token"
     x, weight, residual, scale, params = _norm_call(
-        op, x, weight, residual, eps, scale, dtype, scale_ub, False, qmin, qmax
+        op, x, weight, residual, eps, scale, dtype, scale_ub, False, qmin, qmax, min_scale
     )
     return _norm_forward(x, weight, residual, scale, params)[:3]
 
@@ -247,6 +272,7 @@ def rms_norm_fake_quantize_per_token(
     scale_ub: float | None = None,
     qmin: int | None = None,
     qmax: int | None = None,
+    min_scale: float | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """:func:`rms_norm_quantize_per_token`, dequantized to x's dtype, and differentiable.
 
@@ -261,18 +287,20 @@ def rms_norm_fake_quantize_per_token(
       residual: like ``x``, added to it first; None for none.
       eps: a positive float inside the square root.
       scale: a static scale, one per row (``x.shape[:-1]``, or with a trailing 1); None: dynamic,
-        ``scale = min(amax, scale_ub) * (1/qmax)`` from each row of ``h``.
+        ``scale = max(min(amax, scale_ub) * (1/qmax), min_scale)`` from each row of ``h``.
       dtype: int8, float8_e4m3fn or float8_e5m2 (symmetric grids).
       scale_ub: bounds a dynamic scale's amax (a positive float); not with a static scale.
       qmin: a narrower int8 grid's lower bound (4-bit activations: -8); ``qmin < 0 < qmax``.
       qmax: its upper bound (7).
+      min_scale: floors a dynamic scale (a positive float; vLLM's fp8 floor is
+        :data:`VLLM_FP8_MIN_SCALE`); not with a static scale.
 
     Returns:
       A tuple ``(y, residual_out)``, with ``y = dequantize(quantize(h))`` like ``x``; ``residual_out`` = ``r``.
     """
     op = "rms_norm_fake_quantize_per_token"
     x, weight, residual, scale, params = _norm_call(
-        op, x, weight, residual, eps, scale, dtype, scale_ub, True, qmin, qmax
+        op, x, weight, residual, eps, scale, dtype, scale_ub, True, qmin, qmax, min_scale
     )
     return _rms_norm_fake(x, weight, residual, scale, tuple(sorted(params.items())))
 
@@ -318,14 +346,13 @@ def _rms_norm_fake_bwd(params, res, cotangents):
 _rms_norm_fake.defvjp(_rms_norm_fake_fwd, _rms_norm_fake_bwd, symbolic_zeros=True)
 
 
-def _silu_call(op, a, b, scale, dtype, scale_ub, fake, qmin, qmax):
-    a, b = jnp.asarray(a), jnp.asarray(b)
+def _silu_call(op, a, b, scale, dtype, scale_ub, fake, qmin, qmax, min_scale):
+    a, b = _checks.array(op, "a", a), _checks.array(op, "b", b)
     _checks.fused_float_dtype(op, a.dtype, "a")
     if a.ndim < 1:
         raise ValueError(f"{op}: a must have rank >= 1 (one token per row of the last axis), got a scalar")
     _checks.same_as(op, "b", b, "a", a)
-    fmt, qmin, qmax, ub = _grid(op, dtype, scale, scale_ub, qmin, qmax)
-    params = dict(dtype=fmt.dtype, fake=fake, qmin=qmin, qmax=qmax, dynamic=scale is None, scale_ub=ub)
+    params = dict(fake=fake, dynamic=scale is None, **_grid(op, dtype, scale, scale_ub, qmin, qmax, min_scale))
     return a, b, _static_scale(op, "a", a, scale), params
 
 
@@ -343,6 +370,7 @@ def silu_mul_quantize_per_token(
     scale_ub: float | None = None,
     qmin: int | None = None,
     qmax: int | None = None,
+    min_scale: float | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """SwiGLU's gated product and the per-token quantizer before the down projection, in one pass.
 
@@ -353,17 +381,19 @@ def silu_mul_quantize_per_token(
       a: the gate, ``[..., D]`` float16, bfloat16 or float32.
       b: the up projection, like ``a``.
       scale: a static scale, one per row (``a.shape[:-1]``, or with a trailing 1); None: dynamic,
-        ``scale = min(amax, scale_ub) * (1/qmax)`` from each row of ``h``.
+        ``scale = max(min(amax, scale_ub) * (1/qmax), min_scale)`` from each row of ``h``.
       dtype: int8, float8_e4m3fn or float8_e5m2 (symmetric grids).
       scale_ub: bounds a dynamic scale's amax (a positive float); not with a static scale.
       qmin: a narrower int8 grid's lower bound (4-bit activations: -8); ``qmin < 0 < qmax``.
       qmax: its upper bound (7).
+      min_scale: floors a dynamic scale (a positive float; vLLM's fp8 floor is
+        :data:`VLLM_FP8_MIN_SCALE`); not with a static scale.
 
     Returns:
       A tuple ``(q, scale)``, with ``q`` like ``a`` in ``dtype``; ``scale`` ``a.shape[:-1]`` float32.
     """
     op = "silu_mul_quantize_per_token"
-    a, b, scale, params = _silu_call(op, a, b, scale, dtype, scale_ub, False, qmin, qmax)
+    a, b, scale, params = _silu_call(op, a, b, scale, dtype, scale_ub, False, qmin, qmax, min_scale)
     return _silu_forward(a, b, scale, params)
 
 
@@ -376,6 +406,7 @@ def silu_mul_fake_quantize_per_token(
     scale_ub: float | None = None,
     qmin: int | None = None,
     qmax: int | None = None,
+    min_scale: float | None = None,
 ) -> jax.Array:
     """:func:`silu_mul_quantize_per_token`, dequantized to a's dtype, and differentiable.
 
@@ -386,17 +417,19 @@ def silu_mul_fake_quantize_per_token(
       a: the gate, ``[..., D]`` float16, bfloat16 or float32.
       b: the up projection, like ``a``.
       scale: a static scale, one per row (``a.shape[:-1]``, or with a trailing 1); None: dynamic,
-        ``scale = min(amax, scale_ub) * (1/qmax)`` from each row of ``h``.
+        ``scale = max(min(amax, scale_ub) * (1/qmax), min_scale)`` from each row of ``h``.
       dtype: int8, float8_e4m3fn or float8_e5m2 (symmetric grids).
       scale_ub: bounds a dynamic scale's amax (a positive float); not with a static scale.
       qmin: a narrower int8 grid's lower bound (4-bit activations: -8); ``qmin < 0 < qmax``.
       qmax: its upper bound (7).
+      min_scale: floors a dynamic scale (a positive float; vLLM's fp8 floor is
+        :data:`VLLM_FP8_MIN_SCALE`); not with a static scale.
 
     Returns:
       ``y = dequantize(quantize(h))``, like ``a``.
     """
     op = "silu_mul_fake_quantize_per_token"
-    a, b, scale, params = _silu_call(op, a, b, scale, dtype, scale_ub, True, qmin, qmax)
+    a, b, scale, params = _silu_call(op, a, b, scale, dtype, scale_ub, True, qmin, qmax, min_scale)
     return _silu_mul_fake(a, b, scale, tuple(sorted(params.items())))
 
 

@@ -12,7 +12,7 @@ import numpy as np
 from jax.typing import ArrayLike, DTypeLike
 
 from baracuda_jax import _checks
-from baracuda_jax.ops import dequantize_per_token, fake_quantize_per_token_dynamic, quantize_per_token_dynamic
+from baracuda_jax.ops import dequantize_as, dynamic_as
 
 GROUP_SIZES = (32, 64, 128)
 SCALE_LAYOUTS = ("row", "column")
@@ -20,13 +20,10 @@ SCALE_LAYOUTS = ("row", "column")
 
 def _grouped(op, x, group_size, dtype):
     """x [..., D] as [..., D // group_size, group_size], after checking the arguments."""
-    x = jnp.asarray(x)
+    x = _checks.array(op, "x", x)
     _checks.float_dtype(op, "x", x.dtype)
-    fmt = _checks.format_of(op, "dtype", dtype)
-    if fmt.lowest >= 0:
-        raise ValueError(
-            f"{op}: groups are quantized symmetrically; dtype must be int8 or a float8 type, got {fmt.name}"
-        )
+    _checks.symmetric_format(op, dtype)
+    _checks.static(op, "group_size", group_size, "Python int")
     valid = isinstance(group_size, (int, np.integer)) and not isinstance(group_size, bool)
     if not valid or group_size not in GROUP_SIZES:
         raise ValueError(f"{op}: group_size must be one of {GROUP_SIZES}, got {group_size!r}")
@@ -54,10 +51,11 @@ def quantize_per_token_group(
     scale_ub: float | None = None,
     scale_layout: str = "row",
     pow2_scale: bool = False,
+    min_scale: float | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Quantizes each group of ``group_size`` consecutive values of a row on its own scale.
 
-    ``scale = min(amax(group), scale_ub) * (1/qmax)``, ``q = saturate(x * (1/scale))``: bit for bit
+    ``scale = max(min(amax(group), scale_ub) * (1/qmax), min_scale)``, ``q = saturate(x * (1/scale))``: bit for bit
     :func:`quantize_per_token_dynamic` on ``x.reshape(..., D // group_size, group_size)``.
 
     Args:
@@ -68,7 +66,8 @@ def quantize_per_token_group(
       scale_layout: ``"row"`` gives ``scale`` of shape ``x.shape[:-1] + (D // group_size,)``;
         ``"column"`` the same with its last two axes swapped (each group's scales for all tokens
         together, the layout a GEMM reads an activation's scales in).
-      pow2_scale: round each scale up to a power of two (UE8M0).
+      pow2_scale: round each scale up to a power of two (UE8M0), after ``min_scale``.
+      min_scale: a positive float that floors each group's scale.
 
     Returns:
       A tuple ``(q, scale)``, with ``q`` like ``x`` in ``dtype``; ``scale`` in float32 (float64 for float64 ``x``).
@@ -76,7 +75,7 @@ def quantize_per_token_group(
     op = "quantize_per_token_group"
     grouped = _grouped(op, x, group_size, dtype)
     _check_layout(op, scale_layout, grouped.ndim - 1)
-    q, scale, _ = quantize_per_token_dynamic(grouped, dtype=dtype, scale_ub=scale_ub, pow2_scale=pow2_scale)
+    q, scale, _ = dynamic_as(op, grouped, False, dtype, True, scale_ub, None, pow2_scale, None, None, min_scale)
     return q.reshape(jnp.shape(x)), jnp.swapaxes(scale, -1, -2) if scale_layout == "column" else scale
 
 
@@ -87,6 +86,7 @@ def fake_quantize_per_token_group(
     dtype: DTypeLike = jnp.float8_e4m3fn,
     scale_ub: float | None = None,
     pow2_scale: bool = False,
+    min_scale: float | None = None,
 ) -> jax.Array:
     """``dequantize(quantize_per_token_group(x))`` in x's dtype, one fused pass, straight-through.
 
@@ -98,13 +98,15 @@ def fake_quantize_per_token_group(
       group_size: 32, 64 or 128.
       dtype: float8_e4m3fn, float8_e5m2 or int8.
       scale_ub: a positive float that bounds each group's amax first.
-      pow2_scale: round each scale up to a power of two (UE8M0).
+      pow2_scale: round each scale up to a power of two (UE8M0), after ``min_scale``.
+      min_scale: a positive float that floors each group's scale.
 
     Returns:
       ``y``, shaped and typed like ``x``.
     """
-    grouped = _grouped("fake_quantize_per_token_group", x, group_size, dtype)
-    y = fake_quantize_per_token_dynamic(grouped, dtype=dtype, scale_ub=scale_ub, pow2_scale=pow2_scale)
+    op = "fake_quantize_per_token_group"
+    grouped = _grouped(op, x, group_size, dtype)
+    y = dynamic_as(op, grouped, True, dtype, True, scale_ub, None, pow2_scale, None, None, min_scale)
     return y.reshape(jnp.shape(x))
 
 
@@ -125,7 +127,7 @@ def dequantize_per_token_group(
       ``y``, shaped like ``q``, in ``dtype``.
     """
     op = "dequantize_per_token_group"
-    q, scale = jnp.asarray(q), jnp.asarray(scale)
+    q, scale = _checks.array(op, "q", q), _checks.array(op, "scale", scale)
     _check_layout(op, scale_layout, q.ndim)
     if scale_layout == "column":
         scale = jnp.swapaxes(scale, -1, -2)
@@ -136,4 +138,4 @@ def dequantize_per_token_group(
             f"layout); got q {tuple(q.shape)} and scale {tuple(scale.shape)} after the layout"
         )
     grouped = q.reshape(*q.shape[:-1], groups, q.shape[-1] // groups)
-    return dequantize_per_token(grouped, scale, dtype=dtype).reshape(q.shape)
+    return dequantize_as(op, grouped, scale, None, dtype).reshape(q.shape)

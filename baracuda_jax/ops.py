@@ -13,7 +13,7 @@ from jax.typing import ArrayLike, DTypeLike
 
 from baracuda_jax import _checks, _range
 from baracuda_jax._checks import row_qparams
-from baracuda_jax.primitives import PER_ROW, ROWS, OpDecl, define, like
+from baracuda_jax.primitives import PER_ROW, ROWS, OpDecl, define, like, no_derivative
 
 # ---- shape rules: the checks a direct bind gets too ------------------------------------------
 
@@ -54,13 +54,14 @@ def _lsq_grad_aval(g, x, scale, *zp, **params):
     return dx, like(x, scale.shape, scale.dtype)
 
 
-def _dynamic_aval(x, *, symmetric, qmin, qmax, dtype, scale_ub, pow2_scale, fake):
+def _dynamic_aval(x, *, symmetric, qmin, qmax, dtype, scale_ub, min_scale, pow2_scale, fake):
     op = "fake_quantize_per_token_dynamic" if fake else "quantize_per_token_dynamic"
     _checks.float_dtype(op, "x", x.dtype)
     if x.ndim < 1:
         raise ValueError(f"{op}: x must have rank >= 1 (one token per row of the last axis), got a scalar")
     grid = {} if _checks.format_of(op, "dtype", dtype).is_float else dict(qmin=qmin, qmax=qmax)
     _checks.dynamic_grid(op, dtype, symmetric, None if scale_ub == float("inf") else scale_ub, pow2_scale, **grid)
+    _checks.min_scale(op, min_scale or None, symmetric)
     rows = x.shape[:-1]
     return (
         like(x, x.shape, x.dtype if fake else dtype),
@@ -72,7 +73,7 @@ def _dynamic_aval(x, *, symmetric, qmin, qmax, dtype, scale_ub, pow2_scale, fake
 # ---- the declarations ---------------------------------------------------------------------------
 
 _GRID = ("qmin", "qmax")
-_DYNAMIC = ("symmetric", *_GRID, "scale_ub", "pow2_scale")
+_DYNAMIC = ("symmetric", *_GRID, "scale_ub", "min_scale", "pow2_scale")
 quantize_p = define(OpDecl("quantize_per_token", (ROWS, PER_ROW), (ROWS,), _GRID, _quantize_aval, (PER_ROW,)))
 dequantize_p = define(OpDecl("dequantize_per_token", (ROWS, PER_ROW), (ROWS,), (), _dequantize_aval, (PER_ROW,)))
 fake_quantize_p = define(
@@ -112,11 +113,26 @@ fake_quantize_dynamic_p = define(
         partial(_dynamic_aval, fake=True),
     )
 )
+no_derivative(
+    quantize_dynamic_p,
+    "quantize_per_token_dynamic (and quantize_per_token_group, which runs it) is an inference op and has no "
+    "derivative: train through fake_quantize_per_token_dynamic (or fake_quantize_per_token_group), whose "
+    "gradient is the straight-through estimator",
+)
+for _prim in (dequantize_p, fake_quantize_p, fake_quantize_dynamic_p, fake_quantize_grad_p, fake_quantize_lsq_grad_p):
+    no_derivative(  # each runs inside a custom derivative rule: only a second derivative reaches it
+        _prim,
+        f"{_prim.name} has no derivative of its own: second derivatives of the per-token ops are not implemented",
+    )
 
 
 # ---- the public functions ----------------------------------------------------------------------
 
 AxisName = Hashable | Sequence[Hashable]  # a mesh axis, or several
+
+VLLM_FP8_MIN_SCALE: float = float(np.float32(1) / np.float32(448 * 512))
+"""vLLM's floor on a dynamic float8_e4m3fn scale (its ``min_scaling_factor``), ``1 / (448 * 512)``
+rounded to float32 as vLLM computes it: ``min_scale=VLLM_FP8_MIN_SCALE`` gives vLLM's fp8 scales."""
 
 
 def quantize_per_token(
@@ -147,7 +163,7 @@ def quantize_per_token(
       ``q``, shaped like ``x``, in ``dtype``.
     """
     op = "quantize_per_token"
-    x = jnp.asarray(x)
+    x = _checks.array(op, "x", x)
     _checks.float_dtype(op, "x", x.dtype)
     fmt, qmin, qmax = _checks.grid(op, dtype, qmin, qmax, zero_point)
     scale, zp = row_qparams(op, "x", x, scale, zero_point, _checks.math_dtype(x.dtype))
@@ -181,14 +197,18 @@ def dequantize_per_token(
     Returns:
       ``y``, shaped like ``q``, in ``dtype``.
     """
-    op = "dequantize_per_token"
-    q = jnp.asarray(q)
+    return dequantize_as("dequantize_per_token", q, scale, zero_point, dtype)
+
+
+def dequantize_as(op: str, q, scale, zero_point, dtype) -> jax.Array:
+    """dequantize_per_token, its errors reported as `op`'s (the group ops run it)."""
+    q = _checks.array(op, "q", q)
     fmt = _checks.format_of(op, "q", q.dtype)
     if fmt.is_float and zero_point is not None:
         raise ValueError(f"{op}: {fmt.name} takes no zero_point")
-    scale = jnp.asarray(scale)
+    scale = _checks.array(op, "scale", scale)
     _checks.float_dtype(op, "scale", scale.dtype)
-    dtype = _checks.float_dtype(op, "dtype", scale.dtype if dtype is None else dtype)
+    dtype = _checks.output_float_dtype(op, "dtype", scale.dtype if dtype is None else dtype)
     scale, zp = row_qparams(op, "q", q, scale, zero_point, _checks.math_dtype(dtype))
     return _dequantize(q, scale, zp, dtype)
 
@@ -246,11 +266,12 @@ def fake_quantize_per_token(
       ``y``, shaped and typed like ``x``.
     """
     op = "fake_quantize_per_token"
-    x = jnp.asarray(x)
+    x = _checks.array(op, "x", x)
     _checks.float_dtype(op, "x", x.dtype)
     fmt, qmin, qmax = _checks.grid(op, dtype, qmin, qmax, zero_point)
     scale, zp = row_qparams(op, "x", x, scale, zero_point, _checks.math_dtype(x.dtype))
     if _checks.flag(op, "learnable_scale", learnable_scale):
+        grad_scale = None if grad_scale is None else _checks.positive_float(op, "grad_scale", grad_scale)
         return _fake_quantize_lsq(x, scale, zp, qmin, qmax, fmt.dtype, grad_scale)
     if grad_scale is not None:
         raise ValueError(f"{op}: grad_scale applies to the learned scale; pass learnable_scale=True")
@@ -312,13 +333,15 @@ def quantize_per_token_dynamic(
     pow2_scale: bool = False,
     qmin: int | None = None,
     qmax: int | None = None,
+    min_scale: float | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Quantizes each row by a scale (and zero point) taken from its own range, in one pass.
 
-    Symmetric (int8, float8_e4m3fn, float8_e5m2): ``scale = min(amax, scale_ub) * (1/qmax)``, qmax 127
-    or fmax, zero point 0. Asymmetric (int8, uint8): the row's ``[min, max]``, widened to include 0,
-    maps onto ``[qmin, qmax]``. NaN is ignored by the range; an all-zero row gets scale 1. An inference
-    op: to train, use :func:`fake_quantize_per_token_dynamic`.
+    Symmetric (int8, float8_e4m3fn, float8_e5m2): ``scale = max(min(amax, scale_ub) * (1/qmax),
+    min_scale)``, qmax 127 or fmax, zero point 0. Asymmetric (int8, uint8): the row's ``[min, max]``,
+    widened to include 0, maps onto ``[qmin, qmax]``. NaN is ignored by the range; an all-zero row
+    gets scale 1 (``min_scale`` if given). An inference op: to train, use
+    :func:`fake_quantize_per_token_dynamic`.
 
     Args:
       x: ``[..., D]`` float16, bfloat16, float32 or float64.
@@ -329,38 +352,18 @@ def quantize_per_token_dynamic(
         its pieces' ranges combined by pmin/pmax, then each shard is quantized locally, the same bits
         as on the whole row, with 8 bytes a row crossing devices.
       pow2_scale: round each scale up to a power of two (UE8M0, as DeepSeek-V3's FP8 recipe stores
-        them), so that ``1/scale`` is exact; symmetric only.
+        them), so that ``1/scale`` is exact; symmetric only (after ``min_scale``).
       qmin: a narrower grid's lower bound inside an integer dtype (4-bit activations in int8: -8).
       qmax: its upper bound (7). Symmetric grids need ``qmin < 0 < qmax``.
+      min_scale: a positive float that floors each scale (vLLM's ``min_scaling_factor``: pass
+        :data:`VLLM_FP8_MIN_SCALE` with float8_e4m3fn for vLLM's fp8 scales); symmetric only.
 
     Returns:
       A tuple ``(q, scale, zero_point)``, with ``q`` like ``x`` in ``dtype``; ``scale`` ``x.shape[:-1]`` in float32
       (float64 for float64 ``x``); ``zero_point`` ``x.shape[:-1]`` int32.
     """
     op = "quantize_per_token_dynamic"
-    x = jnp.asarray(x)
-    _checks.float_dtype(op, "x", x.dtype)
-    fmt, qmin, qmax, scale_ub = _checks.dynamic_grid(op, dtype, symmetric, scale_ub, pow2_scale, qmin, qmax)
-    if axis_name is not None:
-        scale, zp = _split_row_qparams(op, x, symmetric, qmin, qmax, scale_ub, pow2_scale, axis_name)
-        return _quantize(x, scale, () if symmetric else (zp,), qmin, qmax, fmt.dtype), scale, zp
-    q, scale, zp = quantize_dynamic_p.bind(
-        x, symmetric=symmetric, qmin=qmin, qmax=qmax, dtype=fmt.dtype, scale_ub=scale_ub, pow2_scale=bool(pow2_scale)
-    )
-    return q, scale, zp
-
-
-def _split_row_qparams(op, x, symmetric, qmin, qmax, scale_ub, pow2_scale, axis_name):
-    """Rows split over `axis_name`: their qparams from the pieces' ranges (no gradient flows)."""
-    lo, hi = _range.row_range(jax.lax.stop_gradient(x))
-    try:
-        lo, hi = jax.lax.pmin(lo, axis_name), jax.lax.pmax(hi, axis_name)
-    except NameError as e:
-        raise NameError(
-            f"{op}: axis_name={axis_name!r} must name a mesh axis of an enclosing shard_map (the axis "
-            f"that splits D); outside shard_map, leave it None ({e})"
-        ) from None
-    return _range.qparams(lo, hi, symmetric, qmin, qmax, scale_ub, pow2_scale)
+    return dynamic_as(op, x, False, dtype, symmetric, scale_ub, axis_name, pow2_scale, qmin, qmax, min_scale)
 
 
 def fake_quantize_per_token_dynamic(
@@ -373,6 +376,7 @@ def fake_quantize_per_token_dynamic(
     pow2_scale: bool = False,
     qmin: int | None = None,
     qmax: int | None = None,
+    min_scale: float | None = None,
 ) -> jax.Array:
     """``dequantize(quantize_per_token_dynamic(x))`` in x's dtype, one fused pass, straight-through.
 
@@ -387,33 +391,63 @@ def fake_quantize_per_token_dynamic(
       pow2_scale: as for :func:`quantize_per_token_dynamic`.
       qmin: as for :func:`quantize_per_token_dynamic`.
       qmax: as for :func:`quantize_per_token_dynamic`.
+      min_scale: as for :func:`quantize_per_token_dynamic`.
 
     Returns:
       ``y``, shaped and typed like ``x``.
     """
     op = "fake_quantize_per_token_dynamic"
-    x = jnp.asarray(x)
+    return dynamic_as(op, x, True, dtype, symmetric, scale_ub, axis_name, pow2_scale, qmin, qmax, min_scale)
+
+
+def dynamic_as(op: str, x, fake, dtype, symmetric, scale_ub, axis_name, pow2_scale, qmin, qmax, min_scale):
+    """The dynamic ops (fake: fake-quantize), their errors reported as `op`'s (the group ops run them)."""
+    x = _checks.array(op, "x", x)
     _checks.float_dtype(op, "x", x.dtype)
     fmt, qmin, qmax, scale_ub = _checks.dynamic_grid(op, dtype, symmetric, scale_ub, pow2_scale, qmin, qmax)
+    symmetric, pow2_scale = _checks.flag(op, "symmetric", symmetric), _checks.flag(op, "pow2_scale", pow2_scale)
+    rule = (symmetric, qmin, qmax, scale_ub, _checks.min_scale(op, min_scale, symmetric), pow2_scale)
     if axis_name is not None:
-        scale, zp = _split_row_qparams(op, x, symmetric, qmin, qmax, scale_ub, pow2_scale, axis_name)
-        return _fake_quantize(x, scale, () if symmetric else (zp,), qmin, qmax, fmt.dtype)
-    return _fake_quantize_dynamic(x, symmetric, qmin, qmax, fmt.dtype, scale_ub, bool(pow2_scale))
+        _checks.axis_name(op, axis_name)
+        scale, zp = _split_row_qparams(op, x, axis_name, *rule)
+        zps = () if symmetric else (zp,)
+        if fake:
+            return _fake_quantize(x, scale, zps, qmin, qmax, fmt.dtype)
+        return _quantize(x, scale, zps, qmin, qmax, fmt.dtype), scale, zp
+    if fake:
+        return _fake_quantize_dynamic(x, fmt.dtype, *rule)
+    return tuple(quantize_dynamic_p.bind(x, dtype=fmt.dtype, **_dynamic_params(*rule)))
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5, 6))
-def _fake_quantize_dynamic(x, symmetric, qmin, qmax, dtype, scale_ub, pow2_scale):
-    return _fake_quantize_dynamic_fwd(x, symmetric, qmin, qmax, dtype, scale_ub, pow2_scale)[0]
+def _dynamic_params(*rule):
+    """The dynamic primitives' params from the rule (symmetric, qmin, qmax, scale_ub, min_scale, pow2_scale)."""
+    return dict(zip(("symmetric", *_GRID, "scale_ub", "min_scale", "pow2_scale"), rule))
 
 
-def _fake_quantize_dynamic_fwd(x, symmetric, qmin, qmax, dtype, scale_ub, pow2_scale):
-    y, scale, zp = fake_quantize_dynamic_p.bind(
-        x, symmetric=symmetric, qmin=qmin, qmax=qmax, dtype=dtype, scale_ub=scale_ub, pow2_scale=pow2_scale
-    )
-    return y, (x, scale, () if symmetric else (zp,))
+def _split_row_qparams(op, x, axis_name, *rule):
+    """Rows split over `axis_name`: their qparams from the pieces' ranges (no gradient flows)."""
+    lo, hi = _range.row_range(jax.lax.stop_gradient(x))
+    try:
+        lo, hi = jax.lax.pmin(lo, axis_name), jax.lax.pmax(hi, axis_name)
+    except NameError as e:
+        raise NameError(
+            f"{op}: axis_name={axis_name!r} must name a mesh axis of an enclosing shard_map (the axis "
+            f"that splits D); outside shard_map, leave it None ({e})"
+        ) from None
+    return _range.qparams(lo, hi, *rule)
 
 
-def _fake_quantize_dynamic_bwd(symmetric, qmin, qmax, dtype, scale_ub, pow2_scale, res, g):
+@partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5, 6, 7))
+def _fake_quantize_dynamic(x, dtype, symmetric, qmin, qmax, scale_ub, min_scale, pow2_scale):
+    return _fake_quantize_dynamic_fwd(x, dtype, symmetric, qmin, qmax, scale_ub, min_scale, pow2_scale)[0]
+
+
+def _fake_quantize_dynamic_fwd(x, dtype, *rule):
+    y, scale, zp = fake_quantize_dynamic_p.bind(x, dtype=dtype, **_dynamic_params(*rule))
+    return y, (x, scale, () if rule[0] else (zp,))
+
+
+def _fake_quantize_dynamic_bwd(dtype, symmetric, qmin, qmax, scale_ub, min_scale, pow2_scale, res, g):
     return (_fake_quantize_bwd(qmin, qmax, dtype, res, g)[0],)
 
 

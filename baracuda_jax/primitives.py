@@ -25,7 +25,7 @@ from typing import Callable
 import jax
 import numpy as np
 from jax.extend.core import Primitive
-from jax.interpreters import batching, mlir
+from jax.interpreters import ad, batching, mlir
 
 from baracuda_jax import _ffi
 
@@ -66,8 +66,8 @@ def _attr(name, params):
     if name == "format":
         return np.dtype(params["dtype"]).name
     value = params[name]
-    if isinstance(value, bool):
-        return value
+    if isinstance(value, (bool, np.bool_)):  # numpy's bool as the handler's PRED, not an int
+        return bool(value)
     return np.float64(value) if isinstance(value, float) else np.int32(value)
 
 
@@ -213,6 +213,16 @@ def define(decl: OpDecl) -> Primitive:
         mlir.register_lowering(prim, decl.lowerings.get(platform, lowering), platform=platform)
     batching.primitive_batchers[prim] = partial(batch_by_roles, decl, prim)
     return prim
+
+
+def no_derivative(prim: Primitive, message: str) -> None:
+    """Differentiating `prim` raises a TypeError with `message` (what to use instead), not JAX's
+    missing-rule error. JAX asks for the rule only where a tangent reaches the primitive."""
+
+    def jvp(primals, tangents, **params):
+        raise TypeError(message)
+
+    ad.primitive_jvps[prim] = jvp
 
 
 def check_targets() -> None:

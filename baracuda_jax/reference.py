@@ -105,29 +105,30 @@ def fake_quantize_per_token_lsq_grad(g, x, scale, zero_point=None, *, qmin=None,
     return dx, jnp.sum(jnp.asarray(g).astype(scale.dtype) * term, axis=-1)
 
 
-def _dynamic(op, x, dtype, symmetric, scale_ub, pow2_scale, qmin, qmax):
+def _dynamic(op, x, dtype, symmetric, scale_ub, pow2_scale, qmin, qmax, min_scale):
     """x, its rows' (scale, zero point or None, zero point output), and the static op's grid kwargs."""
     x = jnp.asarray(x)
     fmt, qmin, qmax, scale_ub = _checks.dynamic_grid(op, dtype, symmetric, scale_ub, pow2_scale, qmin, qmax)
-    s, zp = _range.qparams(*_range.row_range(x), symmetric, qmin, qmax, scale_ub, pow2_scale)
+    min_scale = _checks.min_scale(op, min_scale, symmetric)
+    s, zp = _range.qparams(*_range.row_range(x), symmetric, qmin, qmax, scale_ub, min_scale, pow2_scale)
     grid = dict(dtype=fmt.dtype) if fmt.is_float else dict(dtype=fmt.dtype, qmin=qmin, qmax=qmax)
     return x, s, None if symmetric else zp, zp, grid
 
 
 def quantize_per_token_dynamic(
-    x, *, dtype=jnp.int8, symmetric=True, scale_ub=None, pow2_scale=False, qmin=None, qmax=None
+    x, *, dtype=jnp.int8, symmetric=True, scale_ub=None, pow2_scale=False, qmin=None, qmax=None, min_scale=None
 ):
     x, s, zp, zp_out, grid = _dynamic(
-        "quantize_per_token_dynamic", x, dtype, symmetric, scale_ub, pow2_scale, qmin, qmax
+        "quantize_per_token_dynamic", x, dtype, symmetric, scale_ub, pow2_scale, qmin, qmax, min_scale
     )
     return quantize_per_token(x, s, zp, **grid), s, zp_out
 
 
 def fake_quantize_per_token_dynamic(
-    x, *, dtype=jnp.int8, symmetric=True, scale_ub=None, pow2_scale=False, qmin=None, qmax=None
+    x, *, dtype=jnp.int8, symmetric=True, scale_ub=None, pow2_scale=False, qmin=None, qmax=None, min_scale=None
 ):
     x, s, zp, _, grid = _dynamic(
-        "fake_quantize_per_token_dynamic", x, dtype, symmetric, scale_ub, pow2_scale, qmin, qmax
+        "fake_quantize_per_token_dynamic", x, dtype, symmetric, scale_ub, pow2_scale, qmin, qmax, min_scale
     )
     return fake_quantize_per_token(x, s, zp, **grid)
 
@@ -167,39 +168,64 @@ def silu_mul(a, b):
     return _rounded(af * (1 / (1 + jnp.exp(-af))) * jnp.asarray(b).astype(jnp.float32), a.dtype)
 
 
-def _quantize_h(h, scale, dtype, scale_ub, fake, qmin, qmax):
+def _quantize_h(h, scale, dtype, scale_ub, fake, qmin, qmax, min_scale):
     """The per-token quantizer of the fused ops: static (scale given) or dynamic, symmetric."""
     grid = dict(qmin=qmin, qmax=qmax)
     if scale is None:
+        rule = dict(dtype=dtype, scale_ub=scale_ub, min_scale=min_scale, **grid)
         if fake:
-            return fake_quantize_per_token_dynamic(h, dtype=dtype, scale_ub=scale_ub, **grid), None
-        q, s, _ = quantize_per_token_dynamic(h, dtype=dtype, scale_ub=scale_ub, **grid)
+            return fake_quantize_per_token_dynamic(h, **rule), None
+        q, s, _ = quantize_per_token_dynamic(h, **rule)
         return q, s
     op = fake_quantize_per_token if fake else quantize_per_token
     return op(h, scale, dtype=dtype, **grid), jnp.asarray(scale).astype(jnp.float32).reshape(h.shape[:-1])
 
 
 def rms_norm_quantize_per_token(
-    x, weight, *, residual=None, eps=1e-6, scale=None, dtype=jnp.int8, scale_ub=None, qmin=None, qmax=None
+    x,
+    weight,
+    *,
+    residual=None,
+    eps=1e-6,
+    scale=None,
+    dtype=jnp.int8,
+    scale_ub=None,
+    qmin=None,
+    qmax=None,
+    min_scale=None,
 ):
     h, r = rms_norm(x, weight, residual, eps)
-    q, s = _quantize_h(h, scale, dtype, scale_ub, False, qmin, qmax)
+    q, s = _quantize_h(h, scale, dtype, scale_ub, False, qmin, qmax, min_scale)
     return q, s, r
 
 
 def rms_norm_fake_quantize_per_token(
-    x, weight, *, residual=None, eps=1e-6, scale=None, dtype=jnp.int8, scale_ub=None, qmin=None, qmax=None
+    x,
+    weight,
+    *,
+    residual=None,
+    eps=1e-6,
+    scale=None,
+    dtype=jnp.int8,
+    scale_ub=None,
+    qmin=None,
+    qmax=None,
+    min_scale=None,
 ):
     h, r = rms_norm(x, weight, residual, eps)
-    return _quantize_h(h, scale, dtype, scale_ub, True, qmin, qmax)[0], r
+    return _quantize_h(h, scale, dtype, scale_ub, True, qmin, qmax, min_scale)[0], r
 
 
-def silu_mul_quantize_per_token(a, b, *, scale=None, dtype=jnp.int8, scale_ub=None, qmin=None, qmax=None):
-    return _quantize_h(silu_mul(a, b), scale, dtype, scale_ub, False, qmin, qmax)
+def silu_mul_quantize_per_token(
+    a, b, *, scale=None, dtype=jnp.int8, scale_ub=None, qmin=None, qmax=None, min_scale=None
+):
+    return _quantize_h(silu_mul(a, b), scale, dtype, scale_ub, False, qmin, qmax, min_scale)
 
 
-def silu_mul_fake_quantize_per_token(a, b, *, scale=None, dtype=jnp.int8, scale_ub=None, qmin=None, qmax=None):
-    return _quantize_h(silu_mul(a, b), scale, dtype, scale_ub, True, qmin, qmax)[0]
+def silu_mul_fake_quantize_per_token(
+    a, b, *, scale=None, dtype=jnp.int8, scale_ub=None, qmin=None, qmax=None, min_scale=None
+):
+    return _quantize_h(silu_mul(a, b), scale, dtype, scale_ub, True, qmin, qmax, min_scale)[0]
 
 
 def scaled_matmul(a, a_scale, b, b_scale, *, out_dtype=jnp.bfloat16, residual=None):
@@ -235,20 +261,29 @@ def _blockwise_product(a, a_scale, b, b_scale, acc_type):
 
 
 def quantize_per_token_group(
-    x, group_size=128, *, dtype=jnp.float8_e4m3fn, scale_ub=None, scale_layout="row", pow2_scale=False
+    x,
+    group_size=128,
+    *,
+    dtype=jnp.float8_e4m3fn,
+    scale_ub=None,
+    scale_layout="row",
+    pow2_scale=False,
+    min_scale=None,
 ):
     x = jnp.asarray(x)
     grouped = x.reshape(*x.shape[:-1], x.shape[-1] // group_size, group_size)
-    q, s, _ = quantize_per_token_dynamic(grouped, dtype=dtype, scale_ub=scale_ub, pow2_scale=pow2_scale)
+    rule = dict(dtype=dtype, scale_ub=scale_ub, pow2_scale=pow2_scale, min_scale=min_scale)
+    q, s, _ = quantize_per_token_dynamic(grouped, **rule)
     return q.reshape(x.shape), jnp.swapaxes(s, -1, -2) if scale_layout == "column" else s
 
 
-def fake_quantize_per_token_group(x, group_size=128, *, dtype=jnp.float8_e4m3fn, scale_ub=None, pow2_scale=False):
+def fake_quantize_per_token_group(
+    x, group_size=128, *, dtype=jnp.float8_e4m3fn, scale_ub=None, pow2_scale=False, min_scale=None
+):
     x = jnp.asarray(x)
     grouped = x.reshape(*x.shape[:-1], x.shape[-1] // group_size, group_size)
-    return fake_quantize_per_token_dynamic(grouped, dtype=dtype, scale_ub=scale_ub, pow2_scale=pow2_scale).reshape(
-        x.shape
-    )
+    rule = dict(dtype=dtype, scale_ub=scale_ub, pow2_scale=pow2_scale, min_scale=min_scale)
+    return fake_quantize_per_token_dynamic(grouped, **rule).reshape(x.shape)
 
 
 def dequantize_per_token_group(q, scale, *, dtype, scale_layout="row"):

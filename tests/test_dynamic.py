@@ -148,3 +148,90 @@ def test_narrow_grid_errors(kw, match):
     for call in calls:
         with pytest.raises(ValueError, match=match):
             call(x, **kw)
+
+
+def _magnitude_rows(r, rows, d, dtype):
+    """Rows of normal values, each scaled by 10^U(-9, 2) (amax / 448 from below vLLM's fp8 floor,
+    1 / (448 * 512), to far above it), the first all zero, the second holding an inf."""
+    x = r.standard_normal((rows, d)) * 10.0 ** r.uniform(-9, 2, (rows, 1))
+    x[0] = 0
+    x[1, 3] = np.inf
+    return jnp.asarray(x.astype(np.float32)).astype(dtype)
+
+
+@pytest.mark.parametrize("q_dtype", [jnp.int8, jnp.float8_e4m3fn, jnp.float8_e5m2], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("x_dtype", specs.FLOATS, ids=lambda d: d.name)
+def test_min_scale_matches_reference(device, x_dtype, q_dtype):
+    """The floor, alone and with scale_ub and pow2_scale, per token and per group: kernel and reference
+    bit for bit; each scale is max(the unfloored scale, min_scale), and the floor gives an all-zero
+    row its scale."""
+    r = helpers.rng()
+    x = _magnitude_rows(r, 64, 256, x_dtype)
+    for extra in ({}, {"scale_ub": 0.5}, {"pow2_scale": True}):
+        for floor in (bj.VLLM_FP8_MIN_SCALE, float(r.uniform(1e-6, 1e-2))):
+            kw = dict(dtype=q_dtype, min_scale=floor, **extra)
+            got, want = run(device, bj.quantize_per_token_dynamic, x, **kw), ref.quantize_per_token_dynamic(x, **kw)
+            for g, w in zip(got, want):
+                assert_same_bits(g, w)
+            assert_same_bits(
+                run(device, bj.fake_quantize_per_token_dynamic, x, **kw), ref.fake_quantize_per_token_dynamic(x, **kw)
+            )
+            for g, w in zip(
+                run(device, bj.quantize_per_token_group, x, group_size=128, **kw),
+                ref.quantize_per_token_group(x, 128, **kw),
+            ):
+                assert_same_bits(g, w)
+            if not extra:  # all-zero rows (row 0, and the smallest underflowing x's dtype) get the floor, not 1
+                m = np.dtype(got[1].dtype).type(floor)
+                unfloored = np.asarray(run(device, bj.quantize_per_token_dynamic, x, dtype=q_dtype)[1])
+                zero = np.all(np.asarray(x.astype(jnp.float32)) == 0, axis=-1)
+                np.testing.assert_array_equal(np.asarray(got[1]), np.where(zero, m, np.maximum(unfloored, m)))
+
+
+def _fp8_steps(a, b):
+    """How many float8 steps apart two float8 arrays are, value by value (sign-magnitude codes)."""
+
+    def ordinal(q):
+        u = np.asarray(q).view(np.uint8).astype(np.int64)
+        return np.where(u & 0x80, -(u & 0x7F), u & 0x7F)
+
+    return np.abs(ordinal(a) - ordinal(b))
+
+
+def _vllm_fp8_per_token(x, scale_ub=None):
+    """vLLM's dynamic per-token fp8 quantization in numpy (dynamic_per_token_scaled_fp8_quant):
+    scale = max(min(amax, scale_ub) / 448, 1 / (448 * 512)) in float32, q = fp8(clamp(x / scale))."""
+    xf = np.asarray(x.astype(jnp.float32))
+    amax = np.max(np.abs(xf), axis=-1)
+    if scale_ub is not None:
+        amax = np.minimum(amax, np.float32(scale_ub))
+    scale = np.maximum(amax / np.float32(448), np.float32(1) / np.float32(448 * 512))
+    with np.errstate(invalid="ignore"):
+        v = np.clip(xf / scale[:, None], -448, 448)
+    return v.astype(jnp.float8_e4m3fn), scale
+
+
+@pytest.mark.parametrize("x_dtype", specs.FUSED_FLOATS, ids=lambda d: d.name)
+@pytest.mark.parametrize("scale_ub", [None, 1.0])
+def test_min_scale_reproduces_vllm_fp8(x_dtype, scale_ub):
+    """With min_scale=VLLM_FP8_MIN_SCALE the scales are vLLM's, bit for bit where vLLM's amax / 448
+    and our amax * (1/448) round alike and exactly on the floor, else one ulp apart; the values are
+    vLLM's but for its x / scale against our x * (1/scale): at most one step, on few values. Without
+    the floor, the rows below it (0 < amax < 1/512) get other scales and values many steps away."""
+    r = helpers.rng()
+    x = _magnitude_rows(r, 256, 512, x_dtype)[2:]  # vLLM's fmaxf turns the inf row's NaN products into 448
+    q_vllm, s_vllm = _vllm_fp8_per_token(x, scale_ub)
+    q, s, _ = bj.quantize_per_token_dynamic(
+        x, dtype=jnp.float8_e4m3fn, scale_ub=scale_ub, min_scale=bj.VLLM_FP8_MIN_SCALE
+    )
+    s = np.asarray(s)
+    floored = s_vllm == np.float32(bj.VLLM_FP8_MIN_SCALE)
+    assert floored.any() and (~floored).any()
+    np.testing.assert_array_equal(s[floored], s_vllm[floored])
+    ulps = np.abs(s.view(np.int32).astype(np.int64) - s_vllm.view(np.int32))
+    assert ulps.max() <= 1 and (ulps == 0).mean() > 0.5
+    same = ulps == 0
+    steps = _fp8_steps(np.asarray(q)[same], q_vllm[same])
+    assert steps.max() <= 1 and steps.mean() < 1e-3
+    unfloored = np.asarray(bj.quantize_per_token_dynamic(x, dtype=jnp.float8_e4m3fn, scale_ub=scale_ub)[0])
+    assert _fp8_steps(unfloored[floored], q_vllm[floored]).max() > 1

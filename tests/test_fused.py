@@ -192,14 +192,14 @@ def test_deterministic_run_to_run(device):
         (lambda x, w: bj.rms_norm_quantize_per_token(x, w, residual=x[:1]), "residual has shape"),
         (lambda x, w: bj.rms_norm_quantize_per_token(x, w, residual=x.astype(jnp.bfloat16)), "residual .* bfloat16"),
         (lambda x, w: bj.rms_norm_quantize_per_token(x, w, eps=0.0), "eps must be a positive"),
-        (lambda x, w: bj.rms_norm_quantize_per_token(x, w, dtype=jnp.uint8), "symmetric=True needs a signed dtype"),
+        (lambda x, w: bj.rms_norm_quantize_per_token(x, w, dtype=jnp.uint8), "dtype is uint8; expected one of int8,"),
         (
             lambda x, w: bj.rms_norm_quantize_per_token(x.astype(jnp.float64), w.astype(jnp.float64)),
             "x has dtype float64",
         ),
         (
             lambda x, w: bj.rms_norm_quantize_per_token(x, w, scale=jnp.ones(4), scale_ub=1.0),
-            "scale_ub bounds a dynamic",
+            "scale_ub applies to a dynamic scale",
         ),
         (lambda x, w: bj.rms_norm_quantize_per_token(x, w, scale=jnp.ones(3)), "scale has shape"),
         (lambda x, w: bj.silu_mul_quantize_per_token(x, x[:, :4]), "b has shape"),

@@ -105,7 +105,8 @@ struct LsqGradOp : QParams<math_t<T>> {
 // ---- dynamic ops: each row's scale and zero point come from its range -------
 //
 //   lo, hi   = min(0, min x), max(0, max x)    NaN ignored
-//   symmetric:         scale = min(max(-lo, hi), scale_ub) * (1 / qmax)    (float8: qmax = fmax)
+//   symmetric:         scale = max(min(max(-lo, hi), scale_ub) * (1 / qmax), min_scale)
+//                      (float8: qmax = fmax; min_scale 0 for none, vLLM's fp8 floor: 1 / (448 * 512))
 //   asymmetric:        scale = (hi - lo) * (1 / (qmax - qmin))
 //                      zp    = clamp(qmin - round_half_even(lo * (1/scale)))   NaN -> qmin
 //   scale = 1 where the product is 0 (an all-zero row), so such rows give q = zp
@@ -160,12 +161,14 @@ struct Dynamic : Base {
   using M = typename Base::math;
   static constexpr bool kDynamic = true;
   M scale_ub;  // the symmetric ops' bound on the row's amax (vLLM's scale_ub); +inf for none
+  M min_scale = 0;  // the symmetric ops' floor on the scale (vLLM's min_scaling_factor); 0 for none
   bool pow2_scale = false;  // round the scale up to a power of two
 
   BJ_HD RowParams<M> params(const RowRange<M>& r) const {
     const M qmin = this->qmin, qmax = this->qmax;
-    M s = this->has_zp ? (r.hi - r.lo) * (M(1) / (qmax - qmin))
-                       : nan_ignoring_min(nan_ignoring_max(-r.lo, r.hi), scale_ub) * (M(1) / qmax);
+    const M amax = nan_ignoring_min(nan_ignoring_max(-r.lo, r.hi), scale_ub);
+    // the floor applies where vLLM applies it: to amax / qmax, before the rules below
+    M s = this->has_zp ? (r.hi - r.lo) * (M(1) / (qmax - qmin)) : nan_ignoring_max(amax * (M(1) / qmax), min_scale);
     if (s == 0) s = 1;
     if (pow2_scale) s = pow2_ceil(s);
     const M inv = M(1) / s;

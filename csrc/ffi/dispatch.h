@@ -238,14 +238,16 @@ ffi::Error check_grid(const char* op, int32_t qmin, int32_t qmax, bool has_zp) {
   return ffi::Error::Success();
 }
 
-// A dynamic op's grid: symmetric (scale_ub and pow2_scale allowed) or with a zero point (integer
-// formats only).
+// A dynamic op's grid: symmetric (scale_ub, min_scale and pow2_scale allowed) or with a zero point
+// (integer formats only).
 template <class F>
-ffi::Error check_dynamic(const char* op, bool symmetric, int32_t qmin, int32_t qmax, double scale_ub,
+ffi::Error check_dynamic(const char* op, bool symmetric, int32_t qmin, int32_t qmax, double scale_ub, double min_scale,
                          bool pow2_scale = false) {
   if (!(scale_ub > 0)) return invalid(op, "scale_ub must be positive (+inf for none), got " + std::to_string(scale_ub));
-  if (!symmetric && (scale_ub != std::numeric_limits<double>::infinity() || pow2_scale))
-    return invalid(op, "scale_ub and pow2_scale apply to symmetric quantization only");
+  if (!(min_scale >= 0 && min_scale < std::numeric_limits<double>::infinity()))
+    return invalid(op, "min_scale must be finite and >= 0 (0 for none), got " + std::to_string(min_scale));
+  if (!symmetric && (scale_ub != std::numeric_limits<double>::infinity() || min_scale != 0 || pow2_scale))
+    return invalid(op, "scale_ub, min_scale and pow2_scale apply to symmetric quantization only");
   if (qmin >= qmax) return invalid(op, "need qmin < qmax");
   return check_grid<F>(op, qmin, qmax, !symmetric);
 }
@@ -264,7 +266,8 @@ Op make_op(const M* scale, const int32_t* zp, int32_t qmin, int32_t qmax) {
 }
 
 template <class Op, class M>
-Op make_dynamic_op(bool symmetric, int32_t qmin, int32_t qmax, double scale_ub, bool pow2_scale = false) {
+Op make_dynamic_op(bool symmetric, int32_t qmin, int32_t qmax, double scale_ub, double min_scale,
+                   bool pow2_scale = false) {
   Op op;
   op.scale = nullptr;
   op.zero_point = nullptr;
@@ -272,6 +275,7 @@ Op make_dynamic_op(bool symmetric, int32_t qmin, int32_t qmax, double scale_ub, 
   op.qmin = M(qmin);
   op.qmax = M(qmax);
   op.scale_ub = M(scale_ub);
+  op.min_scale = M(min_scale);
   op.pow2_scale = pow2_scale;
   return op;
 }

@@ -44,7 +44,7 @@ ffi::Error check_output(const char* op, ffi::AnyBuffer out, ffi::AnyBuffer x, bo
 // run(quantizer, output pointer).
 template <class T, class F, class Run>
 ffi::Error with_quantizer(const char* op, const float* scale, bool fake, ffi::AnyBuffer out, int32_t qmin, int32_t qmax,
-                          double scale_ub, Run&& run) {
+                          double scale_ub, double min_scale, Run&& run) {
   using M = math_t<T>;
   using G = typename F::grid;
   if (scale) {
@@ -52,9 +52,11 @@ ffi::Error with_quantizer(const char* op, const float* scale, bool fake, ffi::An
     if (fake) return run(make_op<FakeQuantizeOp<T, G>>(scale, nullptr, qmin, qmax), data_of<T>(out));
     return run(make_op<QuantizeOp<T, F>>(scale, nullptr, qmin, qmax), data_of<typename F::storage>(out));
   }
-  BJ_TRY(check_dynamic<F>(op, true, qmin, qmax, scale_ub));
-  if (fake) return run(make_dynamic_op<Dynamic<FakeQuantizeOp<T, G>>, M>(true, qmin, qmax, scale_ub), data_of<T>(out));
-  return run(make_dynamic_op<Dynamic<QuantizeOp<T, F>>, M>(true, qmin, qmax, scale_ub),
+  BJ_TRY(check_dynamic<F>(op, true, qmin, qmax, scale_ub, min_scale));
+  if (fake)
+    return run(make_dynamic_op<Dynamic<FakeQuantizeOp<T, G>>, M>(true, qmin, qmax, scale_ub, min_scale),
+               data_of<T>(out));
+  return run(make_dynamic_op<Dynamic<QuantizeOp<T, F>>, M>(true, qmin, qmax, scale_ub, min_scale),
              data_of<typename F::storage>(out));
 }
 
@@ -66,7 +68,7 @@ template <class Exec>
 ffi::Error rms_norm_quantize(Exec exec, ffi::AnyBuffer x, ffi::AnyBuffer weight, ffi::RemainingArgs rest,
                              ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> inv_rms,
                              ffi::RemainingRets more, std::string_view format, int32_t qmin, int32_t qmax, double eps,
-                             bool has_residual, double scale_ub) {
+                             bool has_residual, double scale_ub, double min_scale) {
   return dispatch(exec.op, dtype_of<FusedFloats>("x", x), named<SymmetricFormats>(format), [&](auto t, auto f) {
     using T = typename decltype(t)::type;
     using F = typename decltype(f)::type;
@@ -101,13 +103,15 @@ ffi::Error rms_norm_quantize(Exec exec, ffi::AnyBuffer x, ffi::AnyBuffer weight,
     const float* scale_in = dynamic ? nullptr : data_of<const float>(*sc);
     float* scale_out = dynamic ? data_of<float>(*sc) : nullptr;
     const RmsNorm<T> norm{M(eps), M(1) / M(s.cols)};
-    return with_quantizer<T, F>(exec.op, scale_in, fake, *out, qmin, qmax, scale_ub, [&](auto quant, auto* out_ptr) {
-      using Q = Produced<decltype(quant), Identity>;
-      using Out = std::remove_pointer_t<decltype(out_ptr)>;
-      NormQuantizeRows<T, Q, Out> io{norm,    Q{quant},  data_of<const T>(x), residual, data_of<const T>(weight), r_out,
-                                     out_ptr, scale_out, data_of<M>(*inv_rms)};
-      return exec.norm_rows(io, s.rows, s.cols);
-    });
+    return with_quantizer<T, F>(
+        exec.op, scale_in, fake, *out, qmin, qmax, scale_ub, min_scale, [&](auto quant, auto* out_ptr) {
+          using Q = Produced<decltype(quant), Identity>;
+          using Out = std::remove_pointer_t<decltype(out_ptr)>;
+          NormQuantizeRows<T, Q, Out> io{
+              norm,    Q{quant},  data_of<const T>(x), residual, data_of<const T>(weight), r_out,
+              out_ptr, scale_out, data_of<M>(*inv_rms)};
+          return exec.norm_rows(io, s.rows, s.cols);
+        });
   });
 }
 
@@ -164,7 +168,7 @@ ffi::Error rms_norm_grad(Exec exec, ffi::AnyBuffer g, ffi::AnyBuffer r, ffi::Any
 template <class Exec>
 ffi::Error silu_mul_quantize(Exec exec, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::RemainingArgs rest,
                              ffi::Result<ffi::AnyBuffer> out, ffi::RemainingRets more, std::string_view format,
-                             int32_t qmin, int32_t qmax, double scale_ub) {
+                             int32_t qmin, int32_t qmax, double scale_ub, double min_scale) {
   return dispatch(exec.op, dtype_of<FusedFloats>("a", a), named<SymmetricFormats>(format), [&](auto t, auto f) {
     using T = typename decltype(t)::type;
     using F = typename decltype(f)::type;
@@ -182,13 +186,14 @@ ffi::Error silu_mul_quantize(Exec exec, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi:
     const float* scale_in = dynamic ? nullptr : data_of<const float>(*sc);
     float* scale_out = dynamic ? data_of<float>(*sc) : nullptr;
     const T *pa = data_of<const T>(a), *pb = data_of<const T>(b);
-    return with_quantizer<T, F>(exec.op, scale_in, fake, *out, qmin, qmax, scale_ub, [&](auto quant, auto* out_ptr) {
-      using Op = Produced<decltype(quant), SiluMul<T>>;
-      if constexpr (decltype(quant)::kDynamic)
-        return exec.dynamic_rows(Op{quant}, s.rows, s.cols, out_ptr, scale_out, nullptr, pa, pb);
-      else
-        return exec.map_rows(Op{quant}, s.rows, s.cols, out_ptr, pa, pb);
-    });
+    return with_quantizer<T, F>(
+        exec.op, scale_in, fake, *out, qmin, qmax, scale_ub, min_scale, [&](auto quant, auto* out_ptr) {
+          using Op = Produced<decltype(quant), SiluMul<T>>;
+          if constexpr (decltype(quant)::kDynamic)
+            return exec.dynamic_rows(Op{quant}, s.rows, s.cols, out_ptr, scale_out, nullptr, pa, pb);
+          else
+            return exec.map_rows(Op{quant}, s.rows, s.cols, out_ptr, pa, pb);
+        });
   });
 }
 
@@ -219,13 +224,16 @@ template <class B> auto bind_rms_norm(B&& b) {
   return format_attrs(rets<2>(args<2>(std::move(b)).RemainingArgs()).RemainingRets())
       .template Attr<double>("eps")
       .template Attr<bool>("has_residual")
-      .template Attr<double>("scale_ub");
+      .template Attr<double>("scale_ub")
+      .template Attr<double>("min_scale");
 }
 template <class B> auto bind_rms_norm_grad(B&& b) {
   return format_attrs(rets<3>(args<5>(std::move(b)).RemainingArgs()));
 }
 template <class B> auto bind_silu_mul(B&& b) {
-  return format_attrs(rets<1>(args<2>(std::move(b)).RemainingArgs()).RemainingRets()).template Attr<double>("scale_ub");
+  return format_attrs(rets<1>(args<2>(std::move(b)).RemainingArgs()).RemainingRets())
+      .template Attr<double>("scale_ub")
+      .template Attr<double>("min_scale");
 }
 template <class B> auto bind_silu_mul_grad(B&& b) { return format_attrs(rets<2>(args<4>(std::move(b)))); }
 

@@ -163,17 +163,17 @@ ffi::Error fake_quantize_lsq_grad(Exec exec, ffi::AnyBuffer g, ffi::AnyBuffer x,
 template <class Exec>
 ffi::Error quantize_dynamic(Exec exec, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> q,
                             ffi::Result<ffi::AnyBuffer> scale, ffi::Result<ffi::AnyBuffer> zp, bool symmetric,
-                            int32_t qmin, int32_t qmax, double scale_ub, bool pow2_scale) {
+                            int32_t qmin, int32_t qmax, double scale_ub, double min_scale, bool pow2_scale) {
   return dispatch(exec.op, dtype_of<Floats>("x", x), dtype_of<Formats>("the output", *q), [&](auto t, auto f) {
     using T = typename decltype(t)::type;
     using F = typename decltype(f)::type;
     using M = math_t<T>;
     Rows s;
     BJ_TRY(check_qparam_outputs<M>(exec.op, x, *q, *scale, *zp, s));
-    BJ_TRY(check_dynamic<F>(exec.op, symmetric, qmin, qmax, scale_ub, pow2_scale));
+    BJ_TRY(check_dynamic<F>(exec.op, symmetric, qmin, qmax, scale_ub, min_scale, pow2_scale));
     using Op = Produced<Dynamic<QuantizeOp<T, F>>, Identity>;
-    return exec.dynamic_rows(make_dynamic_op<Op, M>(symmetric, qmin, qmax, scale_ub, pow2_scale), s.rows, s.cols,
-                             data_of<typename F::storage>(*q), data_of<M>(*scale), data_of<int32_t>(*zp),
+    return exec.dynamic_rows(make_dynamic_op<Op, M>(symmetric, qmin, qmax, scale_ub, min_scale, pow2_scale), s.rows,
+                             s.cols, data_of<typename F::storage>(*q), data_of<M>(*scale), data_of<int32_t>(*zp),
                              data_of<const T>(x));
   });
 }
@@ -183,7 +183,7 @@ template <class Exec>
 ffi::Error fake_quantize_dynamic(Exec exec, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y,
                                  ffi::Result<ffi::AnyBuffer> scale, ffi::Result<ffi::AnyBuffer> zp,
                                  std::string_view format, bool symmetric, int32_t qmin, int32_t qmax, double scale_ub,
-                                 bool pow2_scale) {
+                                 double min_scale, bool pow2_scale) {
   return dispatch(exec.op, dtype_of<Floats>("x", x), named<Formats>(format), [&](auto t, auto f) {
     using T = typename decltype(t)::type;
     using F = typename decltype(f)::type;
@@ -191,10 +191,10 @@ ffi::Error fake_quantize_dynamic(Exec exec, ffi::AnyBuffer x, ffi::Result<ffi::A
     Rows s;
     BJ_TRY(check_qparam_outputs<M>(exec.op, x, *y, *scale, *zp, s));
     if (x.element_type() != y->element_type()) return invalid(exec.op, "the output must have x's dtype");
-    BJ_TRY(check_dynamic<F>(exec.op, symmetric, qmin, qmax, scale_ub, pow2_scale));
+    BJ_TRY(check_dynamic<F>(exec.op, symmetric, qmin, qmax, scale_ub, min_scale, pow2_scale));
     using Op = Produced<Dynamic<FakeQuantizeOp<T, typename F::grid>>, Identity>;
-    return exec.dynamic_rows(make_dynamic_op<Op, M>(symmetric, qmin, qmax, scale_ub, pow2_scale), s.rows, s.cols,
-                             data_of<T>(*y), data_of<M>(*scale), data_of<int32_t>(*zp), data_of<const T>(x));
+    return exec.dynamic_rows(make_dynamic_op<Op, M>(symmetric, qmin, qmax, scale_ub, min_scale, pow2_scale), s.rows,
+                             s.cols, data_of<T>(*y), data_of<M>(*scale), data_of<int32_t>(*zp), data_of<const T>(x));
   });
 }
 
@@ -205,6 +205,7 @@ template <int In, int Out, class B> auto static_op(B&& b) { return rets<Out>(arg
 template <class B> auto dynamic_attrs(B&& b) {
   return grid_attrs(std::move(b).template Attr<bool>("symmetric"))
       .template Attr<double>("scale_ub")
+      .template Attr<double>("min_scale")
       .template Attr<bool>("pow2_scale");
 }
 
