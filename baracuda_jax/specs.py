@@ -71,6 +71,7 @@ CLOSE_ULPS = (2, 16)  # "close": rtol in eps of the data's dtype, atol in eps of
 GROUP_SIZE = 128  # the groups rows' group size (tests/test_groups.py covers 32 and 64 too)
 BLOCK = 128  # scaled_matmul's blockwise scales: 1 x 128 groups of a, 128 x 128 blocks of b
 EPS = 1e-6  # the norm's default eps
+MIN_SCALE = 0.05  # the min_scale rows' floor: above the scale of 5-20 % of the drawn rows, below the others'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -606,8 +607,8 @@ def _backward(fn):
     return lambda case: lambda g, x, s, zp=None: fn(g, x, s, zp, **case.kwargs())
 
 
-def _dynamic(fn):
-    return lambda case: lambda x: fn(x, dtype=case.fmt.dtype, symmetric=case.symmetric)
+def _dynamic(fn, **rule):
+    return lambda case: lambda x: fn(x, dtype=case.fmt.dtype, symmetric=case.symmetric, **rule)
 
 
 def _dequantize(fn):
@@ -727,6 +728,27 @@ def _per_token_rows():
             _dynamic(ref.fake_quantize_per_token_dynamic),
             lambda xb, qb: 2 * xb,
             dynamic=True,
+            results=("y",),
+        ),
+        # the scale floored (symmetric only)
+        OpSpec(
+            "dynamic_min_scale",
+            ("x",),
+            _dynamic(bj.quantize_per_token_dynamic, min_scale=MIN_SCALE),
+            _dynamic(ref.quantize_per_token_dynamic, min_scale=MIN_SCALE),
+            lambda xb, qb: xb + qb,
+            dynamic=True,
+            zero_points=False,
+            results=("q", "scale", "zero_point"),
+        ),
+        OpSpec(
+            "fake_dynamic_min_scale",
+            ("x",),
+            _dynamic(bj.fake_quantize_per_token_dynamic, min_scale=MIN_SCALE),
+            _dynamic(ref.fake_quantize_per_token_dynamic, min_scale=MIN_SCALE),
+            lambda xb, qb: 2 * xb,
+            dynamic=True,
+            zero_points=False,
             results=("y",),
         ),
     ]

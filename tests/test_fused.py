@@ -210,3 +210,26 @@ def test_errors_name_the_argument(call, match):
     x, w = jnp.ones((4, 16), jnp.float32), jnp.ones((16,), jnp.float32)
     with pytest.raises((TypeError, ValueError), match=match):
         call(x, w)
+
+
+@pytest.mark.parametrize("q_dtype", [jnp.int8, jnp.float8_e4m3fn], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("op", ["norm", "silu"])
+def test_min_scale_floors_the_dynamic_scale(device, op, q_dtype):
+    """Each dynamic scale is max(the unfloored scale, min_scale) (an all-zero row: min_scale), and the
+    values are the static op's at those scales."""
+    r = helpers.rng()
+    x = jnp.asarray((r.standard_normal((64, 256)) * 10.0 ** r.uniform(-3, 1, (64, 1))).astype(np.float32))
+    x = x.at[0].set(0).astype(jnp.bfloat16)
+    w = jnp.ones((256,), jnp.bfloat16)
+    if op == "norm":
+        call = lambda **kw: run(device, bj.rms_norm_quantize_per_token, x, w, dtype=q_dtype, **kw)[:2]
+    else:
+        call = lambda **kw: run(device, bj.silu_mul_quantize_per_token, x, x, dtype=q_dtype, **kw)
+    unfloored = np.asarray(call()[1])
+    floor = float(np.median(unfloored[1:]))  # some rows above it, some below
+    q, s = call(min_scale=floor)
+    want = np.maximum(unfloored, np.float32(floor))
+    want[0] = np.float32(floor)
+    np.testing.assert_array_equal(np.asarray(s), want)
+    assert (want == np.float32(floor)).sum() > 1 and (want > np.float32(floor)).any()
+    assert_same_bits(q, call(scale=s)[0])
