@@ -1,7 +1,15 @@
 // The scaled matmul on the GPU: out[m, n] = a_scale[m] * b_scale[n] * sum_k a[m, k] b[k, n]
-// (+ residual[m, n]), a and b both float8_e4m3fn or both int8, through cuBLASLt.
+// (+ residual[m, n]), a and b both float8_e4m3fn or both int8, on one of two routes:
 //
-// cuBLASLt sees column-major matrices. Our row-major out [M, N] is its D [N, M] = op(A) [N, K] x
+//   small-M (gemm/small_m.cuh): our kernel, for decode's few tokens (M <= kSmallMRows*), for N not
+//         a multiple of 16, and wherever cuBLASLt is missing or too old: per-channel scales only.
+//   cuBLASLt: everything else, and the blockwise scales.
+//
+// The rule reads only (M, N, the scales' kind) and the process's cuBLASLt, so a shape runs the same
+// kernel, and gives the same bits, on every call; the `route` attribute forces one (tests and
+// benchmarks).
+//
+// On cuBLASLt: it sees column-major matrices. Our row-major out [M, N] is its D [N, M] = op(A) [N, K] x
 // op(B) [K, M], with A = b transposed (the primitive asks XLA for b in column-major layout, i.e.
 // stored as [N][K]) and B = a as stored ([M][K]): the "TN" layout, the one cuBLASLt's FP8 and int8
 // kernels take. So cuBLASLt's A scale (one per row of op(A)) is our b_scale, its B scale our a_scale.
@@ -14,9 +22,8 @@
 //         [N / 128][K / 128 rounded up to 4] (padded here, in the workspace's tail, when needed);
 //         the rows of a must be a multiple of 4 (the primitive pads them).
 //   int8: int32 accumulation into a scratch result, then one pass here that applies the scales
-//         (cuBLASLt's int8 kernels have no per-row x per-column epilogue): the contract is
-//         out = round((float(acc) * a_scale[m]) * b_scale[n] + float(residual[m, n])), the jnp
-//         reference's steps.
+//         (cuBLASLt's int8 kernels have no per-row x per-column epilogue) as contract/matmul.h's
+//         scaled_output, the jnp reference's steps.
 //
 // The cuBLASLt plan (descriptors, layouts and the heuristic's algorithm) is made once per shape and
 // device; the handler enqueues on XLA's stream and allocates nothing (the workspace and the int32
@@ -36,9 +43,11 @@
 #include <tuple>
 #include <vector>
 
+#include "contract/matmul.h"
 #include "cuda/device.h"
 #include "ffi/dispatch.h"
 #include "gemm/cublaslt_api.h"
+#include "gemm/small_m.cuh"
 #include "xla/ffi/api/ffi.h"
 
 namespace baracuda {
@@ -64,18 +73,12 @@ constexpr int64_t kBlockScaleAlign = 4;  // the scales' leading dimensions: 16-b
 
 // ---- the int8 rescale --------------------------------------------------------------------------
 
-template <class Out> __device__ Out to_out(float v);
-template <> __device__ float to_out<float>(float v) { return v; }
-template <> __device__ __nv_bfloat16 to_out<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <> __device__ __half to_out<__half>(float v) { return __float2half_rn(v); }
-
 template <class Out>
 struct alignas(4 * sizeof(Out)) Out4 {
   Out v[4];
 };
 
-// Four columns a thread (the primitive routes only N % 16 == 0 here); (acc * a_scale) * b_scale
-// (+ residual), left to right, as the reference; no FMA (--fmad=false).
+// Four columns a thread (the primitive routes only N % 16 == 0 here), as scaled_output.
 template <class Out>
 __global__ void rescale_kernel(const int4* __restrict__ acc, const float* __restrict__ a_scale,
                                const float4* __restrict__ b_scale, const Out4<Out>* __restrict__ residual,
@@ -83,16 +86,14 @@ __global__ void rescale_kernel(const int4* __restrict__ acc, const float* __rest
   const int64_t total = rows * vecs_per_row;
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < total; i += int64_t{gridDim.x} * blockDim.x) {
     const int64_t row = i / vecs_per_row;
-    const int4 a = acc[i];
-    const float s = a_scale[row];
-    const float4 b = b_scale[i - row * vecs_per_row];
-    float v[4] = {__int2float_rn(a.x) * s * b.x, __int2float_rn(a.y) * s * b.y, __int2float_rn(a.z) * s * b.z,
-                  __int2float_rn(a.w) * s * b.w};
-    if (residual != nullptr) {
-      const Out4<Out> r = residual[i];
-      for (int j = 0; j < 4; ++j) v[j] = v[j] + static_cast<float>(r.v[j]);
-    }
-    out[i] = Out4<Out>{{to_out<Out>(v[0]), to_out<Out>(v[1]), to_out<Out>(v[2]), to_out<Out>(v[3])}};
+    const int a[4] = {acc[i].x, acc[i].y, acc[i].z, acc[i].w};
+    const float4 b4 = b_scale[i - row * vecs_per_row];
+    const float b[4] = {b4.x, b4.y, b4.z, b4.w}, s = a_scale[row];
+    Out4<Out> r{}, o;
+    if (residual != nullptr) r = residual[i];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) o.v[j] = scaled_output<Out>(a[j], s, b[j], residual != nullptr ? &r.v[j] : nullptr);
+    out[i] = o;
   }
 }
 
@@ -292,6 +293,26 @@ Plans& plans() {
   return *p;
 }
 
+// ---- the small-M route ------------------------------------------------------------------------
+
+// Decode's token counts, up to which the small-M kernel runs: where it was faster than cuBLASLt's
+// kernels at every projection of benchmarks/decode.py on an H200 (float8 ties near 32 tokens,
+// int8 near 64).
+constexpr int64_t kSmallMRowsFp8 = 16, kSmallMRowsInt8 = 32;
+
+template <class Mma>
+ffi::Error small_m_product(GemmExec exec, const small_m::Problem& p, ffi::DataType out, small_m::Device device) {
+  cudaError_t err;
+  switch (out) {
+    case ffi::DataType::BF16: err = small_m::launch<Mma, bf16>(p, device, exec.stream); break;
+    case ffi::DataType::F16: err = small_m::launch<Mma, f16>(p, device, exec.stream); break;
+    default: err = small_m::launch<Mma, float>(p, device, exec.stream); break;
+  }
+  if (err != cudaSuccess)
+    return internal(exec.op, std::string("the small-M kernel's launch: ") + cudaGetErrorString(err));
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // ---- the handler -------------------------------------------------------------------------------
@@ -299,11 +320,8 @@ Plans& plans() {
 ffi::Error scaled_matmul(GemmExec exec, ffi::AnyBuffer a, ffi::Buffer<ffi::F32> a_scale, ffi::AnyBuffer b,
                          ffi::Buffer<ffi::F32> b_scale, ffi::RemainingArgs residual_arg,
                          ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> workspace,
-                         ffi::RemainingRets rest) {
+                         ffi::RemainingRets rest, std::string_view route) {
   const char* op = exec.op;
-  const lt::Api* loaded = lt::api();
-  if (loaded == nullptr) return internal(op, "cuBLASLt is not loaded");
-  const lt::Api& api = *loaded;
   const ffi::DataType in = a.element_type();
   const bool fp8 = in == ffi::DataType::F8E4M3FN;
   if (!fp8 && in != ffi::DataType::S8) return invalid(op, "a must be float8_e4m3fn or int8");
@@ -313,8 +331,8 @@ ffi::Error scaled_matmul(GemmExec exec, ffi::AnyBuffer a, ffi::Buffer<ffi::F32> 
   const int64_t k = a_dims.back(), n = b_dims[1];
   const int64_t m = static_cast<int64_t>(a.element_count()) / std::max<int64_t>(k, 1);
   if (b_dims[0] != k) return invalid(op, "b must be [K, N] with a's K = " + std::to_string(k));
-  if (k == 0 || k % 16 != 0 || n % 16 != 0)  // 16-byte rows for cuBLASLt, 4-column vectors for the rescale
-    return invalid(op, "K and N must be positive multiples of 16 (the primitive lowers other shapes to XLA's dot)");
+  if (k == 0 || k % 16 != 0)  // 16-byte rows for both routes
+    return invalid(op, "K must be a positive multiple of 16 (the primitive lowers other shapes to XLA's dot)");
   const bool blockwise = b_scale.dimensions().size() == 2;
   const int64_t kb = k / kBlock, kb_padded = (kb + kBlockScaleAlign - 1) / kBlockScaleAlign * kBlockScaleAlign;
   if (blockwise) {
@@ -333,9 +351,6 @@ ffi::Error scaled_matmul(GemmExec exec, ffi::AnyBuffer a, ffi::Buffer<ffi::F32> 
     return invalid(op, "out must be bfloat16, float16 or float32");
   if (out_dims.size() != a_dims.size() || out_dims.back() != n || static_cast<int64_t>(out->element_count()) != m * n)
     return invalid(op, "out must be [..., N]");
-  if (fp8 && api.version < lt::kOuterVectorVersion)
-    return invalid(
-        op, "float8 needs cuBLASLt >= 12.9 (per-row and per-column scales); found " + std::to_string(api.version));
   const void* residual = nullptr;
   if (residual_arg.size() > 0) {
     std::optional<ffi::AnyBuffer> r;
@@ -344,6 +359,44 @@ ffi::Error scaled_matmul(GemmExec exec, ffi::AnyBuffer a, ffi::Buffer<ffi::F32> 
       return invalid(op, "residual must be [..., N] in the output's dtype");
     residual = r->untyped_data();
   }
+
+  const lt::Api* loaded = lt::api();
+  const bool lt_ready = loaded != nullptr && (!fp8 || loaded->version >= lt::kOuterVectorVersion);
+  bool small;
+  if (route == "auto")
+    small = !blockwise && (m <= (fp8 ? kSmallMRowsFp8 : kSmallMRowsInt8) || n % 16 != 0 || !lt_ready);
+  else if (route == "small_m" || route == "cublaslt")
+    small = route == "small_m";
+  else
+    return invalid(op, "route must be auto, cublaslt or small_m");
+  if (m == 0 || n == 0) return ffi::Error::Success();
+
+  DeviceAttributes device;
+  if (!current_device(device)) return internal(op, "cannot query the current device");
+  if (small) {
+    if (blockwise) return invalid(op, "the small-M kernel takes per-channel scales (blockwise runs on cuBLASLt)");
+    if (device.major < 8) return invalid(op, "the small-M kernel needs sm_80 or newer");
+    const small_m::Problem p{a.untyped_data(),
+                             a_scale.typed_data(),
+                             b.untyped_data(),
+                             b_scale.typed_data(),
+                             residual,
+                             out->untyped_data(),
+                             m,
+                             n,
+                             k,
+                             1};
+    const small_m::Device d{device.sms, device.major >= 9};
+    return fp8 ? small_m_product<small_m::E4M3Mma>(exec, p, out_type, d)
+               : small_m_product<small_m::Int8Mma>(exec, p, out_type, d);
+  }
+
+  if (loaded == nullptr) return internal(op, "cuBLASLt is not loaded");
+  const lt::Api& api = *loaded;
+  if (!lt_ready)
+    return invalid(
+        op, "float8 needs cuBLASLt >= 12.9 (per-row and per-column scales); found " + std::to_string(api.version));
+  if (n % 16 != 0) return invalid(op, "cuBLASLt needs N a multiple of 16 (the small-M route takes any N)");
   void* d = out->untyped_data();  // cuBLASLt's output: out, or for int8 the int32 accumulator
   if (!fp8) {
     std::optional<ffi::AnyBuffer> acc;
@@ -352,7 +405,6 @@ ffi::Error scaled_matmul(GemmExec exec, ffi::AnyBuffer a, ffi::Buffer<ffi::F32> 
       return invalid(op, "int8 needs an int32 [M, N] accumulator result");
     d = acc->untyped_data();
   }
-  if (m == 0 || n == 0) return ffi::Error::Success();
 
   int dev = 0;
   if (cudaError_t err = cudaGetDevice(&dev); err != cudaSuccess) return internal(op, cudaGetErrorString(err));
@@ -395,8 +447,8 @@ ffi::Error scaled_matmul(GemmExec exec, ffi::AnyBuffer a, ffi::Buffer<ffi::F32> 
   if (fp8) return ffi::Error::Success();
   const auto* acc = static_cast<const int32_t*>(d);
   switch (out_type) {
-    case ffi::DataType::BF16: return rescale<__nv_bfloat16>(exec, acc, scales, residual, out->untyped_data(), m, n);
-    case ffi::DataType::F16: return rescale<__half>(exec, acc, scales, residual, out->untyped_data(), m, n);
+    case ffi::DataType::BF16: return rescale<bf16>(exec, acc, scales, residual, out->untyped_data(), m, n);
+    case ffi::DataType::F16: return rescale<f16>(exec, acc, scales, residual, out->untyped_data(), m, n);
     default: return rescale<float>(exec, acc, scales, residual, out->untyped_data(), m, n);
   }
 }

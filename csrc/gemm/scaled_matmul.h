@@ -5,6 +5,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <string_view>
 #include <utility>
 
 #include "xla/ffi/api/ffi.h"
@@ -22,7 +23,7 @@ struct GemmExec {
 ffi::Error scaled_matmul(GemmExec exec, ffi::AnyBuffer a, ffi::Buffer<ffi::F32> a_scale, ffi::AnyBuffer b,
                          ffi::Buffer<ffi::F32> b_scale, ffi::RemainingArgs residual_arg,
                          ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> workspace,
-                         ffi::RemainingRets rest);
+                         ffi::RemainingRets rest, std::string_view route);
 
 template <class B> auto bind_scaled_matmul(B&& b) {
   return std::move(b)
@@ -33,7 +34,8 @@ template <class B> auto bind_scaled_matmul(B&& b) {
       .RemainingArgs()                             // residual [..., N], optional
       .template Ret<ffi::AnyBuffer>()              // out [..., N]
       .template Ret<ffi::AnyBuffer>()              // cuBLASLt's workspace (bytes)
-      .RemainingRets();                            // int8: the int32 accumulator
+      .RemainingRets()                             // int8: the int32 accumulator
+      .template Attr<std::string_view>("route");  // auto, cublaslt or small_m: the kernel
 }
 
 }  // namespace baracuda

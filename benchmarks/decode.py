@@ -1,0 +1,144 @@
+"""Decode's projections: scaled_matmul at a few tokens, where every call reads its whole weight from
+HBM. Device time per call (harness.py) of XLA's bf16 dot and of each GPU route of scaled_matmul,
+int8 and float8 (per-token x per-channel scales): cuBLASLt and the small-M kernel; and each one's
+share of the copy bandwidth (measured in the same run) on the weight bytes. The weights rotate over
+>= 1 GiB of distinct copies, so no call finds its weight in L2.
+
+Shapes: Llama-3-8B's projections (K x N: qkv, o, gate+up, down) and Llama-3-70B's.
+
+    python benchmarks/decode.py [--quick] [--json benchmarks/results/decode_<device>.json]
+    python benchmarks/decode.py --plot benchmarks/results/decode_<device>.json <png>
+"""
+
+import argparse
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+from harness import copy_time, device_name, rotations, time_per_call, write_json
+
+from baracuda_jax import matmul
+
+MODELS = {
+    "llama3-8b": ((4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)),
+    "llama3-70b": ((8192, 10240), (8192, 8192), (8192, 57344), (28672, 8192)),
+}
+MS = (1, 2, 4, 8, 16, 32, 64, 128)
+WAYS = ("bf16", "int8_cublaslt", "int8_small_m", "fp8_cublaslt", "fp8_small_m")
+COLD = 1 << 30  # bytes of distinct weights a timed way rotates over
+
+
+def _ways():
+    """name -> (weight dtype, function of (a, a_scale, w [N, K], w_scale))."""
+
+    def route(name):
+        return lambda a, sa, w, sw: matmul._scaled_matmul_on(name, a, sa, w.T, sw)
+
+    ways = {"bf16": (jnp.bfloat16, lambda a, sa, w, sw: a @ w.T)}
+    for dtype, tag in ((jnp.int8, "int8"), (jnp.float8_e4m3fn, "fp8")):
+        for name in ("cublaslt", "small_m"):
+            ways[f"{tag}_{name}"] = (dtype, route(name))
+    return ways
+
+
+def _operands(key, m, k, n, dtype, copies):
+    ka, kw = jax.random.split(key)
+    a = (jax.random.normal(ka, (m, k), jnp.float32) * 16).astype(dtype)
+    sa, sw = jnp.full((m,), 1 / 64, jnp.float32), jnp.full((n,), 1 / 64, jnp.float32)
+    ws = [(jax.random.normal(jax.random.fold_in(kw, i), (n, k), jnp.float32) * 16).astype(dtype) for i in range(copies)]
+    return [(a, sa, w, sw) for w in ws]
+
+
+def row(m, k, n, reps, copy_bw, ways=WAYS):
+    result = dict(m=m, k=k, n=n)
+    for name, (dtype, fn) in _ways().items():
+        if name not in ways:
+            continue
+        weight_bytes = k * n * jnp.dtype(dtype).itemsize
+        sets = _operands(jax.random.key(m + k + n), m, k, n, dtype, rotations(weight_bytes, 2, 256, COLD))
+        seconds = time_per_call(fn, sets, reps)
+        del sets
+        result[f"us_{name}"] = seconds * 1e6
+        result[f"bw_{name}"] = weight_bytes / seconds / copy_bw  # share of the copy bandwidth
+    return result
+
+
+def table(results):
+    ways = [w for w in WAYS if "us_" + w in results[0]]
+    lines = [
+        f"{'M':>4} {'K':>6} {'N':>6} "
+        + " ".join(f"{w:>18}" for w in ways)
+        + "   (us, % of the copy bandwidth on the weight bytes)"
+    ]
+    for r in results:
+        lines.append(
+            f"{r['m']:>4} {r['k']:>6} {r['n']:>6} "
+            + " ".join(f"{r['us_' + w]:>11.1f} ({100 * r['bw_' + w]:>3.0f}%)" for w in ways)
+        )
+    return "\n".join(lines)
+
+
+def plot(json_path, png_path):
+    """Share of the copy bandwidth against M, one panel per projection, one line per way."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.loads(pathlib.Path(json_path).read_text())
+    shapes = [kn for model in MODELS.values() for kn in model]
+    shapes = [kn for kn in shapes if any((r["k"], r["n"]) == kn for r in data["results"])]
+    cols = 4
+    fig, axes = plt.subplots(-(-len(shapes) // cols), cols, figsize=(4.2 * cols, 3.4 * -(-len(shapes) // cols)))
+    style = {
+        "bf16": "k--",
+        "int8_cublaslt": "C0:",
+        "int8_small_m": "C0-",
+        "fp8_cublaslt": "C1:",
+        "fp8_small_m": "C1-",
+    }
+    for ax, (k, n) in zip(axes.flat, shapes):
+        rows = [r for r in data["results"] if (r["k"], r["n"]) == (k, n)]
+        for way in [w for w in WAYS if all("bw_" + w in r for r in rows)]:
+            ax.plot([r["m"] for r in rows], [100 * r["bw_" + way] for r in rows], style[way], marker="o", label=way)
+        ax.set(xscale="log", xlabel="M (tokens)", title=f"K={k}, N={n}", ylim=(0, 105))
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(shapes) :]:
+        ax.axis("off")
+    axes.flat[0].set_ylabel("% of copy bandwidth (weight bytes)")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(f"decode projections, weights L2-cold, {data['device']}")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="M = 1, 16 and 64 at Llama-3-8B's shapes only")
+    p.add_argument("--ms", default=None, help="comma-separated token counts (default: all of MS)")
+    p.add_argument("--models", default=",".join(MODELS), help=f"a subset of {','.join(MODELS)}")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--json", type=pathlib.Path, default=None)
+    p.add_argument("--plot", nargs=2, metavar=("JSON", "PNG"), help="plot a results file, then exit")
+    args = p.parse_args(argv)
+    if args.plot:
+        return plot(*args.plot)
+    ms = (1, 16, 64) if args.quick else tuple(int(m) for m in args.ms.split(",")) if args.ms else MS
+    models = ["llama3-8b"] if args.quick else args.models.split(",")
+    copy_bw = (256 << 20) / copy_time(256 << 20, 4, 10)
+    print(f"copy bandwidth {copy_bw * 1e-12:.2f} TB/s", flush=True)
+    results = []
+    for model in models:
+        for k, n in MODELS[model]:
+            for m in ms:
+                results.append(dict(model=model, **row(m, k, n, args.reps, copy_bw)))
+                print(table(results[-1:]).splitlines()[-1], flush=True)
+                if args.json:  # after every row: a long run cut short keeps what it measured
+                    meta = dict(device=device_name(), jax=jax.__version__, copy_bw=copy_bw)
+                    write_json(args.json, dict(meta, results=results))
+    print(f"\n{device_name()}, jax {jax.__version__}, copy {copy_bw * 1e-12:.2f} TB/s\n" + table(results))
+
+
+if __name__ == "__main__":
+    main()
