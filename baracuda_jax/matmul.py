@@ -127,13 +127,15 @@ def _abstract_eval(a, a_scale, b, b_scale, *residual, out_dtype, route):
     for name, s in (("a_scale", a_scale), ("b_scale", b_scale)):
         if s.dtype != np.float32 or s.ndim == 0 and a.ndim > 1:
             raise TypeError(f"{_OP}: the primitive takes {name} as float32, one value per row, column or block")
-    _check_route(route, _checks.is_blockwise(b_scale), b.shape[1])
+    _check_route(route, _checks.is_blockwise(b_scale), *b.shape)
     return like(a, (*a.shape[:-1], b.shape[1]), out_dtype)
 
 
-def _check_route(route, blockwise, n):
+def _check_route(route, blockwise, k, n):
     if route not in ROUTES:
         raise ValueError(f"{_OP}: route is {route!r}; expected one of {ROUTES}")
+    if route != "auto" and k % _ALIGN:  # such K lowers to XLA's dot: no kernel to force
+        raise ValueError(f"{_OP}: route {route!r} needs K a multiple of {_ALIGN}; got K={k}")
     if blockwise and route == "small_m":
         raise ValueError(f"{_OP}: route 'small_m' takes per-channel scales; blockwise runs on cuBLASLt")
     if route == "cublaslt" and n % _ALIGN:

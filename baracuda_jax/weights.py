@@ -21,7 +21,7 @@ BLOCK = _checks.MATMUL_BLOCK
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["q", "scale"], meta_fields=["block_size"])
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # == of array leaves has no single truth value
 class QuantizedWeight:
     """A quantized weight for :func:`scaled_matmul`: a pytree of two leaves, ``q`` and ``scale``.
 

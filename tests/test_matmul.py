@@ -245,6 +245,8 @@ def test_route_errors():
         matmul._scaled_matmul_on("fast", a, a_scale, b, b_scale)
     with pytest.raises(ValueError, match="route 'cublaslt' needs N a multiple of 16; got N=40"):
         matmul._scaled_matmul_on("cublaslt", a, a_scale, b, b_scale)
+    with pytest.raises(ValueError, match="route 'small_m' needs K a multiple of 16; got K=120"):
+        matmul._scaled_matmul_on("small_m", a[:, :120], a_scale, b[:120], b_scale)
     with pytest.raises(ValueError, match="route 'small_m' takes per-channel scales"):
         matmul._scaled_matmul_on("small_m", *blockwise_operands(helpers.rng(), (4,), 128, 128, jnp.float8_e4m3fn))
 
@@ -404,7 +406,8 @@ def _per_layer(fn, stacked):
 def test_quantized_weight_is_a_pytree():
     w = bj.quantize_weight(weight(helpers.rng(), 256, 384, jnp.bfloat16), block_size=128)
     leaves, tree = jax.tree.flatten(w)
-    assert len(leaves) == 2 and jax.tree.unflatten(tree, leaves) == w
+    back = jax.tree.unflatten(tree, leaves)
+    assert len(leaves) == 2 and back.q is w.q and back.scale is w.scale and back.block_size == 128
     assert jax.tree.structure(bj.quantize_weight(jnp.ones((256, 384), jnp.float32))) != tree  # block_size is static
     same = jax.jit(lambda w: w)(w)
     assert isinstance(same, bj.QuantizedWeight) and same.block_size == 128
@@ -417,6 +420,8 @@ def test_quantized_weight_is_a_pytree():
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_stacked_weights_under_vmap_and_scan(device, dtype):
     """L layers stacked: vmap over the weights and a lax.scan over layers give each layer's product."""
+    if dtype == jnp.float8_e4m3fn and device.platform == "cpu":
+        pytest.skip("XLA:CPU's float8 dot sums in an order of the program's (a loop's body is another)")
     rng = helpers.rng()
     layers, m, d = 3, 5, 48
     ws = bj.quantize_weight(
@@ -424,9 +429,9 @@ def test_stacked_weights_under_vmap_and_scan(device, dtype):
     )
     a, a_scale, _, _ = operands(rng, (m,), d, d, dtype)
     a, a_scale, ws = jax.device_put((a, a_scale, ws), device)
-    per_weight = jax.jit(jax.vmap(lambda w: bj.scaled_matmul(a, a_scale, w, out_dtype=jnp.float32)))(ws)
-    for got, want in zip(per_weight, _per_layer(lambda w: jax.jit(bj.scaled_matmul)(a, a_scale, w), ws)):
-        helpers.assert_same_bits(got.astype(jnp.bfloat16), want)
+    one = lambda w: bj.scaled_matmul(a, a_scale, w, out_dtype=jnp.float32)
+    for got, want in zip(jax.jit(jax.vmap(one))(ws), _per_layer(jax.jit(one), ws)):
+        helpers.assert_same_bits(got, want)
 
     def layer(x, w):
         q, s, _ = bj.quantize_per_token_dynamic(x, dtype=dtype)
