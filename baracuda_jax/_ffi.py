@@ -57,13 +57,14 @@ def _cublaslt_candidates():
 @functools.cache
 def cublaslt_version():
     """cuBLASLt's version (130100 for 13.1), loading it the first time a scaled matmul is lowered
-    for a GPU; None, with a warning, when this install has no CUDA module or no cuBLASLt is found."""
+    for a GPU; None when this install has no CUDA module, and None with a warning when no cuBLASLt
+    is found."""
     if _cuda is None:
         return None
     try:
         return _cuda.load_cublaslt(_cublaslt_candidates())
     except RuntimeError as err:
-        message = f"baracuda_jax: {err}; scaled_matmul runs as XLA's dot and a rescale"
+        message = f"baracuda_jax: {err}; scaled_matmul runs its small-M kernel at every M (blockwise scales fail)"
         warnings.warn(message, RuntimeWarning, stacklevel=2)
         return None
 

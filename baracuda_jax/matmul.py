@@ -19,7 +19,7 @@ import numpy as np
 from jax.interpreters import ad, mlir
 from jax.typing import ArrayLike, DTypeLike
 
-from baracuda_jax import _checks, reference
+from baracuda_jax import _checks, _ffi, reference
 from baracuda_jax.primitives import (
     FACTORS,
     PER_COLUMN,
@@ -164,6 +164,9 @@ def _cuda_lowering(ctx, *operands, out_dtype, route):
         and not (blockwise and a_aval.dtype != jnp.float8_e4m3fn)
     ):  # int8 blocks: cuBLASLt has none
         return _reference_lowering(ctx, *operands, out_dtype=out_dtype, route=route)
+    # Loads cuBLASLt into this process, where it is, for the handler's large-M and blockwise route;
+    # the program is the same without it (the handler then runs the small-M kernel at every M).
+    _ffi.cublaslt_version()
     params = {"out_dtype": out_dtype, "route": route}
     if blockwise and math.prod(a_aval.shape[:-1]) % _BLOCK_ROWS:
         padded = functools.partial(_rows_padded, **params)
