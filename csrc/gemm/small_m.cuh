@@ -38,7 +38,6 @@ constexpr int kThreads = 32 * kWarps;
 constexpr int kRows = 16 * kWarps;  // weight rows (output channels) per CTA
 constexpr int kStepK = 64;          // k per step: a quad's 4 lanes x 16 bytes of a row
 constexpr int kMaxSplits = 8;       // the portable cluster size
-constexpr int kMaxTokens = 64;      // a CTA's token tile: up to 8 mma column tiles
 
 struct Problem {
   const void* a;        // [M][K]
