@@ -164,9 +164,11 @@ def _cuda_lowering(ctx, *operands, out_dtype, route):
         and not (blockwise and a_aval.dtype != jnp.float8_e4m3fn)
     ):  # int8 blocks: cuBLASLt has none
         return _reference_lowering(ctx, *operands, out_dtype=out_dtype, route=route)
-    # Loads cuBLASLt into this process, where it is, for the handler's large-M and blockwise route;
-    # the program is the same without it (the handler then runs the small-M kernel at every M).
-    _ffi.cublaslt_version()
+    # Loads cuBLASLt into this process where a GPU will run the program, for the handler's large-M
+    # and blockwise route; the program is the same without it (the handler then runs the small-M
+    # kernel at every M), and a machine without a GPU (an export) neither loads nor warns.
+    if _ffi.gpu_kernels_available():
+        _ffi.cublaslt_version()
     params = {"out_dtype": out_dtype, "route": route}
     if blockwise and math.prod(a_aval.shape[:-1]) % _BLOCK_ROWS:
         padded = functools.partial(_rows_padded, **params)
