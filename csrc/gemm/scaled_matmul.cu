@@ -5,7 +5,7 @@
 //         a multiple of 16, and wherever cuBLASLt is missing or too old: per-channel scales only.
 //   cuBLASLt: everything else, and the blockwise scales.
 //
-// The rule reads only (M, N, the scales' kind) and the process's cuBLASLt, so a shape runs the same
+// The rule reads only (M, N, the dtype, the scales' kind) and the process's cuBLASLt, so a shape runs the same
 // kernel, and gives the same bits, on every call; the `route` attribute forces one (tests and
 // benchmarks).
 //
@@ -295,9 +295,9 @@ Plans& plans() {
 
 // ---- the small-M route ------------------------------------------------------------------------
 
-// Decode's token counts, up to which the small-M kernel runs: where it was faster than cuBLASLt's
-// kernels at every projection of benchmarks/decode.py on an H200 (float8 ties near 32 tokens,
-// int8 near 64).
+// Decode's token counts, up to which the small-M kernel runs: set from the kernel's own H200 timings
+// (benchmarks/NOTES.md) beside cuBLASLt's earlier ones, where float8 came out about even near 32
+// tokens and int8 near 64; benchmarks/decode.py times both routes to check the rule.
 constexpr int64_t kSmallMRowsFp8 = 16, kSmallMRowsInt8 = 32;
 
 template <class Mma>
@@ -371,10 +371,10 @@ ffi::Error scaled_matmul(GemmExec exec, ffi::AnyBuffer a, ffi::Buffer<ffi::F32> 
     return invalid(op, "route must be auto, cublaslt or small_m");
   if (m == 0 || n == 0) return ffi::Error::Success();
 
-  DeviceAttributes device;
-  if (!current_device(device)) return internal(op, "cannot query the current device");
   if (small) {
     if (blockwise) return invalid(op, "the small-M kernel takes per-channel scales (blockwise runs on cuBLASLt)");
+    DeviceAttributes device;
+    if (!current_device(device)) return internal(op, "cannot query the current device");
     if (device.major < 8) return invalid(op, "the small-M kernel needs sm_80 or newer");
     const small_m::Problem p{a.untyped_data(),
                              a_scale.typed_data(),

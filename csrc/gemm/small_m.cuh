@@ -289,10 +289,11 @@ __global__ void __launch_bounds__(kThreads) small_m_kernel(Problem p) {
 // registers of more tiles), as measured on an H200.
 struct Shape {
   int tiles;   // column tiles of 8 tokens a CTA
-  int unroll;  // steps a group
   int splits;  // CTAs along K
   dim3 grid;
 };
+
+constexpr int unroll_of(int tiles) { return tiles <= 2 ? 2 : 1; }  // steps a group
 
 // The device: its SMs, and whether it has clusters (sm_90 and newer), which the split along K needs.
 struct Device {
@@ -305,9 +306,8 @@ constexpr int kCtasPerSm = 4;
 inline Shape shape_of(int64_t m, int64_t n, int64_t k, Device device) {
   Shape s;
   s.tiles = m <= 8 ? 1 : m <= 16 ? 2 : m <= 32 ? 4 : 8;
-  s.unroll = s.tiles <= 2 ? 2 : 1;
   const int64_t row_tiles = (n + kRows - 1) / kRows, token_tiles = (m + 8 * s.tiles - 1) / (8 * s.tiles);
-  const int64_t groups = (k + kStepK * s.unroll - 1) / (kStepK * s.unroll);
+  const int64_t group_k = int64_t{kStepK} * unroll_of(s.tiles), groups = (k + group_k - 1) / group_k;
   const int64_t fill = int64_t{kCtasPerSm} * device.sms / (row_tiles * token_tiles);
   s.splits =
       static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({fill, groups, device.clusters ? kMaxSplits : 1})));
@@ -315,7 +315,7 @@ inline Shape shape_of(int64_t m, int64_t n, int64_t k, Device device) {
   return s;
 }
 
-template <class Mma, class Out, int kTiles, int kUnroll>
+template <class Mma, class Out, int kTiles>
 cudaError_t launch_shape(Problem p, const Shape& s, cudaStream_t stream) {
   cudaLaunchConfig_t config = {};
   config.gridDim = s.grid;
@@ -329,7 +329,7 @@ cudaError_t launch_shape(Problem p, const Shape& s, cudaStream_t stream) {
   config.attrs = &cluster;
   config.numAttrs = s.splits > 1 ? 1 : 0;
   p.splits = s.splits;
-  return cudaLaunchKernelEx(&config, small_m_kernel<Mma, Out, kTiles, kUnroll>, p);
+  return cudaLaunchKernelEx(&config, small_m_kernel<Mma, Out, kTiles, unroll_of(kTiles)>, p);
 }
 
 // Enqueues the product on `stream`.
@@ -337,10 +337,10 @@ template <class Mma, class Out>
 cudaError_t launch(const Problem& p, Device device, cudaStream_t stream) {
   const Shape s = shape_of(p.m, p.n, p.k, device);
   switch (s.tiles) {
-    case 1: return launch_shape<Mma, Out, 1, 2>(p, s, stream);
-    case 2: return launch_shape<Mma, Out, 2, 2>(p, s, stream);
-    case 4: return launch_shape<Mma, Out, 4, 1>(p, s, stream);
-    default: return launch_shape<Mma, Out, 8, 1>(p, s, stream);
+    case 1: return launch_shape<Mma, Out, 1>(p, s, stream);
+    case 2: return launch_shape<Mma, Out, 2>(p, s, stream);
+    case 4: return launch_shape<Mma, Out, 4>(p, s, stream);
+    default: return launch_shape<Mma, Out, 8>(p, s, stream);
   }
 }
 
