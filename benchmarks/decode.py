@@ -16,7 +16,7 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
-from harness import copy_time, device_name, rotations, time_per_call, write_json
+from harness import copy_time, device_name, matmul_operands, rotations, time_per_call, write_json
 
 from baracuda_jax import matmul
 
@@ -42,21 +42,13 @@ def _ways():
     return ways
 
 
-def _operands(key, m, k, n, dtype, copies):
-    ka, kw = jax.random.split(key)
-    a = (jax.random.normal(ka, (m, k), jnp.float32) * 16).astype(dtype)
-    sa, sw = jnp.full((m,), 1 / 64, jnp.float32), jnp.full((n,), 1 / 64, jnp.float32)
-    ws = [(jax.random.normal(jax.random.fold_in(kw, i), (n, k), jnp.float32) * 16).astype(dtype) for i in range(copies)]
-    return [(a, sa, w, sw) for w in ws]
-
-
 def row(m, k, n, reps, copy_bw, ways=WAYS):
     result = dict(m=m, k=k, n=n)
     for name, (dtype, fn) in _ways().items():
         if name not in ways:
             continue
         weight_bytes = k * n * jnp.dtype(dtype).itemsize
-        sets = _operands(jax.random.key(m + k + n), m, k, n, dtype, rotations(weight_bytes, 2, 256, COLD))
+        sets = matmul_operands(jax.random.key(m + k + n), m, k, n, dtype, rotations(weight_bytes, 2, 256, COLD))
         seconds = time_per_call(fn, sets, reps)
         del sets
         result[f"us_{name}"] = seconds * 1e6

@@ -3,7 +3,8 @@ no script imports another.
 
 - where it runs: `device_name`, `on_gpu`;
 - what a call reads: `WORKING_SET` and `rotations` (how many distinct input sets a timed call rotates
-  over), `spec_case` (the specs.Case of a per-token row);
+  over), `spec_case` (the specs.Case of a per-token row), `matmul_operands` (scaled_matmul's, with
+  distinct weights);
 - the memory roofline: `copy`, `copy_time`;
 - device time: `time_per_call`, `kernel_totals`;
 - results: `write_json`;
@@ -62,6 +63,17 @@ def spec_case(op, x_dtype, q_dtype):
     uint8 (asymmetric); the static ones take no zero point."""
     spec = specs.SPECS[op]
     return specs.case(x_dtype, q_dtype, zero_point=spec.dynamic and jnp.dtype(q_dtype) == jnp.uint8)
+
+
+def matmul_operands(key, m, k, n, dtype, copies, blockwise=False):
+    """Operand sets (a, a_scale, w [N, K], w_scale) of a scaled matmul, one per distinct weight: a and
+    the weights in dtype (normal * 16), scales 1/64, per token and channel or blockwise."""
+    ka, kw = jax.random.split(key)
+    a = (jax.random.normal(ka, (m, k), jnp.float32) * 16).astype(dtype)
+    sa = jnp.full((m, k // 128) if blockwise else (m,), 1 / 64, jnp.float32)
+    sw = jnp.full((k // 128, n // 128) if blockwise else (n,), 1 / 64, jnp.float32)
+    ws = [(jax.random.normal(jax.random.fold_in(kw, i), (n, k), jnp.float32) * 16).astype(dtype) for i in range(copies)]
+    return [(a, sa, w, sw) for w in ws]
 
 
 # ---- the memory roofline -----------------------------------------------------------------------

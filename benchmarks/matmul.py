@@ -16,7 +16,7 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
-from harness import device_name, rotations, time_per_call, write_json
+from harness import device_name, matmul_operands, rotations, time_per_call, write_json
 
 import baracuda_jax as bj
 from baracuda_jax import reference as ref
@@ -42,22 +42,13 @@ def _ways():
     }
 
 
-def _operands(key, m, k, n, dtype, blockwise, copies):
-    ka, kw = jax.random.split(key)
-    a = (jax.random.normal(ka, (m, k), jnp.float32) * 16).astype(dtype)
-    sa = jnp.full((m, k // 128) if blockwise else (m,), 1 / 64, jnp.float32)
-    sw = jnp.full((k // 128, n // 128) if blockwise else (n,), 1 / 64, jnp.float32)
-    ws = [(jax.random.normal(jax.random.fold_in(kw, i), (n, k), jnp.float32) * 16).astype(dtype) for i in range(copies)]
-    return [(a, sa, w, sw) for w in ws]
-
-
 def row(m, k, n, reps, ways=WAYS):
     copies = rotations(2 * k * n + 2 * m * k, 1, 8)
     result = dict(m=m, k=k, n=n)
     for name, (dtype, blockwise, fn) in _ways().items():
         if name not in ways:
             continue
-        sets = _operands(jax.random.key(m + k + n), m, k, n, dtype, blockwise, copies)
+        sets = matmul_operands(jax.random.key(m + k + n), m, k, n, dtype, copies, blockwise)
         seconds = time_per_call(fn, sets, reps)
         del sets
         result[f"us_{name}"] = seconds * 1e6
