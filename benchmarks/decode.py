@@ -94,7 +94,7 @@ def plot(json_path, png_path):
         rows = [r for r in data["results"] if (r["k"], r["n"]) == (k, n)]
         for way in [w for w in WAYS if all("bw_" + w in r for r in rows)]:
             ax.plot([r["m"] for r in rows], [100 * r["bw_" + way] for r in rows], style[way], marker="o", label=way)
-        ax.set(xscale="log", xlabel="M (tokens)", title=f"K={k}, N={n}", ylim=(0, 105))
+        ax.set(xscale="log", xlabel="M (tokens)", title=f"K={k}, N={n}", ylim=(0, 115))
         ax.grid(alpha=0.3)
     for ax in axes.flat[len(shapes) :]:
         ax.axis("off")

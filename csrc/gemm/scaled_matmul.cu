@@ -1,7 +1,7 @@
 // The scaled matmul on the GPU: out[m, n] = a_scale[m] * b_scale[n] * sum_k a[m, k] b[k, n]
 // (+ residual[m, n]), a and b both float8_e4m3fn or both int8, on one of two routes:
 //
-//   small-M (gemm/small_m.cuh): our kernel, for decode's few tokens (M <= kSmallMRows*), for N not
+//   small-M (gemm/small_m.cuh): our kernel, for decode's few tokens (M <= kSmallMRows), for N not
 //         a multiple of 16, and wherever cuBLASLt is missing or too old: per-channel scales only.
 //   cuBLASLt: everything else, and the blockwise scales.
 //
@@ -295,10 +295,10 @@ Plans& plans() {
 
 // ---- the small-M route ------------------------------------------------------------------------
 
-// Decode's token counts, up to which the small-M kernel runs: set from the kernel's own H200 timings
-// (benchmarks/NOTES.md) beside cuBLASLt's earlier ones, where float8 came out about even near 32
-// tokens and int8 near 64; benchmarks/decode.py times both routes to check the rule.
-constexpr int64_t kSmallMRowsFp8 = 16, kSmallMRowsInt8 = 32;
+// Decode's token counts, up to which the small-M kernel runs: on an H200 (benchmarks/decode.py) it
+// beats cuBLASLt's route at every Llama-3 projection up to 16 tokens and loses at most of them by 32,
+// for int8 and float8 alike.
+constexpr int64_t kSmallMRows = 16;
 
 template <class Mma>
 ffi::Error small_m_product(GemmExec exec, const small_m::Problem& p, ffi::DataType out, small_m::Device device) {
@@ -364,7 +364,7 @@ ffi::Error scaled_matmul(GemmExec exec, ffi::AnyBuffer a, ffi::Buffer<ffi::F32> 
   const bool lt_ready = loaded != nullptr && (!fp8 || loaded->version >= lt::kOuterVectorVersion);
   bool small;
   if (route == "auto")
-    small = !blockwise && (m <= (fp8 ? kSmallMRowsFp8 : kSmallMRowsInt8) || n % 16 != 0 || !lt_ready);
+    small = !blockwise && (m <= kSmallMRows || n % 16 != 0 || !lt_ready);
   else if (route == "small_m" || route == "cublaslt")
     small = route == "small_m";
   else
