@@ -18,6 +18,7 @@ namespace {
 // shuffles alone. A row longer than kMaxThreads * C vectors (C = kCache for one input: 64 KiB,
 // 32768 bf16 values) streams its remainder from memory a second time.
 constexpr int kCache = 8;
+constexpr int kDecodeVectors = 2;  // a lane's vectors where the rows are few
 constexpr int kShortRowThreads = 256;
 
 template <int W, int C, class Op, class Out, class M, class... In>

@@ -16,17 +16,25 @@
 namespace baracuda {
 namespace {
 
-// The forward: one block a row, up to kNormCache vectors a thread held in registers (longer rows
-// recompute the rest from memory).
-constexpr int kNormCache = 4;
+// The forward: one block a row, C vectors a thread held in registers with the weight's (longer
+// rows recompute the rest from memory). The weight is loaded with the row, not after its sum: a
+// decode row's time is a chain of dependent steps, and this takes one memory round trip off it.
+constexpr int kNormCache = 4;  // the most vectors a thread caches
+constexpr int kNormVectors = 2;
 
-template <int W, class T, class Q, class Out>
+template <int W, int C, class T, class Q, class Out>
 __global__ void __launch_bounds__(kMaxThreads)
 norm_row_kernel(NormQuantizeRows<T, Q, Out> io, int64_t rows, int64_t cols) {
   using M = math_t<T>;
   __shared__ RowSum<M> sums[kMaxThreads / 32];
   __shared__ RowRange<M> ranges[kMaxThreads / 32];
-  const int64_t nvec = cols / W, cached = int64_t{kNormCache} * blockDim.x;
+  const int64_t nvec = cols / W, cached = int64_t{C} * blockDim.x;
+  Vec<T, W> w_cache[C];
+#pragma unroll
+  for (int c = 0; c < C; ++c) {
+    const int64_t v = threadIdx.x + c * int64_t{blockDim.x};
+    if (v < nvec) w_cache[c] = load_vec<W>(io.weight + v * W);
+  }
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const int64_t base = row * cols;
     const auto r_vec = [&](int64_t v) {  // r of vector v, from memory
@@ -38,9 +46,9 @@ norm_row_kernel(NormQuantizeRows<T, Q, Out> io, int64_t rows, int64_t cols) {
       for (int k = 0; k < W; ++k) r.v[k] = RmsNorm<T>::residual(x.v[k], res.v[k]);
       return r;
     };
-    Vec<T, W> cache[kNormCache];
+    Vec<T, W> cache[C];
 #pragma unroll
-    for (int c = 0; c < kNormCache; ++c) {
+    for (int c = 0; c < C; ++c) {
       const int64_t v = threadIdx.x + c * int64_t{blockDim.x};
       if (v < nvec) cache[c] = r_vec(v);
     }
@@ -51,7 +59,7 @@ norm_row_kernel(NormQuantizeRows<T, Q, Out> io, int64_t rows, int64_t cols) {
       for (int k = 0; k < W; ++k) ss.sum += RmsNorm<T>::square(r.v[k]);
     };
 #pragma unroll
-    for (int c = 0; c < kNormCache; ++c) {
+    for (int c = 0; c < C; ++c) {
       const int64_t v = threadIdx.x + c * int64_t{blockDim.x};
       if (v < nvec) first(v, cache[c]);
     }
@@ -60,19 +68,19 @@ norm_row_kernel(NormQuantizeRows<T, Q, Out> io, int64_t rows, int64_t cols) {
 
     // f(v, h) for each of this thread's vectors of h, from the cache or recomputed.
     const auto each_h = [&](auto&& f) {
-      const auto h_vec = [&](int64_t v, const Vec<T, W>& r) {
-        const auto w = load_vec<W>(io.weight + v * W);
+      const auto h_vec = [&](const Vec<T, W>& r, const Vec<T, W>& w) {
         Vec<T, W> h;
 #pragma unroll
         for (int k = 0; k < W; ++k) h.v[k] = RmsNorm<T>::normed(r.v[k], inv, w.v[k]);
         return h;
       };
 #pragma unroll
-      for (int c = 0; c < kNormCache; ++c) {
+      for (int c = 0; c < C; ++c) {
         const int64_t v = threadIdx.x + c * int64_t{blockDim.x};
-        if (v < nvec) f(v, h_vec(v, cache[c]));
+        if (v < nvec) f(v, h_vec(cache[c], w_cache[c]));
       }
-      for (int64_t v = cached + threadIdx.x; v < nvec; v += blockDim.x) f(v, h_vec(v, r_vec(v)));
+      for (int64_t v = cached + threadIdx.x; v < nvec; v += blockDim.x)
+        f(v, h_vec(r_vec(v), load_vec<W>(io.weight + v * W)));
     };
     RowParams<M> p;
     if constexpr (Q::kDynamic) {
