@@ -19,9 +19,10 @@ Variants, trained with the same steps, seed and batches (one jitted step each):
 Inference: the trained weights quantized per output channel (`quantize_weight`), activations through
 `rms_norm_quantize_per_token`, `quantize_per_token_dynamic` and `silu_mul_quantize_per_token`, the
 projections through `scaled_matmul` (the skip connections in its epilogue). With --time (a GPU),
-prefill and decode (KV cache) tokens/s against the same model in bf16, and a generated sample; then
-the same timings at D 2048 (WIDE, untrained), where the projections are large enough for 8 bits to pay.
-With --seeds N every variant trains N times, and the run prints the targets' figures seed by seed.
+prefill and decode (KV cache, donated: updated in place; batch 1, 16, 64) tokens/s against the same
+model in bf16, and a generated sample; then the same timings at D 2048 (WIDE, untrained), where the
+projections are large enough for 8 bits to pay. With --seeds N every variant trains N times, and the
+run prints the targets' figures seed by seed.
 """
 
 import argparse
@@ -384,23 +385,38 @@ def bf16_params(params):
     return jax.tree.map(lambda w: w.astype(jnp.bfloat16) if w.dtype == jnp.float32 else w, params)
 
 
-def device_seconds(fn, args, reps=20):
+def device_seconds(fn, args, reps=20, carry=None):
     """Median device seconds per call of jax.jit(fn)(*args), after a warm-up call. On a GPU, from a
     profiler trace: a call's time runs from its first kernel's start to its last kernel's end, so the
-    host's dispatch between calls does not count. Elsewhere: the wall clock of one call at a time."""
-    f = jax.jit(fn)
-    jax.block_until_ready(f(*args))
+    host's dispatch between calls does not count. Elsewhere: the wall clock of one call at a time.
+
+    With carry = i, args[i] is donated and fn returns (out, its next value), which the next call
+    takes: a decode step's KV caches, updated in place rather than copied every step."""
+    args = list(args)
+    if carry is None:
+        f = jax.jit(fn)
+    else:
+        step = jax.jit(fn, donate_argnums=carry)
+
+        def f(*a):
+            out, args[carry] = step(*a)
+            return out
+
+    def call():
+        return f(*args)
+
+    jax.block_until_ready(call())
     if jax.devices()[0].platform != "gpu":
         times = []
         for _ in range(reps):
             t0 = time.perf_counter()
-            jax.block_until_ready(f(*args))
+            jax.block_until_ready(call())
             times.append(time.perf_counter() - t0)
         return statistics.median(times)
     with tempfile.TemporaryDirectory() as tmp:
         jax.profiler.start_trace(tmp)
         for _ in range(reps):
-            out = f(*args)
+            out = call()
         jax.block_until_ready(out)
         jax.profiler.stop_trace()
         (trace,) = pathlib.Path(tmp).rglob("*.xplane.pb")
@@ -427,14 +443,14 @@ def time_train_steps(cfg, data, reps=20):
     return {v: device_seconds(train_step(v, cfg, opt), (params, opt.init(params), batch), reps) for v in VARIANTS}
 
 
-def time_inference(params, cfg, reps=20):
-    """tokens/s of prefill (batch 16 x 1024) and of one decode step (batch 16, 1024 cached) on this
-    device, bf16 against W8A8 fp8 and int8 (device time: device_seconds)."""
+def time_inference(params, cfg, reps=20, decode_batches=(1, 16, 64)):
+    """tokens/s of prefill (batch 16 x 1024) and of one decode step (1024 cached; batch 1, 16 and 64,
+    the caches donated) on this device, bf16 against W8A8 fp8 and int8 (device time: device_seconds)."""
 
     batch, length = 16, 1024
     hd = cfg.d // cfg.heads
-    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (batch, length)), jnp.int32)
-    caches = [(jnp.zeros((batch, length + 1, cfg.heads, hd), jnp.bfloat16),) * 2 for _ in range(cfg.layers)]
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(0, 256, (batch, length)), jnp.int32)
     ways = {
         "bf16": (bf16_params(params), FloatOps(jnp.bfloat16)),
         "W8A8 fp8": (quantize_for_inference(params, jnp.float8_e4m3fn), W8A8Ops(jnp.float8_e4m3fn)),
@@ -444,10 +460,12 @@ def time_inference(params, cfg, reps=20):
     for name, (p, ops) in ways.items():
         prefill = lambda p, t: forward(p, t, ops, cfg.heads)
         decode = lambda p, t, c: forward(p, t, ops, cfg.heads, c, length)
-        out[name] = dict(
-            prefill=batch * length / device_seconds(prefill, (p, tokens), reps),
-            decode=batch / device_seconds(decode, (p, tokens[:, :1], caches), reps),
-        )
+        out[name] = dict(prefill=batch * length / device_seconds(prefill, (p, tokens), reps))
+        for b in decode_batches:
+            cache = lambda: jnp.zeros((b, length + 1, cfg.heads, hd), jnp.bfloat16)
+            caches = [(cache(), cache()) for _ in range(cfg.layers)]
+            step = jnp.asarray(rng.integers(0, 256, (b, 1)), jnp.int32)
+            out[name][f"decode_{b}"] = b / device_seconds(decode, (p, step, caches), reps, carry=2)
     return out
 
 
@@ -456,8 +474,9 @@ def generate(params, ops, cfg, prompt, n, temperature=0.7, seed=0):
     hd = cfg.d // cfg.heads
     tokens = jnp.asarray(np.frombuffer(prompt.encode(), np.uint8).astype(np.int32))[None]
     total = tokens.shape[1] + n
-    caches = [(jnp.zeros((1, total, cfg.heads, hd), ops.dtype),) * 2 for _ in range(cfg.layers)]
-    step = jax.jit(lambda p, t, c, pos: forward(p, t, ops, cfg.heads, c, pos))
+    cache = lambda: jnp.zeros((1, total, cfg.heads, hd), ops.dtype)
+    caches = [(cache(), cache()) for _ in range(cfg.layers)]
+    step = jax.jit(lambda p, t, c, pos: forward(p, t, ops, cfg.heads, c, pos), donate_argnums=2)
     logits, caches = step(params, tokens, caches, 0)
     out, key = [], jax.random.key(seed)
     for i in range(n):
@@ -514,7 +533,8 @@ def time_all(cfg, params, data, log):
     )
     speed = time_inference(params, cfg)
     for name, s in speed.items():
-        log(f"d={cfg.d} {name:<10} prefill {s['prefill']:>12,.0f} tok/s   decode {s['decode']:>10,.0f} tok/s\n")
+        decode = "   ".join(f"{k.replace('_', ' batch ')} {v:>10,.0f}" for k, v in s.items() if k.startswith("decode"))
+        log(f"d={cfg.d} {name:<10} prefill {s['prefill']:>12,.0f} tok/s   {decode} tok/s\n")
     return dict(train_step_us=steps, tokens_per_s=speed)
 
 
