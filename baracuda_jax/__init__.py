@@ -3,6 +3,7 @@ calls on CPU and CUDA, and the scaled 8-bit matmul that consumes it, with its pr
 
 from baracuda_jax import reference
 from baracuda_jax._ffi import HAS_CUDA_KERNELS, gpu_kernels_available
+from baracuda_jax.fp8_training import fp8_matmul
 from baracuda_jax.fused import (
     rms_norm_fake_quantize_per_token,
     rms_norm_quantize_per_token,
@@ -34,6 +35,7 @@ __all__ = [
     "fake_quantize_per_token",
     "fake_quantize_per_token_dynamic",
     "fake_quantize_per_token_group",
+    "fp8_matmul",
     "gpu_kernels_available",
     "quantize_per_token",
     "quantize_per_token_dynamic",

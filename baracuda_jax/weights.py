@@ -137,15 +137,17 @@ def quantize_weight(
     *lead, n, k = wt.shape
     if k % BLOCK or n % BLOCK:
         raise ValueError(f"{_OP}: w has shape {tuple(w.shape)}; block_size={BLOCK} needs K and N multiples of {BLOCK}")
-    return QuantizedWeight(*_blockwise(wt, dtype), BLOCK)
+    return blockwise_weight(wt, dtype)
 
 
-def _blockwise(wt, dtype):
-    """wt [..., N, K] -> (q [..., N, K], scale [..., K // 128, N // 128]): each block flattened into
-    one row of the dynamic quantizer (amax and rounding do not depend on the order within it)."""
+def blockwise_weight(wt: jax.Array, dtype: DTypeLike, pow2_scale: bool = False) -> QuantizedWeight:
+    """wt [..., N, K] (a [K, N] weight's transpose, N and K multiples of 128) in 128 x 128 blocks:
+    q [..., N, K] and scale [..., K // 128, N // 128], each block flattened into one row of the
+    dynamic quantizer (amax and rounding do not depend on the order within it)."""
     *lead, n, k = wt.shape
     nb, kb = n // BLOCK, k // BLOCK
     rows = jnp.moveaxis(wt.reshape(*lead, nb, BLOCK, kb, BLOCK), -3, -2)  # [..., nb, kb, 128, 128]
-    q, scale, _ = quantize_per_token_dynamic(rows.reshape(*lead, nb, kb, BLOCK * BLOCK), dtype=dtype)
+    flat = rows.reshape(*lead, nb, kb, BLOCK * BLOCK)
+    q, scale, _ = quantize_per_token_dynamic(flat, dtype=dtype, pow2_scale=pow2_scale)
     q = jnp.moveaxis(q.reshape(*lead, nb, kb, BLOCK, BLOCK), -2, -3)  # [..., nb, 128, kb, 128]
-    return q.reshape(*lead, n, k), jnp.swapaxes(scale, -1, -2)
+    return QuantizedWeight(q.reshape(*lead, n, k), jnp.swapaxes(scale, -1, -2), BLOCK)
