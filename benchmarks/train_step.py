@@ -1,14 +1,16 @@
-"""The ops inside a model step: the QAT step of a SwiGLU FFN block, three ways, side by side.
+"""The ops inside a training step: a SwiGLU FFN block's step, each way side by side.
 
     x -> RMSNorm -> fake-quant -> @w1, @w3 -> silu * mul -> fake-quant -> @w2 -> + x
 
 float: no quantizer; jnp: dynamic int8 fake-quant in natural jnp with a straight-through gradient
 (XLA fuses it into the norm and the activation); fused: rms_norm_fake_quantize_per_token and
-silu_mul_fake_quantize_per_token. Each is one jitted value_and_grad of a loss in the parameters and
-x (bf16 parameters and activations), timed as device time per step (harness.py: the span from the
-step's first kernel to its last, median of many steps).
+silu_mul_fake_quantize_per_token; fp8_<recipe>: no fake-quant, the three projections through
+fp8_matmul (forward, dgrad and wgrad in float8). Each is one jitted value_and_grad of a loss in the
+parameters and x (bf16 parameters and activations), timed as device time per step (harness.py: the
+span from the step's first kernel to its last, median of many steps).
 
-    python benchmarks/qat_step.py [--quick] [--json benchmarks/results/qat_step_<device>.json]
+    python benchmarks/train_step.py [--quick] [--ways float,fp8_rowwise]
+        [--json benchmarks/results/train_step_<device>.json]
 """
 
 import argparse
@@ -21,10 +23,17 @@ from harness import F32, device_name, fake_quant_ste, kernel_totals, rms_norm, t
 import baracuda_jax as bj
 
 SIZES = ((8192, 4096, 14336), (8192, 2048, 2048), (32768, 1024, 1024))
+FP8 = {"fp8_rowwise": "rowwise", "fp8_gw_hp": "rowwise_with_gw_hp", "fp8_blockwise": "blockwise"}
+WAYS = ("float", "jnp", "fused", *FP8)
 
 
 def ffn(params, x, way):
     w_norm, w1, w3, w2 = params
+    if way in FP8:
+        mm = lambda a, w: bj.fp8_matmul(a, w, recipe=FP8[way])
+        h = rms_norm(x, w_norm)
+        a, b = mm(h, w1), mm(h, w3)
+        return x + mm((jax.nn.silu(a.astype(F32)) * b.astype(F32)).astype(x.dtype), w2)
     if way == "fused":
         # the skip connection takes the op's residual_out (x itself here): its gradient is then
         # added inside the norm's backward kernel, as XLA would fuse the add into its own
@@ -65,25 +74,24 @@ def kernel_table(fn, args, top=12):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="one small size")
+    p.add_argument("--ways", default=",".join(WAYS), help=f"a subset of {','.join(WAYS)}")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--json", type=pathlib.Path, default=None)
     p.add_argument("--profile", action="store_true", help="also list each way's kernels (GPU)")
     args = p.parse_args(argv)
     sizes = ((512, 256, 512),) if args.quick else SIZES
-    print(f"device: {device_name()}, jax {jax.__version__}; device time per step, us")
-    print(f"{'T x D x F':>18}{'float':>10}{'jnp':>10}{'fused':>10}{'fused/jnp':>11}{'fused/float':>13}")
+    ways = args.ways.split(",")
+    print(f"device: {device_name()}, jax {jax.__version__}; device time per step, us (speed-up over the first way)")
+    print(f"{'T x D x F':>18}" + "".join(f"{w:>20}" for w in ways))
     results = []
     for t, d, f in sizes:
         sets = [inputs(t, d, f, seed) for seed in range(2)]
-        us = {way: 1e6 * time_per_call(step(way), sets, args.reps) for way in ("float", "jnp", "fused")}
+        us = {way: 1e6 * time_per_call(step(way), sets, args.reps) for way in ways}
         results.append(dict(t=t, d=d, f=f, **{f"us_{k}": v for k, v in us.items()}))
-        print(
-            f"{f'{t}x{d}x{f}':>18}{us['float']:>10.0f}{us['jnp']:>10.0f}{us['fused']:>10.0f}"
-            f"{us['jnp'] / us['fused']:>10.2f}x{us['float'] / us['fused']:>12.2f}x",
-            flush=True,
-        )
+        base = us[ways[0]]
+        print(f"{f'{t}x{d}x{f}':>18}" + "".join(f"{v:>11.0f} ({base / v:.2f}x)" for v in us.values()), flush=True)
         if args.profile:
-            for way in ("jnp", "fused"):
+            for way in ways:
                 print(f"  {way}:")
                 kernel_table(step(way), sets[0])
         if args.json:
