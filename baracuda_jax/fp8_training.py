@@ -87,6 +87,12 @@ def _rows(v, pow2):
     return quantize_per_token_dynamic(v, dtype=_F8, pow2_scale=pow2)[:2]
 
 
+def _columns(v, pow2):
+    """v [M, D]'s columns quantized over the tokens, as the rows of v.T [D, M'] (M' = M padded to a
+    multiple of 16 with zero tokens): (q, scale)."""
+    return _rows(_padded_tokens(v, _ALIGN).T, pow2)
+
+
 def _padded_tokens(v, multiple):
     """v [M, D] with zero rows up to a multiple of `multiple`: a zero row leaves every column's amax
     and every sum over the tokens as it is."""
@@ -105,7 +111,7 @@ def _forward(x, w, params):
     dgrad_w = QuantizedWeight(*_rows(w, pow2))  # [K, N]: each input row over N, dgrad's operand
     if recipe == "rowwise_with_gw_hp":
         return y, (x, dgrad_w)
-    return y, (_rows(_padded_tokens(x, _ALIGN).T, pow2), dgrad_w)  # x.T: each column over the tokens
+    return y, (_columns(x, pow2), dgrad_w)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -132,8 +138,7 @@ def _fp8_matmul_bwd(params, res, g):
     if recipe == "rowwise_with_gw_hp":
         dw = (wgrad_x.T @ g.astype(wgrad_x.dtype)).astype(w_like.dtype)
     else:
-        g_cols = QuantizedWeight(*_rows(_padded_tokens(g, _ALIGN).T, pow2))  # each column over the tokens
-        dw = scaled_matmul(*wgrad_x, g_cols, out_dtype=w_like.dtype)
+        dw = scaled_matmul(*wgrad_x, QuantizedWeight(*_columns(g, pow2)), out_dtype=w_like.dtype)
     return dx, dw
 
 
