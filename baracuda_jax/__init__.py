@@ -21,6 +21,7 @@ from baracuda_jax.ops import (
     quantize_per_token_dynamic,
 )
 from baracuda_jax.primitives import check_targets
+from baracuda_jax.w8a8 import rms_norm_w8a8_matmul, silu_mul_w8a8_matmul, w8a8_matmul
 from baracuda_jax.weights import QuantizedWeight, quantize_weight
 
 check_targets()  # every family is declared by now: the declarations against the compiled op tables
@@ -44,8 +45,11 @@ __all__ = [
     "reference",
     "rms_norm_fake_quantize_per_token",
     "rms_norm_quantize_per_token",
+    "rms_norm_w8a8_matmul",
     "scaled_matmul",
     "silu_mul_fake_quantize_per_token",
     "silu_mul_quantize_per_token",
+    "silu_mul_w8a8_matmul",
+    "w8a8_matmul",
 ]
 __version__ = "0.1.0"
