@@ -167,9 +167,10 @@ def silu_mul_w8a8_matmul(
 def _weight(op: str, w) -> tuple[int, int]:
     """w: one layer's per-channel QuantizedWeight; returns its (K, N)."""
     if not isinstance(w, QuantizedWeight):
+        got = f"an array {tuple(w.shape)} {w.dtype}" if hasattr(w, "dtype") else type(w).__name__
         raise TypeError(
-            f"{op}: w must be a bj.QuantizedWeight (bj.quantize_weight of a [K, N] weight); got "
-            f"{type(w).__name__} (for a plain 8-bit array and its scales use scaled_matmul)"
+            f"{op}: w must be a bj.QuantizedWeight (bj.quantize_weight of a [K, N] weight); got {got} (for "
+            f"a plain 8-bit array and its scales use scaled_matmul)"
         )
     if w.block_size is not None:
         raise ValueError(
