@@ -3,11 +3,11 @@
     python examples/w8a8.py [--steps 600] [--time]
 
 Weights are quantized once per output channel with bj.quantize_weight (stored [N, K], as the GEMM
-reads them); activations per token at run time with quantize_per_token_dynamic; the matmul is
-bj.scaled_matmul (scales in its epilogue). With --time and a GPU, it also times a stack of pre-norm
-W8A8 layers (residual + RMSNorm + dynamic quantize in one op, then scaled_matmul with the residual add
-in its epilogue) against the same stack in bf16, and the stack with blockwise float8 scales
-(quantize_per_token_group, 128 x 128 weight blocks).
+reads them); each layer is bj.w8a8_matmul: the activations quantized per token at run time, then the
+scaled product (scales in its epilogue). With --time and a GPU, it also times a stack of pre-norm W8A8
+layers (bj.rms_norm_w8a8_matmul: residual add, RMSNorm, dynamic quantize and the product) against the
+same stack in bf16, and the stack with blockwise float8 scales (quantize_per_token_group, 128 x 128
+weight blocks).
 """
 
 import argparse
@@ -22,8 +22,7 @@ import baracuda_jax as bj
 
 def w8a8_linear(h, w, b):
     """h @ w + b with w a bj.QuantizedWeight: h quantized per token in w's format."""
-    q, s, _ = bj.quantize_per_token_dynamic(h, dtype=w.dtype)
-    return bj.scaled_matmul(q, s, w, out_dtype=jnp.float32) + b
+    return bj.w8a8_matmul(h, w) + b
 
 
 def w8a8_forward(qparams, x):
@@ -48,12 +47,15 @@ def bf16_stack(x, norms, weights):
 
 
 def w8a8_stack(x, norms, qweights):
-    """The same layers in W8A8: the norm quantizes per token as it normalizes; the matmul rescales
-    and adds the skip connection in its epilogue."""
-    for g, w in zip(norms, qweights):
-        q, s, _ = bj.rms_norm_quantize_per_token(x, g, dtype=w.dtype)
-        x = bj.scaled_matmul(q, s, w, out_dtype=x.dtype, residual=x)
-    return x
+    """The same layers in W8A8, written as a residual stream: layer i's op adds the last product y to
+    the stream r (r = x_i = x_{i-1} + y, bf16_stack's add, rounded to x's dtype as there), normalizes,
+    quantizes per token and runs the product, so no separate add runs between the layers; the last product
+    joins the stream at the end."""
+    (g, w), *rest = zip(norms, qweights)
+    y, r = bj.rms_norm_w8a8_matmul(x, g, w)  # r = x
+    for g, w in rest:
+        y, r = bj.rms_norm_w8a8_matmul(y, g, w, residual=r)
+    return r + y
 
 
 def w8a8_block_stack(x, norms, qweights):
@@ -89,9 +91,10 @@ def main(argv=None):
     params, _, float_acc = qat.train("float", args.steps, data=data)
     accuracy = {"float": float_acc}
     for dtype in (jnp.int8, jnp.float8_e4m3fn):
-        # float32: quantize_weight takes 16- and 32-bit floats, and qat's are float64 under jax_enable_x64
+        # float32: the W8A8 ops take 16- and 32-bit floats, and qat's are float64 under jax_enable_x64
         qparams = [
-            (bj.quantize_weight(w.astype(jnp.float32), dtype=dtype), b) for w, b in zip(params["w"], params["b"])
+            (bj.quantize_weight(w.astype(jnp.float32), dtype=dtype), b.astype(jnp.float32))
+            for w, b in zip(params["w"], params["b"])
         ]
         accuracy[jnp.dtype(dtype).name] = qat.accuracy(lambda x: w8a8_forward(qparams, x), x_te, y_te)
     print("digits test accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in accuracy.items()))
