@@ -1,7 +1,8 @@
-"""A byte-level transformer LM on the Python standard library's own source: trained in float and with
-QAT (the fused ops), then served in W8A8 through `scaled_matmul`.
+"""A byte-level transformer LM on the Python standard library's own source: trained in float, with
+QAT (the fused ops) and in float8 (`fp8_matmul`), then served in W8A8 through `scaled_matmul`.
 
-    python examples/lm.py [--steps 1500] [--seeds 4] [--time] [--png examples/lm_loss.png] [--json out.json]
+    python examples/lm.py [--steps 1500] [--seeds 4] [--variants float,fp8_rowwise] [--time]
+        [--png examples/lm_loss.png] [--json out.json]
 
 Data: the .py files of this Python's standard library (every machine has them; tests, codec tables and
 pydoc's topics left out), bytes, split by file: every tenth file is validation. Model: decoder-only,
@@ -14,11 +15,15 @@ Variants, trained with the same steps, seed and batches (one jitted step each):
   `silu_mul_fake_quantize_per_token` before the down projection, in int8, float8 e4m3, or 4 bits
   (int8 storage, qmin -8, qmax 7); the weights stay float in training (served per output channel);
 - LSQ at 4 bits: a learned step per projection (`fake_quantize_per_token(learnable_scale=True)`);
+- float8 training: every projection (QKV, out, gate/up, down) through `fp8_matmul`, the forward,
+  dgrad and wgrad in float8 e4m3, by the rowwise or the blockwise recipe (weights and activations
+  quantized; the embedding and the unembedding stay float);
 - PTQ: the float model evaluated through each variant's quantizers.
 
 Inference: the trained weights quantized per output channel (`quantize_weight`), activations through
 `rms_norm_quantize_per_token`, `quantize_per_token_dynamic` and `silu_mul_quantize_per_token`, the
-projections through `scaled_matmul` (the skip connections in its epilogue). With --time (a GPU),
+projections through `scaled_matmul` (the skip connections in its epilogue): served from the int8 and
+fp8 QAT weights and from each float8-trained model (in e4m3). With --time (a GPU),
 prefill and decode (KV cache, donated: updated in place; batch 1, 16, 64) tokens/s against the same
 model in bf16, and a generated sample; then the same timings at D 2048 (WIDE, untrained), where the
 projections are large enough for 8 bits to pay. With --seeds N every variant trains N times, and the
@@ -61,21 +66,26 @@ class Config:
     dtype: str = "bfloat16"  # the activations' type in training (the parameters are float32)
 
 
+# D and FFN multiples of 128: every projection fits fp8_matmul's blockwise recipe
 TINY = Config(
-    d=64, layers=1, heads=2, ffn=128, seq=64, batch=8, steps=40, corpus_bytes=400_000, eval_batches=2, dtype="float32"
+    d=128, layers=1, heads=2, ffn=128, seq=64, batch=8, steps=40, corpus_bytes=400_000, eval_batches=2, dtype="float32"
 )
 
 # The timing-only width (untrained weights): projections large enough for an 8-bit GEMM to pay.
 WIDE = dict(d=2048, heads=16, ffn=5632)
 
-# name -> the activation quantizer's grid (None: float); "lsq" learns its steps
+# name -> the activation quantizer's grid (None: float); "lsq" learns its steps; a "recipe" trains
+# every projection through fp8_matmul instead
 VARIANTS = {
     "float": None,
     "int8": dict(dtype=jnp.int8),
     "fp8": dict(dtype=jnp.float8_e4m3fn),
     "int4": dict(dtype=jnp.int8, qmin=-8, qmax=7),
     "int4 lsq": dict(dtype=jnp.int8, qmin=-8, qmax=7, lsq=True),
+    "fp8_rowwise": dict(recipe="rowwise"),
+    "fp8_blockwise": dict(recipe="blockwise"),
 }
+FP8_TRAINED = tuple(v for v, grid in VARIANTS.items() if grid and "recipe" in grid)
 
 
 # ---- data -------------------------------------------------------------------------------------------
@@ -184,18 +194,35 @@ class FloatOps:
     def __init__(self, dtype):
         self.dtype = dtype
 
+    def matmul(self, a, w):
+        return a @ w.astype(a.dtype)
+
     def norm_proj(self, x, norm, w, i, j):
-        return rms_norm(x, norm.astype(x.dtype)) @ w.astype(x.dtype)
+        return self.matmul(rms_norm(x, norm.astype(x.dtype)), w)
 
     def gate_up(self, x, norm, w, i, j):
         """(gate, up) of the FFN: one projection, split."""
         return jnp.split(self.norm_proj(x, norm, w, i, j), 2, axis=-1)
 
     def proj_add(self, a, w, residual, i, j):
-        return residual + a @ w.astype(a.dtype)
+        return residual + self.matmul(a, w)
 
     def silu_proj_add(self, g, u, w, residual, i, j):
-        return residual + (jax.nn.silu(g) * u) @ w.astype(g.dtype)
+        return residual + self.matmul(jax.nn.silu(g) * u, w)
+
+
+class Fp8Ops(FloatOps):
+    """Every projection through fp8_matmul with `recipe`: forward, dgrad and wgrad in float8 e4m3.
+
+    The float32 weights go in as they are (no bf16 cast): the forward then quantizes exactly the weight
+    that quantize_for_inference serves, and the weight gradient comes back in float32."""
+
+    def __init__(self, dtype, recipe):
+        super().__init__(dtype)
+        self.recipe = recipe
+
+    def matmul(self, a, w):
+        return bj.fp8_matmul(a, w, recipe=self.recipe)
 
 
 class QatOps(FloatOps):
@@ -216,18 +243,18 @@ class QatOps(FloatOps):
             h, _ = bj.rms_norm_fake_quantize_per_token(x, norm.astype(x.dtype), **self.grid)
         else:
             h = self._lsq(rms_norm(x, norm), i, j)
-        return h @ w.astype(x.dtype)
+        return self.matmul(h, w)
 
     def proj_add(self, a, w, residual, i, j):
         a = bj.fake_quantize_per_token_dynamic(a, **self.grid) if self.steps is None else self._lsq(a, i, j)
-        return residual + a @ w.astype(a.dtype)
+        return residual + self.matmul(a, w)
 
     def silu_proj_add(self, g, u, w, residual, i, j):
         if self.steps is None:
             m = bj.silu_mul_fake_quantize_per_token(g, u, **self.grid)
         else:
             m = self._lsq(jax.nn.silu(g) * u, i, j)
-        return residual + m @ w.astype(g.dtype)
+        return residual + self.matmul(m, w)
 
 
 class W8A8Ops:
@@ -298,8 +325,10 @@ def loss_of(logits, targets):
 
 
 def ops_for(variant, cfg, params):
-    grid = VARIANTS[variant]
-    return FloatOps(jnp.dtype(cfg.dtype)) if grid is None else QatOps(jnp.dtype(cfg.dtype), grid, params["steps"])
+    grid, dtype = VARIANTS[variant], jnp.dtype(cfg.dtype)
+    if grid is None:
+        return FloatOps(dtype)
+    return Fp8Ops(dtype, grid["recipe"]) if "recipe" in grid else QatOps(dtype, grid, params["steps"])
 
 
 # ---- training and evaluation ----------------------------------------------------------------------
@@ -336,7 +365,7 @@ def train(variant, cfg, data, seed=0, log=None):
         params, state, loss = step(params, state, windows(data[0], rng, cfg.batch, cfg.seq))
         losses.append(loss)  # kept on the device: no sync per step
         if log and (i + 1) % max(1, cfg.steps // 20) == 0:
-            log(f"\r  {variant:<9} seed {seed} step {i + 1:>5}/{cfg.steps}  loss {np.mean(losses[-50:]):.3f}")
+            log(f"\r  {variant:<13} seed {seed} step {i + 1:>5}/{cfg.steps}  loss {np.mean(losses[-50:]):.3f}")
     if log:
         log("\n")
     return params, np.asarray(jnp.stack(losses))
@@ -351,14 +380,17 @@ def evaluate(params, ops, cfg, val, seed=1):
 
 def evaluate_variants(trained, cfg, val):
     """{name: {"qat": loss, "ptq": loss}}: each trained variant through its own quantizers, the float model
-    through each variant's (PTQ), and the W8A8 models served from the 8-bit QAT weights."""
+    through each variant's (PTQ), and the W8A8 models served from the 8-bit QAT weights and from each
+    float8-trained model's."""
     float_params = trained["float"][0]
     table = {}
     for v, (params, _) in trained.items():
         table[v] = dict(qat=evaluate(params, ops_for(v, cfg, params), cfg, val))
         if v != "float" and not VARIANTS[v].get("lsq"):
             table[v]["ptq"] = evaluate(float_params, ops_for(v, cfg, float_params), cfg, val)
-    for name, dtype, source in (("W8A8 int8", jnp.int8, "int8"), ("W8A8 fp8", jnp.float8_e4m3fn, "fp8")):
+    served = [("W8A8 int8", jnp.int8, "int8"), ("W8A8 fp8", jnp.float8_e4m3fn, "fp8")]
+    served += [(f"W8A8 {v}", jnp.float8_e4m3fn, v) for v in FP8_TRAINED if v in trained]
+    for name, dtype, source in served:
         params = trained[source][0] if source in trained else float_params
         table[name] = dict(qat=evaluate(quantize_for_inference(params, dtype), W8A8Ops(dtype), cfg, val))
     return table
@@ -512,13 +544,15 @@ def bpb(losses):
 
 
 def summary(table):
-    """The targets' figures, per seed then mean and sd: each QAT loss against float's (%), and the
-    share of 4-bit PTQ's gap that each 4-bit QAT run recovers."""
+    """The targets' figures, per seed then mean and sd: each 8-bit QAT loss, each float8-trained one and
+    its W8A8 model's against float's (%), and the share of 4-bit PTQ's gap that each 4-bit QAT run
+    recovers."""
     f = np.asarray(table["float"]["qat"])
-    out = {f"{v} vs float %": 100 * (np.asarray(table[v]["qat"]) / f - 1) for v in ("int8", "fp8") if v in table}
+    compared = ("int8", "fp8", *FP8_TRAINED, *(f"W8A8 {v}" for v in FP8_TRAINED))
+    out = {f"{v} vs float %": 100 * (np.asarray(table[v]["qat"]) / f - 1) for v in compared if v in table}
     if "int4" in table:
         gap = np.asarray(table["int4"]["ptq"]) - f
-        for v in ("int4", "int4 lsq"):
+        for v in ("int4", "int4 lsq") if "int4 lsq" in table else ("int4",):
             out[f"{v} recovers % of PTQ gap"] = 100 * (np.asarray(table["int4"]["ptq"]) - table[v]["qat"]) / gap
     return {k: dict(per_seed=v.tolist(), mean=float(v.mean()), sd=float(v.std())) for k, v in out.items()}
 
@@ -542,6 +576,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=Config.steps)
     p.add_argument("--seeds", type=int, default=1, help="train every variant with seeds 0..N-1")
+    p.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"a subset of {','.join(VARIANTS)}; float always trains (PTQ's source); --time needs fp8",
+    )
     p.add_argument("--tiny", action="store_true", help="the test suite's configuration")
     p.add_argument(
         "--time",
@@ -552,20 +591,23 @@ def main(argv=None):
     p.add_argument("--png", default=None, help="save the loss curves here")
     p.add_argument("--json", type=pathlib.Path, default=None, help="write the table here")
     args = p.parse_args(argv)
+    variants = tuple(dict.fromkeys(("float", *args.variants.split(","))))
+    if not set(variants) <= set(VARIANTS) or (args.time and "fp8" not in variants):
+        p.error(f"--variants {args.variants}: expected a subset of {','.join(VARIANTS)}, with fp8 for --time")
     cfg = TINY if args.tiny else dataclasses.replace(Config(), steps=args.steps)
     log = (lambda s: None) if args.tiny else (lambda s: print(s, end="", flush=True))
-    table, trained, data = run(cfg, seeds=tuple(range(args.seeds)), log=log)
+    table, trained, data = run(cfg, variants, tuple(range(args.seeds)), log)
     print(
         f"\n{jax.devices()[0].device_kind}, {cfg}, {args.seeds} seed(s)\n"
-        f"{'variant':<10} {'QAT val bpb':>16} {'PTQ val bpb':>16}"
+        f"{'variant':<18} {'QAT val bpb':>16} {'PTQ val bpb':>16}"
     )
     for name, row in table.items():
-        print(f"{name:<10} {bpb(row['qat']):>16} {bpb(row['ptq']) if 'ptq' in row else '':>16}")
+        print(f"{name:<18} {bpb(row['qat']):>16} {bpb(row['ptq']) if 'ptq' in row else '':>16}")
     result = dict(
         device=jax.devices()[0].device_kind, config=dataclasses.asdict(cfg), table=table, summary=summary(table)
     )
     for k, v in result["summary"].items():
-        print(f"{k:<30} {v['mean']:+8.2f} ± {v['sd']:.2f}   per seed: " + " ".join(f"{x:+.2f}" for x in v["per_seed"]))
+        print(f"{k:<36} {v['mean']:+8.2f} ± {v['sd']:.2f}   per seed: " + " ".join(f"{x:+.2f}" for x in v["per_seed"]))
     save = lambda: args.json.write_text(json.dumps(result, indent=1)) if args.json else None
     save()  # after each part: a run cut short keeps what it measured
     if args.png:

@@ -51,10 +51,13 @@ def test_fp8_blockwise_trains_with_group_fake_quant_and_serves_blockwise():
 
 def test_lm_tiny_config_trains_every_variant_and_serves_w8a8():
     """The transformer LM example at its tiny configuration: every variant trains (the loss falls) and
-    evaluates to a finite loss, PTQ included, and the W8A8 models run."""
+    evaluates to a finite loss, PTQ included, and the W8A8 models run, the float8-trained ones too."""
     table, trained, _ = lm.run(lm.TINY)
+    assert set(trained) == set(lm.VARIANTS)
     for variant, (_, losses) in trained.items():
         assert np.mean(losses[-5:]) < losses[0] - 0.5, variant
     values = [loss for row in table.values() for k in ("qat", "ptq") if k in row for loss in row[k]]
-    assert len(values) == 10 and np.all(np.isfinite(values))  # 7 models, and PTQ at int8, fp8, int4
-    assert abs(table["W8A8 fp8"]["qat"][0] - table["fp8"]["qat"][0]) < 0.05  # the served model is the trained one
+    # 11 models (7 variants, 4 served), and PTQ at int8, fp8, int4 and both fp8_matmul recipes
+    assert len(values) == 16 and np.all(np.isfinite(values))
+    for variant in ("fp8", "fp8_rowwise", "fp8_blockwise"):  # the served model is the trained one
+        assert abs(table[f"W8A8 {variant}"]["qat"][0] - table[variant]["qat"][0]) < 0.05, variant
