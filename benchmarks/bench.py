@@ -36,12 +36,14 @@ GB/s = the bytes the op must move (each input read once, each output written onc
 vs jnp = jnp time / our time (above 1: we are faster)."""
 
 
-def ops():
-    """OPS, each checked against specs.SPECS (a renamed row fails here, not midway through a run)."""
-    missing = [op for op in OPS if op not in specs.SPECS]
+def ops(names=None):
+    """OPS (or the per-token rows `names`), each checked against specs.SPECS (a renamed row fails
+    here, not midway through a run)."""
+    names = OPS if names is None else tuple(names)
+    missing = [op for op in names if op not in specs.SPECS or specs.SPECS[op].family != "per_token"]
     if missing:
-        raise KeyError(f"bench.py's OPS name rows that specs.SPECS lacks: {missing}")
-    return OPS
+        raise KeyError(f"bench.py: not per-token rows of specs.SPECS: {missing}")
+    return names
 
 
 def bench_row(op, n, d, x_dtype, q_dtype, reps):
@@ -74,9 +76,11 @@ def bench_row(op, n, d, x_dtype, q_dtype, reps):
     )
 
 
-def grid(quick, shapes=None):
+def grid(quick, shapes=None, names=None):
     if shapes:
-        return [(op, n, d, jnp.bfloat16, q) for q in (jnp.int8, jnp.float8_e4m3fn) for op in ops() for n, d in shapes]
+        return [
+            (op, n, d, jnp.bfloat16, q) for q in (jnp.int8, jnp.float8_e4m3fn) for op in ops(names) for n, d in shapes
+        ]
     if quick:
         return [
             (op, n, d, jnp.bfloat16, q)
@@ -101,7 +105,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a few small shapes (the demo)")
     p.add_argument("--reps", type=int, default=None)
-    p.add_argument("--ops", nargs="*", default=None, help=f"only these ops (of {', '.join(OPS)})")
+    p.add_argument(
+        "--ops", nargs="*", default=None, help=f"only these ops (of {', '.join(OPS)}; with --shapes, any per-token row)"
+    )
     p.add_argument(
         "--shapes",
         nargs="*",
@@ -119,7 +125,7 @@ def main(argv=None):
     shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.shapes or ()]
     rows = [
         r
-        for r in grid(args.quick, shapes)
+        for r in grid(args.quick, shapes, args.ops if shapes else None)
         if (args.ops is None or r[0] in args.ops)
         and args.min_elements <= r[1] * r[2] <= (args.max_elements or r[1] * r[2])
     ]
