@@ -21,6 +21,7 @@ from baracuda_jax.ops import (
     quantize_per_token_dynamic,
 )
 from baracuda_jax.primitives import check_targets
+from baracuda_jax.transposed import quantize_rows_and_columns
 from baracuda_jax.w8a8 import rms_norm_w8a8_matmul, silu_mul_w8a8_matmul, w8a8_matmul
 from baracuda_jax.weights import QuantizedWeight, quantize_weight
 
@@ -41,6 +42,7 @@ __all__ = [
     "quantize_per_token",
     "quantize_per_token_dynamic",
     "quantize_per_token_group",
+    "quantize_rows_and_columns",
     "quantize_weight",
     "reference",
     "rms_norm_fake_quantize_per_token",

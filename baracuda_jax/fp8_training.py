@@ -13,8 +13,9 @@ Recipes (x ``[M, K]``, w ``[K, N]``, g the output's cotangent ``[M, N]``):
   blocks (``scaled_matmul``'s blockwise weight: DeepSeek-V3 tiles g 128 x 1 there).
 
 The backward saves float8 operands, not the float inputs, where the recipe allows (the wgrad's x.T and
-the dgrad's w are quantized in the forward). The transposed operands are XLA transposes followed by a
-quantizer here.
+the dgrad's w are quantized in the forward). In the rowwise recipes each of x, w and g is quantized by
+rows and by columns in one op, :func:`quantize_rows_and_columns`, which writes the transposed copy
+itself: no operand is transposed in float.
 """
 
 import functools
@@ -27,6 +28,7 @@ from baracuda_jax import _checks
 from baracuda_jax.groups import quantize_per_token_group
 from baracuda_jax.matmul import scaled_matmul
 from baracuda_jax.ops import quantize_per_token_dynamic
+from baracuda_jax.transposed import quantize_rows_and_columns
 from baracuda_jax.weights import BLOCK, QuantizedWeight, blockwise_weight
 
 _OP = "fp8_matmul"
@@ -87,10 +89,11 @@ def _rows(v, pow2):
     return quantize_per_token_dynamic(v, dtype=_F8, pow2_scale=pow2)[:2]
 
 
-def _columns(v, pow2):
-    """v [M, D]'s columns quantized over the tokens, as the rows of v.T [D, M'] (M' = M padded to a
-    multiple of 16 with zero tokens): (q, scale)."""
-    return _rows(_padded_tokens(v, _ALIGN).T, pow2)
+def _rows_and_columns(v, pow2, pad_to=_ALIGN):
+    """v [M, D] quantized by rows, (q, scale), and by columns over the tokens as the rows of v.T
+    [D, M'] (M' = M padded with zero tokens to a multiple of pad_to), (q_t, scale_t)."""
+    q, s, q_t, s_t = quantize_rows_and_columns(v, dtype=_F8, pad_to=pad_to, pow2_scale=pow2)
+    return (q, s), (q_t, s_t)
 
 
 def _padded_tokens(v, multiple):
@@ -107,11 +110,13 @@ def _forward(x, w, params):
         y = scaled_matmul(*quantize_per_token_group(x, BLOCK, pow2_scale=pow2), wq, out_dtype=out_dtype)
         xt = _padded_tokens(x, BLOCK).T  # the wgrad's x.T, in 1 x 128 groups along the tokens
         return y, (quantize_per_token_group(xt, BLOCK, pow2_scale=pow2), wq)
-    y = scaled_matmul(*_rows(x, pow2), QuantizedWeight(*_rows(w.T, pow2)), out_dtype=out_dtype)
-    dgrad_w = QuantizedWeight(*_rows(w, pow2))  # [K, N]: each input row over N, dgrad's operand
+    w_rows, w_columns = _rows_and_columns(w, pow2, pad_to=1)
+    dgrad_w = QuantizedWeight(*w_rows)  # [K, N]: each input row over N, dgrad's operand
     if recipe == "rowwise_with_gw_hp":
-        return y, (x, dgrad_w)
-    return y, (_columns(x, pow2), dgrad_w)
+        x_rows, wgrad_x = _rows(x, pow2), x
+    else:
+        x_rows, wgrad_x = _rows_and_columns(x, pow2)
+    return scaled_matmul(*x_rows, QuantizedWeight(*w_columns), out_dtype=out_dtype), (wgrad_x, dgrad_w)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -134,12 +139,12 @@ def _fp8_matmul_bwd(params, res, g):
         g_blocks = blockwise_weight(_padded_tokens(g, BLOCK).T, _F8, pow2)  # g [M, N] as a [K, N] weight
         dw = scaled_matmul(*wgrad_x, g_blocks, out_dtype=w_like.dtype)
         return dx, dw
-    dx = scaled_matmul(*_rows(g, pow2), dgrad_w, out_dtype=x_like.dtype)
     if recipe == "rowwise_with_gw_hp":
-        dw = (wgrad_x.T @ g.astype(wgrad_x.dtype)).astype(w_like.dtype)
-    else:
-        dw = scaled_matmul(*wgrad_x, QuantizedWeight(*_columns(g, pow2)), out_dtype=w_like.dtype)
-    return dx, dw
+        dx = scaled_matmul(*_rows(g, pow2), dgrad_w, out_dtype=x_like.dtype)
+        return dx, (wgrad_x.T @ g.astype(wgrad_x.dtype)).astype(w_like.dtype)
+    g_rows, g_columns = _rows_and_columns(g, pow2)
+    dx = scaled_matmul(*g_rows, dgrad_w, out_dtype=x_like.dtype)
+    return dx, scaled_matmul(*wgrad_x, QuantizedWeight(*g_columns), out_dtype=w_like.dtype)
 
 
 _fp8_matmul.defvjp(_fp8_matmul_fwd, _fp8_matmul_bwd)

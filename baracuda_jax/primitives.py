@@ -6,6 +6,7 @@ A role says how an operand lines up with the rows ([..., D], one token per row o
   PER_ROW     [...]     one value per row (scale, zero_point)
   PER_COLUMN  [D]       one value per column (a norm's weight)
   GROUPS      [G, D]    per-column partial sums over groups of rows (a weight gradient's)
+  TRANSPOSED  [D, N']   the columns over every row, as rows (a transposed copy, N' >= the rows)
 
 The batching rule and the sharding rule come from the roles: a batch axis of a ROWS or PER_ROW
 operand is more rows (so the batched op is still one kernel), and the leading dims are batch dims
@@ -29,7 +30,7 @@ from jax.interpreters import ad, batching, mlir
 
 from baracuda_jax import _ffi
 
-ROWS, PER_ROW, PER_COLUMN, GROUPS = "rows", "per_row", "per_column", "groups"
+ROWS, PER_ROW, PER_COLUMN, GROUPS, TRANSPOSED = "rows", "per_row", "per_column", "groups", "transposed"
 _PLATFORMS = ("cpu", "cuda")
 
 

@@ -12,6 +12,8 @@ division to an approximate `div.full` unless XLA_FLAGS has
 `--xla_backend_extra_options=-nvptx-prec-divf32=2`; with it, these match the kernels bit for bit.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -131,6 +133,18 @@ def fake_quantize_per_token_dynamic(
         "fake_quantize_per_token_dynamic", x, dtype, symmetric, scale_ub, pow2_scale, qmin, qmax, min_scale
     )
     return fake_quantize_per_token(x, s, zp, **grid)
+
+
+def quantize_rows_and_columns(
+    x, *, dtype=jnp.float8_e4m3fn, pad_to=1, scale_ub=None, pow2_scale=False, min_scale=None, qmin=None, qmax=None
+):
+    """x's rows, then the rows of x.T with zero tokens up to a multiple of pad_to, each quantized dynamically."""
+    x = jnp.asarray(x)
+    rule = dict(dtype=dtype, scale_ub=scale_ub, pow2_scale=pow2_scale, min_scale=min_scale, qmin=qmin, qmax=qmax)
+    q, s, _ = quantize_per_token_dynamic(x, **rule)
+    tokens = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+    q_t, s_t, _ = quantize_per_token_dynamic(jnp.pad(tokens, ((0, -tokens.shape[0] % pad_to), (0, 0))).T, **rule)
+    return q, s, q_t, s_t
 
 
 # ---- the fused producers (csrc/contract/producers.h): the jnp composition, then the per-token op ---------

@@ -540,7 +540,7 @@ class OpSpec:
     exact_on_integers: bool = False  # "bounded": bit for bit on integer-valued data
     row_reduction: bool = False  # "bounded": h comes from a row sum (the norm)
     scales_from: str | None = None  # "bounded", fake-quantize: the row whose scales its rows have
-    reduces_rows: bool = False  # a result sums over every row: token shards need a collective
+    reduces_rows: bool = False  # a result reduces over every row (a sum, a column amax): token shards need a collective
     reference_on_cpu: bool = False  # the reference's numbers are the CPU's (XLA:GPU may contract an FMA)
 
     def args(self, inputs):
@@ -609,6 +609,10 @@ def _backward(fn):
 
 def _dynamic(fn, **rule):
     return lambda case: lambda x: fn(x, dtype=case.fmt.dtype, symmetric=case.symmetric, **rule)
+
+
+def _rows_and_columns(fn):
+    return lambda case: lambda x: fn(x, dtype=case.fmt.dtype, pad_to=16)
 
 
 def _dequantize(fn):
@@ -750,6 +754,20 @@ def _per_token_rows():
             dynamic=True,
             zero_points=False,
             results=("y",),
+        ),
+        # x read twice, q and q_t written; q_t's tokens padded to a multiple of 16 (the float8 GEMM's)
+        OpSpec(
+            "rows_and_columns",
+            ("x",),
+            _rows_and_columns(bj.quantize_rows_and_columns),
+            _rows_and_columns(ref.quantize_rows_and_columns),
+            lambda xb, qb: 2 * xb + 2 * qb,
+            dynamic=True,
+            results=("q", "scale", "q_t", "scale_t"),
+            x_dtypes=FUSED_FLOATS,
+            formats=SIGNED_FORMATS,
+            zero_points=False,
+            reduces_rows=True,
         ),
     ]
 

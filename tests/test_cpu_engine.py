@@ -13,7 +13,7 @@ CPU = jax.devices("cpu")[0]
 
 
 @pytest.mark.parametrize("q_dtype", [jnp.int8, jnp.float8_e4m3fn], ids=lambda d: jnp.dtype(d).name)
-@pytest.mark.parametrize("spec", specs.select("per_token"), ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", [s for s in specs.select("per_token") if not s.reduces_rows], ids=lambda s: s.name)
 def test_threaded_rows_equal_single_rows(spec, q_dtype):
     """96 rows of 4097 are a dozen chunks for the pool's threads; one row alone is run inline."""
     case = specs.case(jnp.float32, q_dtype)

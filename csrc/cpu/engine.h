@@ -175,6 +175,24 @@ struct CpuExec {
     return ffi::Error::Success();
   }
 
+  // The columns as the rows of x.T, transposed into a buffer in tiles (zero tokens after the last),
+  // so that they are quantized by dynamic_rows itself.
+  template <class Op, class Q, class M, class T>
+  ffi::Error dynamic_rows_and_columns(const Op& op, int64_t rows, int64_t cols, int64_t padded, Q* q, M* scale, Q* q_t,
+                                      M* scale_t, const T* x) {
+    if (ffi::Error rows_done = dynamic_rows(op, rows, cols, q, scale, nullptr, x); !rows_done.success())
+      return rows_done;
+    std::vector<T> x_t(static_cast<size_t>(cols * padded), From<T>::math(math_t<T>(0)));
+    constexpr int64_t kTile = 64;
+    ParallelRows::run(pool, (cols + kTile - 1) / kTile, kTile * rows, [&](int64_t b0, int64_t b1) {
+      for (int64_t c0 = b0 * kTile; c0 < std::min(cols, b1 * kTile); c0 += kTile)
+        for (int64_t r0 = 0; r0 < rows; r0 += kTile)
+          for (int64_t c = c0; c < std::min(cols, c0 + kTile); ++c)
+            for (int64_t r = r0; r < std::min(rows, r0 + kTile); ++r) x_t[c * padded + r] = x[r * cols + c];
+    });
+    return dynamic_rows(op, cols, padded, q_t, scale_t, nullptr, x_t.data());
+  }
+
   template <class T, class Q, class Out>
   ffi::Error norm_rows(const NormQuantizeRows<T, Q, Out>& io, int64_t rows, int64_t cols) {
     using M = math_t<T>;

@@ -17,6 +17,7 @@
 #include "cuda/norm.cuh"
 #include "cuda/reduce.cuh"
 #include "cuda/row_map.cuh"
+#include "cuda/transpose.cuh"
 #include "cuda/vec.cuh"
 #include "ffi/dispatch.h"
 #include "ffi/fused.h"
@@ -107,6 +108,44 @@ struct CudaExec {
     constexpr int W = vec_width<Out, In...>();
     if (vector_aligned<W>(out, in...)) return launch_dynamic<W>(op, rows, cols, out, scale, zp, in...);
     return launch_dynamic<1>(op, rows, cols, out, scale, zp, in...);
+  }
+
+  // The two passes of cuda/transpose.cuh, the scales' buffers holding the amax between them.
+  template <class Op, class Q, class T>
+  ffi::Error dynamic_rows_and_columns(const Op& quant, int64_t rows, int64_t cols, int64_t padded, Q* q, float* scale,
+                                      Q* q_t, float* scale_t, const T* x) const {
+    if (cudaMemsetAsync(scale, 0, rows * sizeof(float), stream) != cudaSuccess ||
+        cudaMemsetAsync(scale_t, 0, cols * sizeof(float), stream) != cudaSuccess) {
+      cudaGetLastError();
+      return internal(op, "cudaMemsetAsync failed");
+    }
+    if ((cols + kValueCols - 1) / kValueCols > 65535)
+      return invalid(op, "x has " + std::to_string(cols) + " columns; at most " + std::to_string(65535 * kValueCols));
+    constexpr int W = vec_width<T>();
+    const bool whole = cols % W == 0 && vector_aligned<W>(x, q);
+    if (rows > 0 && cols > 0) {
+      const auto range_blocks = [&](int w) {
+        return dim3(static_cast<unsigned>((rows + kRangeRows - 1) / kRangeRows),
+                    static_cast<unsigned>((cols + 32 * w - 1) / (32 * w)));
+      };
+      if (whole)
+        ranges_kernel<W><<<range_blocks(W), kRangeThreads, 0, stream>>>(rows, cols, x, scale, scale_t);
+      else
+        ranges_kernel<1><<<range_blocks(1), kRangeThreads, 0, stream>>>(rows, cols, x, scale, scale_t);
+    }
+    const int64_t count = rows + cols;
+    if (count > 0)
+      scales_kernel<<<static_cast<int>(std::min<int64_t>((count + 255) / 256, 1024)), 256, 0, stream>>>(
+          quant, count, scale, rows, scale_t);
+    if (padded > 0 && cols > 0) {
+      const dim3 blocks(static_cast<unsigned>((padded + kValueRows - 1) / kValueRows),
+                        static_cast<unsigned>((cols + kValueCols - 1) / kValueCols));
+      if (whole)
+        values_kernel<W><<<blocks, kValueThreads, 0, stream>>>(quant, rows, cols, padded, x, q, scale, q_t, scale_t);
+      else
+        values_kernel<1><<<blocks, kValueThreads, 0, stream>>>(quant, rows, cols, padded, x, q, scale, q_t, scale_t);
+    }
+    return launch_error();
   }
 
   // The fused rows use W-vectors when W divides D (and the buffers are aligned), else W = 1.

@@ -1,6 +1,6 @@
-// Handler bodies of the seven per-token ops (quantize, dequantize, fake_quantize, its gradient,
-// the LSQ gradient, and the dynamic quantize and fake-quantize) and their FFI signatures, shared
-// by the CPU and CUDA backends. Each body checks its operands, builds its functor of
+// Handler bodies of the eight per-token ops (quantize, dequantize, fake_quantize, its gradient,
+// the LSQ gradient, the dynamic quantize and fake-quantize, and the rows-and-columns quantize) and their FFI
+// signatures, shared by the CPU and CUDA backends. Each body checks its operands, builds its functor of
 // contract/numerics.h and runs it on its backend's row engine, the Exec (cpu/engine.h,
 // cuda/engine.cu), whose calls (data [N, D] row-major; each returns an ffi::Error) are:
 //   map_rows(op, rows, cols, out, in...)          out[r, c] = op(op.row(r), in[r, c]...)
@@ -10,6 +10,10 @@
 //                                                 h = op.value(in[r, c]...); p = op.params(RowRange
 //                                                 of h[r, :]); out[r, c] = op.quantize(p, h[r, c]);
 //                                                 scale[r], zp[r] (when not null) from p
+//   dynamic_rows_and_columns(op, rows, cols, padded, q, scale, q_t, scale_t, x)
+//                                                 dynamic_rows of x (symmetric) into q, scale, and
+//                                                 of x.T with padded - rows zero tokens into q_t,
+//                                                 scale_t
 // Each row's result depends on that row alone, and a sum on a fixed order.
 #pragma once
 
@@ -198,6 +202,36 @@ ffi::Error fake_quantize_dynamic(Exec exec, ffi::AnyBuffer x, ffi::Result<ffi::A
   });
 }
 
+// x[..., D] (N rows) -> (q, scale, q_t, scale_t): x's rows quantized as quantize_dynamic quantizes them, and
+// its columns (over the tokens) written transposed, q_t[D, N'] and scale_t[D]: the rows of x.T
+// with N' - N zero tokens after them (a zero token changes no column's range). Symmetric grids
+// only (each scale from one amax, which a backend may reduce in any order: a max is exact).
+template <class Exec>
+ffi::Error quantize_rows_and_columns(Exec exec, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> q,
+                                     ffi::Result<ffi::AnyBuffer> scale, ffi::Result<ffi::AnyBuffer> q_t,
+                                     ffi::Result<ffi::AnyBuffer> scale_t, int32_t qmin, int32_t qmax, double scale_ub,
+                                     double min_scale, bool pow2_scale) {
+  const auto formats = dtype_of<SymmetricFormats>("the output", *q);
+  return dispatch(exec.op, dtype_of<FusedFloats>("x", x), formats, [&](auto t, auto f) {
+    using T = typename decltype(t)::type;
+    using F = typename decltype(f)::type;
+    using M = math_t<T>;
+    Rows s;
+    BJ_TRY(check_rows<M>(exec.op, x, *q, *scale, s));
+    const auto dims_t = q_t->dimensions();
+    if (dims_t.size() != 2 || dims_t[0] != s.cols || dims_t[1] < s.rows)
+      return invalid(exec.op, "q_t must be [D, N'] for x [N, D] (N the rows), with N' >= N");
+    if (q_t->element_type() != q->element_type()) return invalid(exec.op, "q_t must have q's dtype");
+    BJ_TRY(check_count(exec.op, "scale_t", *scale_t, ffi_dtype_of<M>(), s.cols, "one value per column"));
+    BJ_TRY(check_dynamic<F>(exec.op, true, qmin, qmax, scale_ub, min_scale, pow2_scale));
+    using Op = Produced<Dynamic<QuantizeOp<T, F>>, Identity>;
+    using Q = typename F::storage;
+    return exec.dynamic_rows_and_columns(make_dynamic_op<Op, M>(true, qmin, qmax, scale_ub, min_scale, pow2_scale),
+                                         s.rows, s.cols, dims_t[1], data_of<Q>(*q), data_of<M>(*scale),
+                                         data_of<Q>(*q_t), data_of<M>(*scale_t), data_of<const T>(x));
+  });
+}
+
 // ---- the FFI signatures (ffi/dispatch.h's binders) ---------------------------------------------
 
 // (operands..., [zero_point]) -> results
@@ -215,6 +249,12 @@ template <class B> auto bind_fake_quantize(B&& b) { return format_attrs(static_o
 template <class B> auto bind_fake_quantize_grad(B&& b) { return format_attrs(static_op<3, 1>(std::move(b))); }
 template <class B> auto bind_lsq_grad(B&& b) { return format_attrs(static_op<3, 2>(std::move(b))); }
 template <class B> auto bind_quantize_dynamic(B&& b) { return dynamic_attrs(rets<3>(args<1>(std::move(b)))); }
+template <class B> auto bind_rows_and_columns(B&& b) {
+  return grid_attrs(rets<4>(args<1>(std::move(b))))
+      .template Attr<double>("scale_ub")
+      .template Attr<double>("min_scale")
+      .template Attr<bool>("pow2_scale");
+}
 template <class B> auto bind_fake_quantize_dynamic(B&& b) {
   return dynamic_attrs(rets<3>(args<1>(std::move(b))).template Attr<std::string_view>("format"));
 }
