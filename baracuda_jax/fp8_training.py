@@ -22,6 +22,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike, DTypeLike
 
 from baracuda_jax import _checks
@@ -35,6 +36,10 @@ _OP = "fp8_matmul"
 RECIPES = ("rowwise", "rowwise_with_gw_hp", "blockwise")
 _F8 = jnp.float8_e4m3fn
 _ALIGN = 16  # the wgrad's contraction (the tokens), padded so that the GPU runs it as a custom call
+# Every scale is floored at float32's smallest normal, the least floor that keeps 1/scale finite: a
+# group of values below 448 * 2**-126 (cotangents get there) would otherwise get an infinite
+# reciprocal, and its zeros NaN (torchao clamps the amax at 1e-12, DeepGEMM at 1e-4).
+_MIN_SCALE = float(np.finfo(np.float32).tiny)
 
 
 def fp8_matmul(
@@ -50,7 +55,10 @@ def fp8_matmul(
     The forward is the served W8A8 product: with the default ``pow2_scale=False`` it equals
     ``scaled_matmul(*quantize_per_token_dynamic(x, dtype=float8_e4m3fn)[:2], quantize_weight(w))``
     bit for bit (``blockwise``: ``quantize_per_token_group(x, 128)`` and
-    ``quantize_weight(w, block_size=128)``). The gradients are float8 products of the cotangent with
+    ``quantize_weight(w, block_size=128)``), but where a row's (or group's) amax is below
+    ``448 * 2**-126``: every scale here is floored at float32's smallest normal, so that its
+    reciprocal stays finite (unfloored, such a row's zeros quantize to NaN). The gradients are
+    float8 products of the cotangent with
     the other operand, each quantized along its contraction axis (the module's docstring lists the
     recipes). Works under ``jax.jit``, ``jax.grad``, ``jax.checkpoint``, ``jax.vmap`` and
     ``lax.scan``.
@@ -86,14 +94,24 @@ def fp8_matmul(
 
 def _rows(v, pow2):
     """v's rows quantized to float8 e4m3, each by its own amax: (q, scale)."""
-    return quantize_per_token_dynamic(v, dtype=_F8, pow2_scale=pow2)[:2]
+    return quantize_per_token_dynamic(v, dtype=_F8, pow2_scale=pow2, min_scale=_MIN_SCALE)[:2]
 
 
 def _rows_and_columns(v, pow2, pad_to=_ALIGN):
     """v [M, D] quantized by rows, (q, scale), and by columns over the tokens as the rows of v.T
     [D, M'] (M' = M padded with zero tokens to a multiple of pad_to), (q_t, scale_t)."""
-    q, s, q_t, s_t = quantize_rows_and_columns(v, dtype=_F8, pad_to=pad_to, pow2_scale=pow2)
+    q, s, q_t, s_t = quantize_rows_and_columns(v, dtype=_F8, pad_to=pad_to, pow2_scale=pow2, min_scale=_MIN_SCALE)
     return (q, s), (q_t, s_t)
+
+
+def _groups(v, pow2):
+    """v's rows in 1 x 128 groups, each quantized by its own amax: (q, scale)."""
+    return quantize_per_token_group(v, BLOCK, pow2_scale=pow2, min_scale=_MIN_SCALE)
+
+
+def _blocks(wt, pow2):
+    """wt [N, K] (a [K, N] weight's transpose) in 128 x 128 blocks, as scaled_matmul's weight."""
+    return blockwise_weight(wt, _F8, pow2, _MIN_SCALE)
 
 
 def _padded_tokens(v, multiple):
@@ -106,10 +124,10 @@ def _padded_tokens(v, multiple):
 def _forward(x, w, params):
     recipe, pow2, out_dtype = params
     if recipe == "blockwise":
-        wq = blockwise_weight(w.T, _F8, pow2)
-        y = scaled_matmul(*quantize_per_token_group(x, BLOCK, pow2_scale=pow2), wq, out_dtype=out_dtype)
+        wq = _blocks(w.T, pow2)
+        y = scaled_matmul(*_groups(x, pow2), wq, out_dtype=out_dtype)
         xt = _padded_tokens(x, BLOCK).T  # the wgrad's x.T, in 1 x 128 groups along the tokens
-        return y, (quantize_per_token_group(xt, BLOCK, pow2_scale=pow2), wq)
+        return y, (_groups(xt, pow2), wq)
     w_rows, w_columns = _rows_and_columns(w, pow2, pad_to=1)
     dgrad_w = QuantizedWeight(*w_rows)  # [K, N]: each input row over N, dgrad's operand
     if recipe == "rowwise_with_gw_hp":
@@ -133,10 +151,10 @@ def _fp8_matmul_bwd(params, res, g):
     recipe, pow2, _ = params
     (wgrad_x, dgrad_w), x_like, w_like = res
     if recipe == "blockwise":
-        g_groups = quantize_per_token_group(g, BLOCK, pow2_scale=pow2)
+        g_groups = _groups(g, pow2)
         w_t = QuantizedWeight(dgrad_w.q.T, dgrad_w.scale.T, BLOCK)  # the same blocks, read as w.T
         dx = scaled_matmul(*g_groups, w_t, out_dtype=x_like.dtype)
-        g_blocks = blockwise_weight(_padded_tokens(g, BLOCK).T, _F8, pow2)  # g [M, N] as a [K, N] weight
+        g_blocks = _blocks(_padded_tokens(g, BLOCK).T, pow2)  # g [M, N] as a [K, N] weight
         dw = scaled_matmul(*wgrad_x, g_blocks, out_dtype=w_like.dtype)
         return dx, dw
     if recipe == "rowwise_with_gw_hp":

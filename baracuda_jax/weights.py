@@ -140,7 +140,9 @@ def quantize_weight(
     return blockwise_weight(wt, dtype)
 
 
-def blockwise_weight(wt: jax.Array, dtype: DTypeLike, pow2_scale: bool = False) -> QuantizedWeight:
+def blockwise_weight(
+    wt: jax.Array, dtype: DTypeLike, pow2_scale: bool = False, min_scale: float | None = None
+) -> QuantizedWeight:
     """wt [..., N, K] (a [K, N] weight's transpose, N and K multiples of 128) in 128 x 128 blocks:
     q [..., N, K] and scale [..., K // 128, N // 128], each block flattened into one row of the
     dynamic quantizer (amax and rounding do not depend on the order within it)."""
@@ -148,6 +150,6 @@ def blockwise_weight(wt: jax.Array, dtype: DTypeLike, pow2_scale: bool = False) 
     nb, kb = n // BLOCK, k // BLOCK
     rows = jnp.moveaxis(wt.reshape(*lead, nb, BLOCK, kb, BLOCK), -3, -2)  # [..., nb, kb, 128, 128]
     flat = rows.reshape(*lead, nb, kb, BLOCK * BLOCK)
-    q, scale, _ = quantize_per_token_dynamic(flat, dtype=dtype, pow2_scale=pow2_scale)
+    q, scale, _ = quantize_per_token_dynamic(flat, dtype=dtype, pow2_scale=pow2_scale, min_scale=min_scale)
     q = jnp.moveaxis(q.reshape(*lead, nb, kb, BLOCK, BLOCK), -2, -3)  # [..., nb, 128, kb, 128]
     return QuantizedWeight(q.reshape(*lead, n, k), jnp.swapaxes(scale, -1, -2), BLOCK)

@@ -98,6 +98,16 @@ def test_gradients_against_float64(recipe):
     assert err_dw < (HP_BOUND if recipe == "rowwise_with_gw_hp" else BOUND)
 
 
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_tiny_values_keep_the_gradients_finite(recipe):
+    """A cotangent whose rows and groups hold values near float32's smallest normal beside exact
+    zeros (unfloored, their scales' reciprocals overflow, and the zeros quantize to NaN)."""
+    x, w, g = operands(helpers.rng(), (256,), 256, 128)
+    g = jnp.where(jnp.arange(128) % 2 == 0, jnp.float32(0), jnp.float32(2e-37)).astype(jnp.bfloat16) * jnp.ones_like(g)
+    dx, dw = grads(x, w, g, recipe=recipe)
+    assert np.isfinite(np.asarray(dx, np.float32)).all() and np.isfinite(np.asarray(dw, np.float32)).all()
+
+
 def test_pow2_scales_are_powers_of_two_and_keep_the_gradients():
     x, w, g = operands(helpers.rng(), (64,), 128, 32)
     y = bj.fp8_matmul(x, w, pow2_scale=True)
