@@ -391,8 +391,13 @@ struct CpuExec {
       lo = v < lo ? v : lo;  // NaN compares false: ignored
       hi = v > hi ? v : hi;
     }
-    RowRange<M> range;
-    for (int k = 0; k < kLanes; ++k) range.merge({lo[k], hi[k]});
+    // The lanes hold no NaN, so plain compares merge them (not libm's fmin: a group of 128 values
+    // paid 32 calls for it).
+    RowRange<M> range{lo[0], hi[0]};
+    for (int k = 1; k < kLanes; ++k) {
+      range.lo = lo[k] < range.lo ? lo[k] : range.lo;
+      range.hi = hi[k] > range.hi ? hi[k] : range.hi;
+    }
     for (; c < cols; ++c) range.add(t[c]);
     return range;
   }
