@@ -164,9 +164,10 @@ struct CpuExec {
     using T = decltype(op.value(in[0]...));
     ParallelRows::run(pool, rows, cols, [&](int64_t r0, int64_t r1) {
       std::vector<T> produced(sizeof...(In) > 1 ? cols : 0);
+      std::vector<M> scratch(cols);
       for (int64_t r = r0; r < r1; ++r) {
         const T* h = row_values(op, cols, produced.data(), (in + r * cols)...);
-        const auto p = op.params(row_range<M>(h, cols));
+        const auto p = op.params(row_range(h, cols, scratch.data()));
         if (scale) scale[r] = p.scale;
         if (zp) zp[r] = static_cast<int32_t>(p.zp);
         map_row(QuantizeValue<Op>{op}, p, cols, out + r * cols, h);
@@ -213,7 +214,7 @@ struct CpuExec {
         map_raw<T, T, T>(Normed<M>{}, inv, cols, Raw<T>::of(h.data()), Raw<T>::of(rv), Raw<T>::of(io.weight));
         RowParams<M> p;
         if constexpr (Q::kDynamic) {
-          p = io.quant.params(row_range<M>(h.data(), cols));
+          p = io.quant.params(row_range(h.data(), cols, squares.data()));
           io.scale_out[r] = p.scale;
         } else {
           p = io.quant.row(r);
@@ -265,6 +266,9 @@ struct CpuExec {
   };
   struct Residual {
     template <class T> T operator()(int, T x, T res) const { return RmsNorm<T>::residual(x, res); }
+  };
+  struct ToMath {
+    template <class T> auto operator()(int, T v) const { return to_math(v); }
   };
   struct Square {
     template <class T> auto operator()(int, T r) const { return RmsNorm<T>::square(r); }
@@ -383,24 +387,36 @@ struct CpuExec {
     return sum;
   }
 
-  // The row's range in kLanes interleaved lanes, merged at the end: min and
-  // max are exact, so it is the sequential range (but for the sign of a zero
-  // bound, which no output depends on).
+  // The row's range: its values converted to M into `scratch` (a map, which vectorizes), then
+  // taken in kLanes interleaved lanes held as GCC vectors and merged at the end. min and max are
+  // exact, so it is the sequential range (but for the sign of a zero bound, which no output
+  // depends on). (Converted and compared in one loop, the lanes stayed scalar: GCC built each
+  // block's vector from 16-bit loads, or compared with one cmov per element.)
   template <class M, class T>
-  BJ_VECTOR_CLONES static RowRange<M> row_range(const T* __restrict__ x, int64_t cols) {
-    constexpr int kLanes = 16;
-    M lo[kLanes] = {}, hi[kLanes] = {};
+  static RowRange<M> row_range(const T* x, int64_t cols, M* scratch) {
+    map_raw<M, T>(ToMath{}, 0, cols, scratch, Raw<T>::of(x));
+    return lane_range(scratch, cols);
+  }
+  template <class M>
+  BJ_VECTOR_CLONES static RowRange<M> lane_range(const M* __restrict__ t, int64_t cols) {
+    constexpr int kLanes = 64 / sizeof(M);
+    typedef M Lanes __attribute__((vector_size(kLanes * sizeof(M))));
+    Lanes lo = {}, hi = {};
     int64_t c = 0;
     for (; c + kLanes <= cols; c += kLanes) {
-      for (int k = 0; k < kLanes; ++k) {
-        const M v = to_math(Raw<T>::value(Raw<T>::of(x)[c + k]));
-        lo[k] = v < lo[k] ? v : lo[k];  // NaN compares false: ignored
-        hi[k] = v > hi[k] ? v : hi[k];
-      }
+      Lanes v;
+      std::memcpy(&v, t + c, sizeof v);
+      lo = v < lo ? v : lo;  // NaN compares false: ignored
+      hi = v > hi ? v : hi;
     }
-    RowRange<M> range;
-    for (int k = 0; k < kLanes; ++k) range.merge({lo[k], hi[k]});
-    for (; c < cols; ++c) range.add(to_math(x[c]));
+    // The lanes hold no NaN, so plain compares merge them (not libm's fmin: a group of 128 values
+    // paid 32 calls for it).
+    RowRange<M> range{lo[0], hi[0]};
+    for (int k = 1; k < kLanes; ++k) {
+      range.lo = lo[k] < range.lo ? lo[k] : range.lo;
+      range.hi = hi[k] > range.hi ? hi[k] : range.hi;
+    }
+    for (; c < cols; ++c) range.add(t[c]);
     return range;
   }
 };
