@@ -58,10 +58,9 @@ def fp8_matmul(
     ``quantize_weight(w, block_size=128)``), but where a row's (or group's) amax is below
     ``448 * 2**-126``: every scale here is floored at float32's smallest normal, so that its
     reciprocal stays finite (unfloored, such a row's zeros quantize to NaN). The gradients are
-    float8 products of the cotangent with
-    the other operand, each quantized along its contraction axis (the module's docstring lists the
-    recipes). Works under ``jax.jit``, ``jax.grad``, ``jax.checkpoint``, ``jax.vmap`` and
-    ``lax.scan``.
+    float8 products of the cotangent with the other operand, each quantized along its contraction
+    axis (the module's docstring lists the recipes). Works under ``jax.jit``, ``jax.grad``,
+    ``jax.checkpoint``, ``jax.vmap`` and ``lax.scan``.
 
     Args:
       x: ``[..., K]`` float16, bfloat16 or float32.
