@@ -178,7 +178,7 @@ for _prim in (rms_norm_grad_p, silu_mul_grad_p):
 # ---- the public functions -----------------------------------------------------------------------
 
 
-def _grid(op, dtype, scale, scale_ub, qmin, qmax, min_scale):
+def grid_params(op, dtype, scale, scale_ub, qmin, qmax, min_scale):
     """The params of a symmetric grid, static or dynamic: dtype, qmin, qmax, scale_ub, min_scale."""
     _checks.symmetric_format(op, dtype)
     fmt, qmin, qmax, ub = _checks.dynamic_grid(op, dtype, True, scale_ub, qmin=qmin, qmax=qmax)
@@ -204,7 +204,7 @@ def _norm_call(op, x, weight, residual, eps, scale, dtype, scale_ub, fake, qmin,
         eps=float(eps),
         has_residual=residual is not None,
         dynamic=scale is None,
-        **_grid(op, dtype, scale, scale_ub, qmin, qmax, min_scale),
+        **grid_params(op, dtype, scale, scale_ub, qmin, qmax, min_scale),
     )
     return x, weight, () if residual is None else (residual,), _static_scale(op, "x", x, scale), params
 
@@ -352,7 +352,7 @@ def _silu_call(op, a, b, scale, dtype, scale_ub, fake, qmin, qmax, min_scale):
     if a.ndim < 1:
         raise ValueError(f"{op}: a must have rank >= 1 (one token per row of the last axis), got a scalar")
     _checks.same_as(op, "b", b, "a", a)
-    params = dict(fake=fake, dynamic=scale is None, **_grid(op, dtype, scale, scale_ub, qmin, qmax, min_scale))
+    params = dict(fake=fake, dynamic=scale is None, **grid_params(op, dtype, scale, scale_ub, qmin, qmax, min_scale))
     return a, b, _static_scale(op, "a", a, scale), params
 
 

@@ -61,7 +61,7 @@ class OpDecl:
         return all(r in (ROWS, PER_ROW) for r in self.roles(0, params)[1])
 
 
-def _attr(name, params):
+def ffi_attr(name, params):
     """A param as the handler binds it: `format` is the output dtype's name; ints are int32, floats
     double."""
     if name == "format":
@@ -208,7 +208,7 @@ def define(decl: OpDecl) -> Primitive:
             if lift:
                 return lower_lifted(ctx, prim, operands, params, lift, per_row)
         rule = jax.ffi.ffi_lowering(target, extra_attributes=_partitioning_attributes(decl, ctx, params))
-        return rule(ctx, *operands, **{k: _attr(k, params) for k in decl.attrs})
+        return rule(ctx, *operands, **{k: ffi_attr(k, params) for k in decl.attrs})
 
     for platform in _PLATFORMS:
         mlir.register_lowering(prim, decl.lowerings.get(platform, lowering), platform=platform)

@@ -6,7 +6,14 @@ share of the copy bandwidth (measured in the same run) on the weight bytes. The 
 
 Shapes: Llama-3-8B's projections (K x N: qkv, o, gate+up, down) and Llama-3-70B's.
 
+With --projection, a whole pre-norm projection instead (the residual add, RMSNorm, the per-token
+quantizer and the product): XLA's bf16 layer (its norm fusion and dot), bj.rms_norm_w8a8_matmul (one
+custom call at these sizes: the row kernel and the small-M product chained), the same as two calls
+(rms_norm_quantize_per_token, then scaled_matmul), and the small-M product alone, each on the same
+L2-cold weights.
+
     python benchmarks/decode.py [--quick] [--json benchmarks/results/decode_<device>.json]
+    python benchmarks/decode.py --projection [--quick] [--json benchmarks/results/projection_<device>.json]
     python benchmarks/decode.py --plot benchmarks/results/decode_<device>.json <png>
 """
 
@@ -16,8 +23,9 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
-from harness import copy_time, device_name, matmul_operands, rotations, time_per_call, write_json
+from harness import copy_time, device_name, matmul_operands, rms_norm, rotations, time_per_call, write_json
 
+import baracuda_jax as bj
 from baracuda_jax import matmul
 
 MODELS = {
@@ -56,8 +64,64 @@ def row(m, k, n, reps, copy_bw, ways=WAYS):
     return result
 
 
-def table(results):
-    ways = [w for w in WAYS if "us_" + w in results[0]]
+PROJECTION_WAYS = (
+    "bf16_layer",
+    "int8_fused",
+    "int8_two_calls",
+    "int8_product",
+    "fp8_fused",
+    "fp8_two_calls",
+    "fp8_product",
+)
+
+
+def _projection_ways():
+    """name -> (weight dtype, function of (x, residual, norm weight, w [N, K], w_scale))."""
+
+    def bf16_layer(x, res, g, w, _):
+        r = x + res
+        return rms_norm(r, g) @ w.T, r
+
+    def fused(x, res, g, w, sw):
+        return bj.rms_norm_w8a8_matmul(x, g, bj.QuantizedWeight(w, sw), residual=res)
+
+    def two_calls(x, res, g, w, sw):
+        q, s, r = bj.rms_norm_quantize_per_token(x, g, residual=res, dtype=w.dtype)
+        return matmul._scaled_matmul_on("small_m", q, s, w.T, sw), r
+
+    def product(q, s, _, w, sw):  # the rows given quantized: the product's time alone
+        return matmul._scaled_matmul_on("small_m", q, s, w.T, sw)
+
+    ways = {"bf16_layer": (jnp.bfloat16, bf16_layer)}
+    for dtype, tag in ((jnp.int8, "int8"), (jnp.float8_e4m3fn, "fp8")):
+        ways |= {
+            f"{tag}_fused": (dtype, fused),
+            f"{tag}_two_calls": (dtype, two_calls),
+            f"{tag}_product": (dtype, product),
+        }
+    return ways
+
+
+def projection_row(m, k, n, reps, copy_bw):
+    result = dict(m=m, k=k, n=n)
+    kx, kr, kg = jax.random.split(jax.random.key(m + k + n), 3)
+    x = jax.random.normal(kx, (m, k), jnp.bfloat16)
+    res = jax.random.normal(kr, (m, k), jnp.bfloat16)
+    g = 1 + 0.1 * jax.random.normal(kg, (k,), jnp.bfloat16)
+    for name, (dtype, fn) in _projection_ways().items():
+        weight_bytes = k * n * jnp.dtype(dtype).itemsize
+        sets = matmul_operands(jax.random.key(k + n), 1, k, n, dtype, rotations(weight_bytes, 2, 256, COLD))
+        rows = (x.astype(dtype), jnp.ones((m,), jnp.float32)) if name.endswith("_product") else (x, res)
+        sets = [(*rows, g, w, sw) for _, _, w, sw in sets]
+        seconds = time_per_call(fn, sets, reps)
+        del sets
+        result[f"us_{name}"] = seconds * 1e6
+        result[f"bw_{name}"] = weight_bytes / seconds / copy_bw
+    return result
+
+
+def table(results, all_ways=WAYS):
+    ways = [w for w in all_ways if "us_" + w in results[0]]
     lines = [
         f"{'M':>4} {'K':>6} {'N':>6} "
         + " ".join(f"{w:>18}" for w in ways)
@@ -108,6 +172,7 @@ def plot(json_path, png_path):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="M = 1, 16 and 64 at Llama-3-8B's shapes only")
+    p.add_argument("--projection", action="store_true", help="time whole pre-norm projections (M <= 16)")
     p.add_argument("--ms", default=None, help="comma-separated token counts (default: all of MS)")
     p.add_argument("--models", default=",".join(MODELS), help=f"a subset of {','.join(MODELS)}")
     p.add_argument("--reps", type=int, default=3)
@@ -116,7 +181,15 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.plot:
         return plot(*args.plot)
-    ms = (1, 16, 64) if args.quick else tuple(int(m) for m in args.ms.split(",")) if args.ms else MS
+    default_ms = (1, 4, 16) if args.projection else MS
+    ms = (
+        ((1, 16) if args.projection else (1, 16, 64))
+        if args.quick
+        else tuple(int(m) for m in args.ms.split(","))
+        if args.ms
+        else default_ms
+    )
+    measure, ways = (projection_row, PROJECTION_WAYS) if args.projection else (row, WAYS)
     models = ["llama3-8b"] if args.quick else args.models.split(",")
     copy_bw = (256 << 20) / copy_time(256 << 20, 4, 10)
     print(f"copy bandwidth {copy_bw * 1e-12:.2f} TB/s", flush=True)
@@ -124,12 +197,12 @@ def main(argv=None):
     for model in models:
         for k, n in MODELS[model]:
             for m in ms:
-                results.append(dict(model=model, **row(m, k, n, args.reps, copy_bw)))
-                print(table(results[-1:]).splitlines()[-1], flush=True)
+                results.append(dict(model=model, **measure(m, k, n, args.reps, copy_bw)))
+                print(table(results[-1:], ways).splitlines()[-1], flush=True)
                 if args.json:  # after every row: a long run cut short keeps what it measured
                     meta = dict(device=device_name(), jax=jax.__version__, copy_bw=copy_bw)
                     write_json(args.json, dict(meta, results=results))
-    print(f"\n{device_name()}, jax {jax.__version__}, copy {copy_bw * 1e-12:.2f} TB/s\n" + table(results))
+    print(f"\n{device_name()}, jax {jax.__version__}, copy {copy_bw * 1e-12:.2f} TB/s\n" + table(results, ways))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import baracuda_jax as bj
+from baracuda_jax import w8a8 as w8a8_ops
 
 DTYPES = [jnp.int8, jnp.float8_e4m3fn]
 OPS = ["w8a8_matmul", "rms_norm_w8a8_matmul", "silu_mul_w8a8_matmul"]
@@ -314,6 +315,66 @@ def test_token_sharded_with_the_weight_replicated(name, dtype):
         assert_same_bits(g, w)
 
 
+# ---- the fused call -----------------------------------------------------------------------------
+
+PRODUCERS = {  # the custom calls of each op's composition
+    "w8a8_matmul": "quantize_per_token_dynamic",
+    "rms_norm_w8a8_matmul": "rms_norm_quantize_per_token",
+    "silu_mul_w8a8_matmul": "silu_mul_quantize_per_token",
+}
+
+
+def cuda_text(name, d, residual):
+    """The StableHLO lowered for a CUDA GPU (no GPU needed)."""
+    return jax.jit(lambda d: ours(name, d, residual)).trace(d).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def custom_calls(text):
+    return re.findall(r"custom_call @(baracuda_\w+)", text)
+
+
+@pytest.mark.parametrize("with_residual", [False, True], ids=["", "residual"])
+@pytest.mark.parametrize("name", OPS)
+def test_cuda_lowering_is_one_call_up_to_16_tokens(name, with_residual):
+    """Up to 16 tokens (leading dims included) one custom call, which reads the weight as stored
+    (column-major [K, N]) and leaves it whole under the partitioners; above, the composition's two."""
+    for lead in [(1,), (16,), (2, 8)]:
+        text = cuda_text(name, inputs(helpers.rng(), lead, 64, 37, jnp.int8), with_residual)
+        assert custom_calls(text) == [f"baracuda_{name}"], (lead, custom_calls(text))
+        call = next(line for line in text.splitlines() if f"custom_call @baracuda_{name}" in line)
+        assert "tensor<64x37xi8>" in call and "dense<[0, 1]> : tensor<2xindex>" in call
+        assert 'num_batch_dims = "3"' in call and "need_replication" in call
+    for lead in [(17,), (3, 6)]:
+        text = cuda_text(name, inputs(helpers.rng(), lead, 64, 37, jnp.int8), with_residual)
+        assert custom_calls(text) == [f"baracuda_{PRODUCERS[name]}", "baracuda_scaled_matmul"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("name", OPS)
+def test_the_fused_call_gives_the_producers_bits(device, name, dtype):
+    """The debug path: the primitive's other results are the producer op's own q and scales (and the
+    norm's 1/rms and residual stream), bit for bit, at a decode size (one call on a GPU) and above."""
+    for lead in [(16,), (40,)]:
+        d = jax.device_put(inputs(helpers.rng(), lead, 64, 37, dtype), device)
+        x, fmt, norm = d["x"], d["w"].dtype, name == "rms_norm_w8a8_matmul"
+        residual = d["x_res"] if norm else d["y_res"]
+        params = w8a8_ops._params(
+            name, d["w"], np.dtype(jnp.bfloat16), None, residual, **({"eps": 1e-6} if norm else {})
+        )
+        producer = {"w8a8_matmul": (x,), "rms_norm_w8a8_matmul": (x, d["g"])}.get(name, (x, d["up"]))
+        bind = lambda d: w8a8_ops.FUSED[name].bind(*producer, d["w"].q.T, d["w"].scale, residual, **params)
+        got = jax.jit(bind)(d)[1:]
+        if name == "w8a8_matmul":
+            want = bj.quantize_per_token_dynamic(x, dtype=fmt)  # (q, scale, zero_point)
+        elif norm:
+            q, s, r = bj.rms_norm_quantize_per_token(x, d["g"], residual=residual, dtype=fmt)
+            got, want = (got[0], got[2], got[3]), (q, s, r)  # got: (q, inv_rms, scale, residual_out)
+        else:
+            want = bj.silu_mul_quantize_per_token(x, d["up"], dtype=fmt)
+        for g, w in zip(got, want, strict=True):
+            assert_same_bits(g, w)
+
+
 # ---- the GPU ------------------------------------------------------------------------------------
 
 
@@ -327,13 +388,22 @@ def test_gpu_int8_w8a8_matmul_matches_the_cpu_bit_for_bit(m):
 
 
 @requires_gpu
+@pytest.mark.parametrize("name", OPS)
+def test_gpu_fused_call_moves_no_weight_bytes(name):
+    """The compiled program passes the QuantizedWeight's stored bytes to the one custom call."""
+    d = jax.device_put(inputs(helpers.rng(), (16,), 1024, 512, jnp.float8_e4m3fn), GPUS[0])
+    hlo = jax.jit(lambda d: ours(name, d, True)).lower(d).compile().as_text()
+    assert f"baracuda_{name}" in hlo and not re.search(r"\s(transpose|copy)\(", hlo), hlo
+
+
+@requires_gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_gpu_decode_step_is_deterministic_and_captured_in_command_buffers(dtype):
-    """Two layers, 16 custom calls (each op's producer and product): replayed from a CUDA graph."""
+    """Two layers of 16 tokens, 8 custom calls (one an op): replayed from a CUDA graph."""
     rng = helpers.rng()
     x = jax.device_put(jnp.asarray(rng.normal(0, 1, (16, 256)), jnp.bfloat16), GPUS[0])
     layers = jax.device_put(decode_layers(rng, dtype, d=256, f=512), GPUS[0])
     step = jax.jit(decode_step)
     first = jax.block_until_ready(step(x, layers))
-    assert_same_bits(assert_captured(step, (x, layers), custom_calls=16), first)
+    assert_same_bits(assert_captured(step, (x, layers), custom_calls=8), first)
     assert_same_bits(first, jax.jit(composed_decode_step)(x, layers))

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 
+#include "cuda/pdl.cuh"
 #include "cuda/reduce.cuh"
 #include "cuda/vec.cuh"
 
@@ -26,6 +27,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 dynamic_row_kernel(Op op, int64_t rows, int64_t cols, int lanes, Out* __restrict__ out, M* __restrict__ scale,
                    int32_t* __restrict__ zp, const In* __restrict__... in) {
   __shared__ RowRange<M> partial[kMaxThreads / 32];
+  let_dependents_start();  // a fused W8A8 op's matmul may start streaming its weight
   const int lane = threadIdx.x % lanes;  // lanes divides blockDim.x
   const int64_t rows_per_block = blockDim.x / lanes;
   // Every thread runs the same number of passes: the shuffles and barriers need all of them.
@@ -81,6 +83,7 @@ template <int W, int R, class Op, class Out, class M, class... In>
 __global__ void __launch_bounds__(kShortRowThreads)
 short_row_kernel(Op op, int64_t rows, int64_t cols, int lanes, int per_thread, Out* __restrict__ out,
                  M* __restrict__ scale, int32_t* __restrict__ zp, const In* __restrict__... in) {
+  let_dependents_start();
   const int lane = threadIdx.x % lanes;
   const int64_t slots = blockDim.x / lanes, slot = threadIdx.x / lanes;  // rows a block covers per r
   for (int64_t first = blockIdx.x * slots * per_thread; first < rows; first += gridDim.x * slots * per_thread) {

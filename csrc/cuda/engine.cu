@@ -22,6 +22,7 @@
 #include "ffi/dispatch.h"
 #include "ffi/fused.h"
 #include "ffi/per_token.h"
+#include "ffi/w8a8.h"
 #include "gemm/scaled_matmul.h"
 
 namespace baracuda {
@@ -35,6 +36,7 @@ struct CudaExec {
   const char* op;  // the op's name, for errors
   cudaStream_t stream;
   CudaExec(const char* op, cudaStream_t stream) : op(op), stream(stream) {}
+  operator GemmExec() const { return {op, stream}; }  // NOLINT: the matmuls' bodies take this
 
   template <int W, class Op, class OutPtr, class... In>
   ffi::Error launch(const Op& op, int64_t rows, int64_t cols, OutPtr out, const In*... in) const {
@@ -264,18 +266,16 @@ int64_t cuda_handler_calls() { return handler_calls.load(); }
 
 using namespace baracuda;
 
-// The handler of a row of ffi/ops.def: counts the call, then runs the row's body on the row's Exec
-// (a CudaExec, or the CUDA-only rows' GemmExec), built from the row's name and XLA's stream. No
-// allocation and no host sync inside: safe to capture in a command buffer.
-#define BJ_CUDA_HANDLER(name, Exec, body, bind)                                                  \
+// The handler of a row of ffi/ops.def: counts the call, then runs the row's body on a CudaExec
+// built from the row's name and XLA's stream. No allocation and no host sync inside: safe to
+// capture in a command buffer.
+#define BJ_OP(name, body, bind)                                                                  \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(baracuda_##name##_cuda,                                          \
                                 [](cudaStream_t stream, auto... operands) {                      \
                                   handler_calls.fetch_add(1, std::memory_order_relaxed);         \
-                                  return body(Exec{#name, stream}, std::move(operands)...);      \
+                                  return body(CudaExec{#name, stream}, std::move(operands)...);  \
                                 },                                                               \
                                 bind(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()), \
                                 {ffi::Traits::kCmdBufferCompatible});
-#define BJ_OP(name, body, bind) BJ_CUDA_HANDLER(name, CudaExec, body, bind)
-#define BJ_CUDA_OP(name, body, bind) BJ_CUDA_HANDLER(name, GemmExec, body, bind)
+#define BJ_CUDA_OP(name, body, bind) BJ_OP(name, body, bind)
 #include "ffi/ops.def"
-#undef BJ_CUDA_HANDLER

@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "contract/producers.h"
+#include "cuda/pdl.cuh"
 #include "cuda/reduce.cuh"
 #include "cuda/vec.cuh"
 
@@ -28,6 +29,7 @@ norm_row_kernel(NormQuantizeRows<T, Q, Out> io, int64_t rows, int64_t cols) {
   using M = math_t<T>;
   __shared__ RowSum<M> sums[kMaxThreads / 32];
   __shared__ RowRange<M> ranges[kMaxThreads / 32];
+  let_dependents_start();  // a fused W8A8 op's matmul may start streaming its weight
   const int64_t nvec = cols / W, cached = int64_t{C} * blockDim.x;
   Vec<T, W> w_cache[C];
 #pragma unroll

@@ -216,6 +216,12 @@ inline ffi::Error remaining(ffi::RemainingRets rest, size_t i, std::optional<ffi
   return ffi::Error::Success();
 }
 
+// An empty list of remaining operands: a body calling another body passes none of its optional ones.
+inline ffi::RemainingArgs no_operands() {
+  static const XLA_FFI_Args none{XLA_FFI_Args_STRUCT_SIZE, nullptr, 0, nullptr, nullptr};
+  return ffi::RemainingArgs(&none, 0);
+}
+
 template <class T> T* data_of(ffi::AnyBuffer b) { return static_cast<T*>(b.untyped_data()); }
 
 // ---- grid checks -----------------------------------------------------------------------------

@@ -300,43 +300,33 @@ Plans& plans() {
 // for int8 and float8 alike.
 constexpr int64_t kSmallMRows = 16;
 
-template <class Mma>
-ffi::Error small_m_product(GemmExec exec, const small_m::Problem& p, ffi::DataType out, small_m::Device device) {
-  cudaError_t err;
-  switch (out) {
-    case ffi::DataType::BF16: err = small_m::launch<Mma, bf16>(p, device, exec.stream); break;
-    case ffi::DataType::F16: err = small_m::launch<Mma, f16>(p, device, exec.stream); break;
-    default: err = small_m::launch<Mma, float>(p, device, exec.stream); break;
-  }
-  if (err != cudaSuccess)
-    return internal(exec.op, std::string("the small-M kernel's launch: ") + cudaGetErrorString(err));
-  return ffi::Error::Success();
-}
+// A call's operands, checked.
+struct Operands {
+  int64_t m, n, k;
+  bool fp8, blockwise;
+  ffi::DataType out_type;
+  const void* residual;  // or null
+};
 
-}  // namespace
-
-// ---- the handler -------------------------------------------------------------------------------
-
-ffi::Error scaled_matmul(GemmExec exec, ffi::AnyBuffer a, ffi::Buffer<ffi::F32> a_scale, ffi::AnyBuffer b,
-                         ffi::Buffer<ffi::F32> b_scale, ffi::RemainingArgs residual_arg,
-                         ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> workspace,
-                         ffi::RemainingRets rest, std::string_view route) {
-  const char* op = exec.op;
+ffi::Error check_operands(const char* op, ffi::AnyBuffer a, ffi::AnyBuffer a_scale, ffi::AnyBuffer b,
+                          ffi::AnyBuffer b_scale, ffi::RemainingArgs residual_arg, ffi::AnyBuffer out, Operands& o) {
   const ffi::DataType in = a.element_type();
-  const bool fp8 = in == ffi::DataType::F8E4M3FN;
-  if (!fp8 && in != ffi::DataType::S8) return invalid(op, "a must be float8_e4m3fn or int8");
+  o.fp8 = in == ffi::DataType::F8E4M3FN;
+  if (!o.fp8 && in != ffi::DataType::S8) return invalid(op, "a must be float8_e4m3fn or int8");
   if (b.element_type() != in) return invalid(op, "b must have a's dtype");
-  const auto a_dims = a.dimensions(), b_dims = b.dimensions(), out_dims = out->dimensions();
+  if (a_scale.element_type() != ffi::DataType::F32 || b_scale.element_type() != ffi::DataType::F32)
+    return invalid(op, "a_scale and b_scale must be float32");
+  const auto a_dims = a.dimensions(), b_dims = b.dimensions(), out_dims = out.dimensions();
   if (a_dims.size() < 1 || b_dims.size() != 2) return invalid(op, "a must be [..., K] and b [K, N]");
   const int64_t k = a_dims.back(), n = b_dims[1];
   const int64_t m = static_cast<int64_t>(a.element_count()) / std::max<int64_t>(k, 1);
   if (b_dims[0] != k) return invalid(op, "b must be [K, N] with a's K = " + std::to_string(k));
   if (k == 0 || k % 16 != 0)  // 16-byte rows for both routes
     return invalid(op, "K must be a positive multiple of 16 (the primitive lowers other shapes to XLA's dot)");
-  const bool blockwise = b_scale.dimensions().size() == 2;
-  const int64_t kb = k / kBlock, kb_padded = (kb + kBlockScaleAlign - 1) / kBlockScaleAlign * kBlockScaleAlign;
-  if (blockwise) {
-    if (!fp8 || k % kBlock != 0 || n % kBlock != 0 || m % kBlockScaleAlign != 0)  // cuBLASLt has no others
+  o.blockwise = b_scale.dimensions().size() == 2;
+  const int64_t kb = k / kBlock;
+  if (o.blockwise) {
+    if (!o.fp8 || k % kBlock != 0 || n % kBlock != 0 || m % kBlockScaleAlign != 0)  // cuBLASLt has no others
       return invalid(op,
                      "blockwise scales take float8_e4m3fn with K and N multiples of 128 and rows a multiple of 4 "
                      "(the primitive pads the rows)");
@@ -346,19 +336,83 @@ ffi::Error scaled_matmul(GemmExec exec, ffi::AnyBuffer a, ffi::Buffer<ffi::F32> 
   } else if (static_cast<int64_t>(a_scale.element_count()) != m || static_cast<int64_t>(b_scale.element_count()) != n) {
     return invalid(op, "a_scale must have one value per row of a and b_scale one per column of b");
   }
-  const ffi::DataType out_type = out->element_type();
-  if (out_type != ffi::DataType::BF16 && out_type != ffi::DataType::F16 && out_type != ffi::DataType::F32)
+  o.out_type = out.element_type();
+  if (o.out_type != ffi::DataType::BF16 && o.out_type != ffi::DataType::F16 && o.out_type != ffi::DataType::F32)
     return invalid(op, "out must be bfloat16, float16 or float32");
-  if (out_dims.size() != a_dims.size() || out_dims.back() != n || static_cast<int64_t>(out->element_count()) != m * n)
+  if (out_dims.size() != a_dims.size() || out_dims.back() != n || static_cast<int64_t>(out.element_count()) != m * n)
     return invalid(op, "out must be [..., N]");
-  const void* residual = nullptr;
+  o.residual = nullptr;
   if (residual_arg.size() > 0) {
     std::optional<ffi::AnyBuffer> r;
     BJ_TRY(remaining(residual_arg, 0, r));
-    if (r->element_type() != out_type || r->element_count() != out->element_count())
+    if (r->element_type() != o.out_type || r->element_count() != out.element_count())
       return invalid(op, "residual must be [..., N] in the output's dtype");
-    residual = r->untyped_data();
+    o.residual = r->untyped_data();
   }
+  o.m = m, o.n = n, o.k = k;
+  return ffi::Error::Success();
+}
+
+template <class Mma>
+ffi::Error small_m_launch(GemmExec exec, const small_m::Problem& p, ffi::DataType out, small_m::Device device,
+                          bool chained) {
+  cudaError_t err;
+  switch (out) {
+    case ffi::DataType::BF16: err = small_m::launch<Mma, bf16>(p, device, chained, exec.stream); break;
+    case ffi::DataType::F16: err = small_m::launch<Mma, f16>(p, device, chained, exec.stream); break;
+    default: err = small_m::launch<Mma, float>(p, device, chained, exec.stream); break;
+  }
+  if (err != cudaSuccess)
+    return internal(exec.op, std::string("the small-M kernel's launch: ") + cudaGetErrorString(err));
+  return ffi::Error::Success();
+}
+
+// The product on the small-M kernel; `chained`: as the dependent of the kernel enqueued before it.
+ffi::Error small_m_product(GemmExec exec, const Operands& o, ffi::AnyBuffer a, ffi::AnyBuffer a_scale, ffi::AnyBuffer b,
+                           ffi::AnyBuffer b_scale, ffi::AnyBuffer out, bool chained) {
+  if (o.blockwise) return invalid(exec.op, "the small-M kernel takes per-channel scales (blockwise runs on cuBLASLt)");
+  DeviceAttributes device;
+  if (!current_device(device)) return internal(exec.op, "cannot query the current device");
+  if (device.major < 8) return invalid(exec.op, "the small-M kernel needs sm_80 or newer");
+  const small_m::Problem p{a.untyped_data(),
+                           data_of<const float>(a_scale),
+                           b.untyped_data(),
+                           data_of<const float>(b_scale),
+                           o.residual,
+                           out.untyped_data(),
+                           o.m,
+                           o.n,
+                           o.k,
+                           1};
+  const small_m::Device d{device.sms, device.major >= 9};
+  return o.fp8 ? small_m_launch<small_m::E4M3Mma>(exec, p, o.out_type, d, chained)
+               : small_m_launch<small_m::Int8Mma>(exec, p, o.out_type, d, chained);
+}
+
+}  // namespace
+
+// ---- the handlers ------------------------------------------------------------------------------
+
+ffi::Error chained_small_m(GemmExec exec, ffi::AnyBuffer a, ffi::AnyBuffer a_scale, ffi::AnyBuffer b,
+                           ffi::AnyBuffer b_scale, ffi::RemainingArgs residual, ffi::AnyBuffer out) {
+  Operands o;
+  BJ_TRY(check_operands(exec.op, a, a_scale, b, b_scale, residual, out, o));
+  if (o.m == 0 || o.n == 0) return ffi::Error::Success();
+  return small_m_product(exec, o, a, a_scale, b, b_scale, out, true);
+}
+
+ffi::Error scaled_matmul(GemmExec exec, ffi::AnyBuffer a, ffi::AnyBuffer a_scale, ffi::AnyBuffer b,
+                         ffi::AnyBuffer b_scale, ffi::RemainingArgs residual_arg, ffi::Result<ffi::AnyBuffer> out,
+                         ffi::Result<ffi::AnyBuffer> workspace, ffi::RemainingRets rest, std::string_view route) {
+  const char* op = exec.op;
+  Operands o;
+  BJ_TRY(check_operands(op, a, a_scale, b, b_scale, residual_arg, *out, o));
+  const int64_t m = o.m, n = o.n, k = o.k;
+  const bool fp8 = o.fp8, blockwise = o.blockwise;
+  const ffi::DataType out_type = o.out_type;
+  const void* residual = o.residual;
+  const ffi::DataType in = a.element_type();
+  const int64_t kb = k / kBlock, kb_padded = (kb + kBlockScaleAlign - 1) / kBlockScaleAlign * kBlockScaleAlign;
 
   const lt::Api* loaded = lt::api();
   const bool lt_ready = loaded != nullptr && (!fp8 || loaded->version >= lt::kOuterVectorVersion);
@@ -370,26 +424,7 @@ ffi::Error scaled_matmul(GemmExec exec, ffi::AnyBuffer a, ffi::Buffer<ffi::F32> 
   else
     return invalid(op, "route must be auto, cublaslt or small_m");
   if (m == 0 || n == 0) return ffi::Error::Success();
-
-  if (small) {
-    if (blockwise) return invalid(op, "the small-M kernel takes per-channel scales (blockwise runs on cuBLASLt)");
-    DeviceAttributes device;
-    if (!current_device(device)) return internal(op, "cannot query the current device");
-    if (device.major < 8) return invalid(op, "the small-M kernel needs sm_80 or newer");
-    const small_m::Problem p{a.untyped_data(),
-                             a_scale.typed_data(),
-                             b.untyped_data(),
-                             b_scale.typed_data(),
-                             residual,
-                             out->untyped_data(),
-                             m,
-                             n,
-                             k,
-                             1};
-    const small_m::Device d{device.sms, device.major >= 9};
-    return fp8 ? small_m_product<small_m::E4M3Mma>(exec, p, out_type, d)
-               : small_m_product<small_m::Int8Mma>(exec, p, out_type, d);
-  }
+  if (small) return small_m_product(exec, o, a, a_scale, b, b_scale, *out, false);
 
   if (loaded == nullptr) return internal(op, "cuBLASLt is not loaded");
   const lt::Api& api = *loaded;
@@ -408,7 +443,7 @@ ffi::Error scaled_matmul(GemmExec exec, ffi::AnyBuffer a, ffi::Buffer<ffi::F32> 
 
   int dev = 0;
   if (cudaError_t err = cudaGetDevice(&dev); err != cudaSuccess) return internal(op, cudaGetErrorString(err));
-  Scales scales{a_scale.typed_data(), b_scale.typed_data()};
+  Scales scales{data_of<const float>(a_scale), data_of<const float>(b_scale)};
   size_t workspace_bytes = workspace->size_bytes();
   if (blockwise && kb_padded != kb) {  // b_scale's columns padded to kb_padded rows, at the workspace's end
     const size_t bytes = static_cast<size_t>(kb_padded * (n / kBlock)) * sizeof(float);

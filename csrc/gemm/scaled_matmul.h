@@ -20,17 +20,22 @@ struct GemmExec {
   cudaStream_t stream;
 };
 
-ffi::Error scaled_matmul(GemmExec exec, ffi::AnyBuffer a, ffi::Buffer<ffi::F32> a_scale, ffi::AnyBuffer b,
-                         ffi::Buffer<ffi::F32> b_scale, ffi::RemainingArgs residual_arg,
-                         ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> workspace,
-                         ffi::RemainingRets rest, std::string_view route);
+ffi::Error scaled_matmul(GemmExec exec, ffi::AnyBuffer a, ffi::AnyBuffer a_scale, ffi::AnyBuffer b,
+                         ffi::AnyBuffer b_scale, ffi::RemainingArgs residual_arg, ffi::Result<ffi::AnyBuffer> out,
+                         ffi::Result<ffi::AnyBuffer> workspace, ffi::RemainingRets rest, std::string_view route);
+
+// The small-M product as the dependent of the kernel enqueued just before it on exec.stream, which
+// writes a and a_scale (the fused W8A8 ops, ffi/w8a8.h): per-channel scales, the residual (the first
+// of `residual`, if any) in the epilogue.
+ffi::Error chained_small_m(GemmExec exec, ffi::AnyBuffer a, ffi::AnyBuffer a_scale, ffi::AnyBuffer b,
+                           ffi::AnyBuffer b_scale, ffi::RemainingArgs residual, ffi::AnyBuffer out);
 
 template <class B> auto bind_scaled_matmul(B&& b) {
   return std::move(b)
       .template Arg<ffi::AnyBuffer>()              // a [..., K]
-      .template Arg<ffi::Buffer<ffi::F32>>()       // a_scale [...] or [..., K/128]
+      .template Arg<ffi::AnyBuffer>()              // a_scale [...] or [..., K/128], float32
       .template Arg<ffi::AnyBuffer>()              // b [K, N], column-major
-      .template Arg<ffi::Buffer<ffi::F32>>()       // b_scale [N] or [K/128, N/128]
+      .template Arg<ffi::AnyBuffer>()              // b_scale [N] or [K/128, N/128], float32
       .RemainingArgs()                             // residual [..., N], optional
       .template Ret<ffi::AnyBuffer>()              // out [..., N]
       .template Ret<ffi::AnyBuffer>()              // cuBLASLt's workspace (bytes)

@@ -19,6 +19,10 @@
 // K is split over the CTAs of a cluster (up to 8) so that small N still fills the GPU; the
 // cluster adds its partial sums through distributed shared memory in rank order, each CTA
 // finishing a share of the outputs: one kernel, no workspace, the same bits every run.
+//
+// Chained after the row kernel of a fused W8A8 op (programmatic dependent launch, cuda/pdl.cuh),
+// the CTAs start while the rows are being quantized: each prefetches the start of its weight rows
+// into L2, then waits for the rows, so that the weight stream overlaps the row kernel.
 #pragma once
 
 #include <cooperative_groups.h>
@@ -30,6 +34,7 @@
 
 #include "contract/matmul.h"
 #include "contract/scalar.h"
+#include "cuda/pdl.cuh"
 
 namespace baracuda::small_m {
 
@@ -48,6 +53,7 @@ struct Problem {
   void* out;            // [M][N]
   int64_t m, n, k;
   int splits;           // CTAs along K per cluster
+  int64_t prefetch = 0; // chained: bytes of each of a CTA's weight rows prefetched into L2
 };
 
 // ---- the two formats: the B words a lane keeps per step, and the mma ---------------------------
@@ -136,6 +142,12 @@ __device__ __forceinline__ uint4 weight_load(const void* p) {
                : "l"(p));
   return v;
 }
+// Starts the copy of `bytes` (a multiple of 16, 16-byte aligned) into L2, with no registers.
+__device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+#endif
+}
 __device__ __forceinline__ uint4 token_load(const void* p) {
   uint4 v;
   asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
@@ -221,6 +233,12 @@ struct Kernel {
     Sum sums[kTiles][4] = {};
     uint4 current[kUnroll][2], next[kUnroll][2], tokens[kChunks];
     load_weights(begin, current);
+    if (p.prefetch > 0 && tid < kRows && n0 + tid < p.n) {  // chained: the weight before the tokens
+      const int64_t first = begin * kStepK, last = end * kStepK < p.k ? end * kStepK : p.k;
+      const int64_t bytes = (p.prefetch < last - first ? p.prefetch : last - first) / 16 * 16;
+      if (bytes > 0) prefetch_l2(b + (n0 + tid) * p.k + first, static_cast<uint32_t>(bytes));
+    }
+    wait_for_producers();  // the tokens and their scales may be a chained row kernel's results
     load_tokens(begin, tokens);
     for (int64_t step = begin; step < end; step += kUnroll) {
       stage_tokens(tokens);
@@ -302,6 +320,9 @@ struct Device {
 };
 
 constexpr int kCtasPerSm = 4;
+// Chained: the weight bytes prefetched into L2 before the rows are ready, over all CTAs; well
+// inside an H100's or H200's L2 (50, 60 MB), so that no prefetched line is evicted before its use.
+constexpr int64_t kPrefetchBytes = 24 << 20;
 
 inline Shape shape_of(int64_t m, int64_t n, int64_t k, Device device) {
   Shape s;
@@ -316,31 +337,40 @@ inline Shape shape_of(int64_t m, int64_t n, int64_t k, Device device) {
 }
 
 template <class Mma, class Out, int kTiles>
-cudaError_t launch_shape(Problem p, const Shape& s, cudaStream_t stream) {
+cudaError_t launch_shape(Problem p, const Shape& s, bool chained, cudaStream_t stream) {
   cudaLaunchConfig_t config = {};
   config.gridDim = s.grid;
   config.blockDim = dim3(kThreads);
   config.stream = stream;
-  cudaLaunchAttribute cluster;
-  cluster.id = cudaLaunchAttributeClusterDimension;
-  cluster.val.clusterDim.x = 1;
-  cluster.val.clusterDim.y = static_cast<unsigned>(s.splits);
-  cluster.val.clusterDim.z = 1;
-  config.attrs = &cluster;
-  config.numAttrs = s.splits > 1 ? 1 : 0;
+  cudaLaunchAttribute attrs[2];
+  unsigned n_attrs = 0;
+  if (s.splits > 1) {
+    attrs[n_attrs].id = cudaLaunchAttributeClusterDimension;
+    attrs[n_attrs++].val.clusterDim = {1, static_cast<unsigned>(s.splits), 1};
+  }
+  if (chained) {
+    attrs[n_attrs].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attrs[n_attrs++].val.programmaticStreamSerializationAllowed = 1;
+    const int64_t ctas = int64_t{s.grid.x} * s.grid.y * s.grid.z;
+    p.prefetch = kPrefetchBytes / (ctas * kRows);
+  }
+  config.attrs = attrs;
+  config.numAttrs = n_attrs;
   p.splits = s.splits;
   return cudaLaunchKernelEx(&config, small_m_kernel<Mma, Out, kTiles, unroll_of(kTiles)>, p);
 }
 
-// Enqueues the product on `stream`.
+// Enqueues the product on `stream`; `chained` (sm_90 and newer): as the dependent of the kernel
+// enqueued just before it, whose results it reads (a and a_scale).
 template <class Mma, class Out>
-cudaError_t launch(const Problem& p, Device device, cudaStream_t stream) {
+cudaError_t launch(const Problem& p, Device device, bool chained, cudaStream_t stream) {
   const Shape s = shape_of(p.m, p.n, p.k, device);
+  chained = chained && device.clusters;  // programmatic launch: sm_90 too
   switch (s.tiles) {
-    case 1: return launch_shape<Mma, Out, 1>(p, s, stream);
-    case 2: return launch_shape<Mma, Out, 2>(p, s, stream);
-    case 4: return launch_shape<Mma, Out, 4>(p, s, stream);
-    default: return launch_shape<Mma, Out, 8>(p, s, stream);
+    case 1: return launch_shape<Mma, Out, 1>(p, s, chained, stream);
+    case 2: return launch_shape<Mma, Out, 2>(p, s, chained, stream);
+    case 4: return launch_shape<Mma, Out, 4>(p, s, chained, stream);
+    default: return launch_shape<Mma, Out, 8>(p, s, chained, stream);
   }
 }
 
