@@ -1,5 +1,5 @@
 """A byte-level transformer LM on the Python standard library's own source: trained in float, with
-QAT (the fused ops) and in float8 (`fp8_matmul`), then served in W8A8 through `scaled_matmul`.
+QAT (the fused ops) and in float8 (`fp8_matmul`), then served in W8A8 through the fused W8A8 ops.
 
     python examples/lm.py [--steps 1500] [--seeds 4] [--variants float,fp8_rowwise] [--time]
         [--png examples/lm_loss.png] [--json out.json]
@@ -20,9 +20,9 @@ Variants, trained with the same steps, seed and batches (one jitted step each):
   quantized; the embedding and the unembedding stay float);
 - PTQ: the float model evaluated through each variant's quantizers.
 
-Inference: the trained weights quantized per output channel (`quantize_weight`), activations through
-`rms_norm_quantize_per_token`, `quantize_per_token_dynamic` and `silu_mul_quantize_per_token`, the
-projections through `scaled_matmul` (the skip connections in its epilogue): served from the int8 and
+Inference: the trained weights quantized per output channel (`quantize_weight`), each projection one
+W8A8 op (`rms_norm_w8a8_matmul`, `w8a8_matmul`, `silu_mul_w8a8_matmul`: the producer's per-token
+quantizer and the scaled product, the skip connections in its epilogue): served from the int8 and
 fp8 QAT weights and from each float8-trained model (in e4m3). With --time (a GPU),
 prefill and decode (KV cache, donated: updated in place; batch 1, 16, 64) tokens/s against the same
 model in bf16, and a generated sample; then the same timings at D 2048 (WIDE, untrained), where the
@@ -266,23 +266,19 @@ class W8A8Ops:
         self.fmt = fmt
 
     def norm_proj(self, x, norm, w, i, j):
-        q, s, _ = bj.rms_norm_quantize_per_token(x, norm, dtype=self.fmt)
-        return bj.scaled_matmul(q, s, w, out_dtype=x.dtype)
+        return bj.rms_norm_w8a8_matmul(x, norm, w)[0]
 
     def gate_up(self, x, norm, w, i, j):
-        """Two products from one quantized input: gate and up are stored apart, so that the SiLU op
-        reads them without the copies a split of one [.., 2F] product would make (a custom call
-        takes whole buffers)."""
-        q, s, _ = bj.rms_norm_quantize_per_token(x, norm, dtype=self.fmt)
-        return [bj.scaled_matmul(q, s, half, out_dtype=x.dtype) for half in w]
+        """Gate and up stored apart, so that the SiLU op reads them without the copies a split of one
+        [.., 2F] product would make (a custom call takes whole buffers). Each product normalizes x
+        again: at decode sizes in the same custom call, where the weight stream hides it."""
+        return [bj.rms_norm_w8a8_matmul(x, norm, half)[0] for half in w]
 
     def proj_add(self, a, w, residual, i, j):
-        q, s, _ = bj.quantize_per_token_dynamic(a, dtype=self.fmt)
-        return bj.scaled_matmul(q, s, w, out_dtype=a.dtype, residual=residual)
+        return bj.w8a8_matmul(a, w, residual=residual)
 
     def silu_proj_add(self, g, u, w, residual, i, j):
-        q, s = bj.silu_mul_quantize_per_token(g, u, dtype=self.fmt)
-        return bj.scaled_matmul(q, s, w, out_dtype=g.dtype, residual=residual)
+        return bj.silu_mul_w8a8_matmul(g, u, w, residual=residual)
 
 
 def quantize_for_inference(params, dtype):
