@@ -6,13 +6,20 @@ share of the copy bandwidth (measured in the same run) on the weight bytes. The 
 
 Shapes: Llama-3-8B's projections (K x N: qkv, o, gate+up, down) and Llama-3-70B's.
 
-With --projection, a whole pre-norm projection instead (the residual add, RMSNorm, the per-token
+With --layers, a stack of decode layers of each model instead (the attention left out: QKV's first D
+columns go on to the output projection), the way a jitted decode step runs them (XLA captures such a
+step in a CUDA graph): XLA's bf16 layer, the W8A8 ops (rms_norm_w8a8_matmul, w8a8_matmul,
+silu_mul_w8a8_matmul) and the same layer as the producers' and scaled_matmul's calls; µs a layer and
+the % of the copy bandwidth on the layer's weight bytes.
+
+With --projection, one pre-norm projection alone (the residual add, RMSNorm, the per-token
 quantizer and the product): XLA's bf16 layer (its norm fusion and dot), bj.rms_norm_w8a8_matmul (one
 custom call at these sizes: the row kernel and the small-M product chained), the same as two calls
 (rms_norm_quantize_per_token, then scaled_matmul), and the small-M product alone, each on the same
 L2-cold weights.
 
     python benchmarks/decode.py [--quick] [--json benchmarks/results/decode_<device>.json]
+    python benchmarks/decode.py --layers [--quick] [--json benchmarks/results/decode_layers_<device>.json]
     python benchmarks/decode.py --projection [--quick] [--json benchmarks/results/projection_<device>.json]
     python benchmarks/decode.py --plot benchmarks/results/decode_<device>.json <png>
 """
@@ -120,6 +127,81 @@ def projection_row(m, k, n, reps, copy_bw):
     return result
 
 
+LAYERS = 4  # a stack per timed call
+
+
+def _bf16_layer(x, p):
+    g1, wqkv, wo, g2, wgu, wd = p
+    x = x + (rms_norm(x, g1) @ wqkv)[..., : x.shape[-1]] @ wo
+    gate, up = jnp.split(rms_norm(x, g2) @ wgu, 2, axis=-1)
+    return x + (jax.nn.silu(gate) * up) @ wd
+
+
+def _fused_layer(x, p):
+    g1, wqkv, wo, g2, wgu, wd = p
+    qkv, _ = bj.rms_norm_w8a8_matmul(x, g1, wqkv)
+    x = bj.w8a8_matmul(qkv[..., : x.shape[-1]], wo, residual=x)
+    gate, up = jnp.split(bj.rms_norm_w8a8_matmul(x, g2, wgu)[0], 2, axis=-1)
+    return bj.silu_mul_w8a8_matmul(gate, up, wd, residual=x)
+
+
+def _two_calls_layer(x, p):
+    g1, wqkv, wo, g2, wgu, wd = p
+    q, s, _ = bj.rms_norm_quantize_per_token(x, g1, dtype=wqkv.dtype)
+    qkv = bj.scaled_matmul(q, s, wqkv, out_dtype=x.dtype)
+    q, s, _ = bj.quantize_per_token_dynamic(qkv[..., : x.shape[-1]], dtype=wo.dtype)
+    x = bj.scaled_matmul(q, s, wo, out_dtype=x.dtype, residual=x)
+    q, s, _ = bj.rms_norm_quantize_per_token(x, g2, dtype=wgu.dtype)
+    gate, up = jnp.split(bj.scaled_matmul(q, s, wgu, out_dtype=x.dtype), 2, axis=-1)
+    q, s = bj.silu_mul_quantize_per_token(gate, up, dtype=wd.dtype)
+    return bj.scaled_matmul(q, s, wd, out_dtype=x.dtype, residual=x)
+
+
+def _layer_ways():
+    """name -> (weight dtype, layer function of (x, its weights))."""
+    ways = {"bf16": (jnp.bfloat16, _bf16_layer)}
+    for dtype, tag in ((jnp.int8, "int8"), (jnp.float8_e4m3fn, "fp8")):
+        ways |= {f"{tag}_fused": (dtype, _fused_layer), f"{tag}_two_calls": (dtype, _two_calls_layer)}
+    return ways
+
+
+LAYER_WAYS = tuple(_layer_ways())
+
+
+def _stack(layer):
+    def stack(x, layers):
+        for p in layers:
+            x = layer(x, p)
+        return x
+
+    return stack
+
+
+def layers_row(m, model, reps, copy_bw):
+    """µs a layer of a LAYERS-layer decode stack of `model`, each way, weights L2-cold."""
+    (d, qkv), _, (_, gate_up), (f, _) = MODELS[model]
+    shapes = ((d, qkv), (d, d), (d, gate_up), (f, d))
+    result = dict(m=m, k=d, n=qkv)
+    key = jax.random.key(m)
+    x = jax.random.normal(key, (m, d), jnp.bfloat16)
+    norm = jnp.ones((d,), jnp.bfloat16)
+    for name, (dtype, layer) in _layer_ways().items():
+        prepare = (
+            (lambda w: w.astype(dtype)) if dtype == jnp.bfloat16 else (lambda w: bj.quantize_weight(w, dtype=dtype))
+        )
+        layer_bytes = sum(k * n for k, n in shapes) * jnp.dtype(dtype).itemsize
+        weight = lambda i, k, n: prepare(jax.random.normal(jax.random.fold_in(key, i), (k, n), jnp.float32) * k**-0.5)
+        sets = []
+        for j in range(rotations(layer_bytes * LAYERS, 2, 8, COLD)):
+            ws = [[weight(100 * (j * LAYERS + i) + s, *kn) for s, kn in enumerate(shapes)] for i in range(LAYERS)]
+            sets.append((x, [(norm, wqkv, wo, norm, wgu, wd) for wqkv, wo, wgu, wd in ws]))
+        seconds = time_per_call(_stack(layer), sets, reps) / LAYERS
+        del sets
+        result[f"us_{name}"] = seconds * 1e6
+        result[f"bw_{name}"] = layer_bytes / seconds / copy_bw
+    return result
+
+
 def table(results, all_ways=WAYS):
     ways = [w for w in all_ways if "us_" + w in results[0]]
     lines = [
@@ -172,6 +254,7 @@ def plot(json_path, png_path):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="M = 1, 16 and 64 at Llama-3-8B's shapes only")
+    p.add_argument("--layers", action="store_true", help="time stacks of decode layers (M <= 16)")
     p.add_argument("--projection", action="store_true", help="time whole pre-norm projections (M <= 16)")
     p.add_argument("--ms", default=None, help="comma-separated token counts (default: all of MS)")
     p.add_argument("--models", default=",".join(MODELS), help=f"a subset of {','.join(MODELS)}")
@@ -181,27 +264,31 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.plot:
         return plot(*args.plot)
-    default_ms = (1, 4, 16) if args.projection else MS
+    few = args.projection or args.layers
+    default_ms = (1, 4, 16) if few else MS
     ms = (
-        ((1, 16) if args.projection else (1, 16, 64))
+        ((1, 16) if few else (1, 16, 64))
         if args.quick
         else tuple(int(m) for m in args.ms.split(","))
         if args.ms
         else default_ms
     )
-    measure, ways = (projection_row, PROJECTION_WAYS) if args.projection else (row, WAYS)
+    ways = LAYER_WAYS if args.layers else PROJECTION_WAYS if args.projection else WAYS
     models = ["llama3-8b"] if args.quick else args.models.split(",")
     copy_bw = (256 << 20) / copy_time(256 << 20, 4, 10)
     print(f"copy bandwidth {copy_bw * 1e-12:.2f} TB/s", flush=True)
     results = []
     for model in models:
-        for k, n in MODELS[model]:
-            for m in ms:
-                results.append(dict(model=model, **measure(m, k, n, args.reps, copy_bw)))
-                print(table(results[-1:], ways).splitlines()[-1], flush=True)
-                if args.json:  # after every row: a long run cut short keeps what it measured
-                    meta = dict(device=device_name(), jax=jax.__version__, copy_bw=copy_bw)
-                    write_json(args.json, dict(meta, results=results))
+        for m, kn in [(m, None) for m in ms] if args.layers else [(m, kn) for kn in MODELS[model] for m in ms]:
+            if args.layers:
+                measured = layers_row(m, model, args.reps, copy_bw)
+            else:
+                measured = (projection_row if args.projection else row)(m, *kn, args.reps, copy_bw)
+            results.append(dict(model=model, **measured))
+            print(table(results[-1:], ways).splitlines()[-1], flush=True)
+            if args.json:  # after every row: a long run cut short keeps what it measured
+                meta = dict(device=device_name(), jax=jax.__version__, copy_bw=copy_bw)
+                write_json(args.json, dict(meta, results=results))
     print(f"\n{device_name()}, jax {jax.__version__}, copy {copy_bw * 1e-12:.2f} TB/s\n" + table(results, ways))
 
 
