@@ -68,18 +68,25 @@ norm_row_kernel(NormQuantizeRows<T, Q, Out> io, int64_t rows, int64_t cols) {
     for (int64_t v = cached + threadIdx.x; v < nvec; v += blockDim.x) first(v, r_vec(v));
     const M inv = io.norm.inv_rms(block_reduce(ss, sums).sum);
 
+    const auto h_vec = [&](const Vec<T, W>& r, const Vec<T, W>& w) {
+      Vec<T, W> h;
+#pragma unroll
+      for (int k = 0; k < W; ++k) h.v[k] = RmsNorm<T>::normed(r.v[k], inv, w.v[k]);
+      return h;
+    };
+    // The cached vectors' r becomes their h, once for the two passes below: a decode row's time is
+    // the length of each thread's instruction stream.
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+      const int64_t v = threadIdx.x + c * int64_t{blockDim.x};
+      if (v < nvec) cache[c] = h_vec(cache[c], w_cache[c]);
+    }
     // f(v, h) for each of this thread's vectors of h, from the cache or recomputed.
     const auto each_h = [&](auto&& f) {
-      const auto h_vec = [&](const Vec<T, W>& r, const Vec<T, W>& w) {
-        Vec<T, W> h;
-#pragma unroll
-        for (int k = 0; k < W; ++k) h.v[k] = RmsNorm<T>::normed(r.v[k], inv, w.v[k]);
-        return h;
-      };
 #pragma unroll
       for (int c = 0; c < C; ++c) {
         const int64_t v = threadIdx.x + c * int64_t{blockDim.x};
-        if (v < nvec) f(v, h_vec(cache[c], w_cache[c]));
+        if (v < nvec) f(v, cache[c]);
       }
       for (int64_t v = cached + threadIdx.x; v < nvec; v += blockDim.x)
         f(v, h_vec(r_vec(v), load_vec<W>(io.weight + v * W)));
