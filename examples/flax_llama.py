@@ -414,7 +414,8 @@ def plot(curves, timing, png):
         k = max(1, len(losses) // 50)
         ax.plot(np.convolve(losses, np.ones(k) / k, mode="valid"), label=name)
     ax.set(xlabel="step", ylabel="train loss (nats / byte)", title="Flax NNX Llama on the stdlib: float and QT")
-    ax.set_ylim(top=min(3.0, ax.get_ylim()[1]))
+    lowest = min(float(np.min(losses)) for losses in curves.values())
+    ax.set_ylim(top=max(min(3.0, ax.get_ylim()[1]), lowest + 0.5))  # the curves' tails, where they differ
     ax.grid(alpha=0.3)
     ax.legend()
     if timing:
@@ -471,17 +472,18 @@ def main(argv=None):
     for k, v in result["summary"].items():
         log(f"{k:<44} {v:+.2f}")
     save()
-    timing = None
+    figure = lambda timing=None: plot(curves, timing, args.png) if args.png else None
+    figure()  # after each part, as the JSON: a run cut short keeps what it measured
     if args.time:
         sample = lm.windows(data[0], np.random.default_rng(0), 2, cfg.seq)[:, :-1]
-        timing = result["timing"] = dict(d=cfg.d, **time_all(cfg, models["float"], data, sample, log))
+        result["timing"] = dict(d=cfg.d, **time_all(cfg, models["float"], data, sample, log))
         save()
+        figure(result["timing"])
         if args.wide:
             wide = dataclasses.replace(cfg, **WIDE)
             result["timing_wide"] = dict(d=wide.d, **time_all(wide, Llama(wide), data, sample, log))
             save()
-    if args.png:
-        plot(curves, timing, args.png)
+            figure(result["timing_wide"])
     log("\n" + markdown(result))
     return result
 
