@@ -22,6 +22,9 @@ nnx = pytest.importorskip("flax.nnx")
 import baracuda_jax as bj  # noqa: E402
 import baracuda_jax.qwix as bq  # noqa: E402
 
+# qwix 0.1.8 calls flax APIs that flax 0.12.8 deprecates (iter_modules, .value, VariableState)
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:qwix")
+
 F32, BF16, I8, F8 = jnp.float32, jnp.bfloat16, jnp.int8, jnp.float8_e4m3fn
 D, F = 128, 256
 name_of = lambda v: "none" if v is None else np.dtype(v).name if not isinstance(v, int) else str(v)
