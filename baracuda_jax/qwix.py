@@ -30,6 +30,7 @@ import functools
 import math
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -363,7 +364,9 @@ def _prepared(rhs) -> _Prepared | None:
     return rhs.how if isinstance(rhs, ptq.WithAux) and isinstance(rhs.how, _Prepared) else None
 
 
-def quantize_params(params, abstract_quantized_params, quant_stats=None, *, allow_extra_params: bool = False):
+def quantize_params(
+    params: Any, abstract_quantized_params: Any, quant_stats: Any = None, *, allow_extra_params: bool = False
+) -> Any:
     """``qwix.quantize_params`` for a model quantized by our :class:`PtqProvider`: a float param tree
     quantized without running the model, our weights prepared as :class:`~baracuda_jax.QuantizedWeight`.
 
