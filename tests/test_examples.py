@@ -61,3 +61,20 @@ def test_lm_tiny_config_trains_every_variant_and_serves_w8a8():
     assert len(values) == 16 and np.all(np.isfinite(values))
     for variant in ("fp8", "fp8_rowwise", "fp8_blockwise"):  # the served model is the trained one
         assert abs(table[f"W8A8 {variant}"]["qat"][0] - table[variant]["qat"][0]) < 0.05, variant
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:qwix")  # flax 0.12.8's deprecations, in qwix's calls
+def test_flax_llama_tiny_trains_and_our_qwix_providers_match_qwix():
+    """The Flax NNX Llama at its tiny configuration: float and both QT ways train (the loss falls),
+    and our PTQ and QT models' validation losses are within 1 % of qwix's own providers'."""
+    pytest.importorskip("qwix")
+    pytest.importorskip("tqdm")
+    import flax_llama
+
+    table, curves, _, _ = flax_llama.run(flax_llama.TINY, bar=False)
+    assert set(curves) == {"float", "QT qwix", "QT ours"}
+    for name, losses in curves.items():
+        assert np.mean(losses[-5:]) < losses[0] - 0.5, name
+    assert len(table) == 7 and np.all(np.isfinite(list(table.values())))
+    for pair, percent in flax_llama.summary(table).items():
+        assert abs(percent) < 1.0, (pair, percent)
