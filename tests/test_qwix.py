@@ -115,7 +115,9 @@ def test_ptq_matches_qwix_and_prepares_the_weights_once(on, dtype, fmt, tile):
     ours, fallbacks = quantized(model, bq.PtqProvider(rules(fmt, tile)), x)
     assert not fallbacks
     y_float, y_qwix, y = forward(model, x), forward(want, x), forward(ours, x)
-    bound = PTQ_CASES[dtype, fmt, tile] or (1e-3 if on.platform == "gpu" else 0.0)
+    # float32 e4m3: the same quantized bits on the CPU; on an H200 XLA's float8 dot (qwix's) and ours
+    # differ by 1.1 % of the output (measured), within what the error against float allows below
+    bound = PTQ_CASES[dtype, fmt, tile] or (0.02 if on.platform == "gpu" else 0.0)
     print(f"ours vs qwix {rel(y, y_qwix):.4f}; errors ours {rel(y, y_float):.4f} qwix {rel(y_qwix, y_float):.4f}")
     assert rel(y, y_qwix) <= bound
     assert rel(y, y_float) <= 1.1 * rel(y_qwix, y_float) + 1e-3
