@@ -251,10 +251,61 @@ class _Fallbacks:
             )
 
 
+class _OursFirst:
+    """The intercepted products of a provider: its ``_ours`` where covered, else its qwix base class's.
+
+    Listed before the qwix class, so that ``super()`` here is qwix's provider.
+    """
+
+    def dot_general(
+        self,
+        lhs: jax.Array,
+        rhs,
+        dimension_numbers,
+        precision=None,
+        preferred_element_type: DTypeLike | None = None,
+        *,
+        out_sharding=None,
+    ) -> jax.Array:
+        """``jax.lax.dot_general`` in the model: ours where covered, else qwix's provider's."""
+        out = self._ours("dot_general", lhs, rhs, dimension_numbers, preferred_element_type, out_sharding)
+        if out is not None:
+            return out
+        return super().dot_general(
+            lhs, rhs, dimension_numbers, precision, preferred_element_type, out_sharding=out_sharding
+        )
+
+    def einsum(
+        self,
+        einsum_str: str,
+        *operands,
+        precision=None,
+        preferred_element_type: DTypeLike | None = None,
+        _dot_general=jax.lax.dot_general,
+        out_sharding=None,
+    ) -> jax.Array:
+        """``jnp.einsum`` in the model: ours for a covered two-operand product, else qwix's provider's."""
+        if len(operands) == 2:
+            lhs, rhs = operands
+            prepared = _prepared(rhs)
+            dims = _einsum_dimension_numbers(einsum_str, lhs.ndim, len(prepared.shape if prepared else rhs.shape))
+            out = self._ours("einsum", lhs, rhs, dims, preferred_element_type, out_sharding)
+            if out is not None:
+                return out
+        return super().einsum(
+            einsum_str,
+            *operands,
+            precision=precision,
+            preferred_element_type=preferred_element_type,
+            _dot_general=_dot_general,
+            out_sharding=out_sharding,
+        )
+
+
 # ---- PTQ ------------------------------------------------------------------------------------------
 
 
-class PtqProvider(qwix.PtqProvider):
+class PtqProvider(_OursFirst, qwix.PtqProvider):
     """qwix's post-training quantization provider, its covered products on our W8A8 kernels.
 
     A drop-in for ``qwix.PtqProvider``: ``qwix.quantize_model(model, PtqProvider(rules), *inputs)``.
@@ -273,50 +324,6 @@ class PtqProvider(qwix.PtqProvider):
     def __init__(self, rules: Sequence[qwix.QuantizationRule], *, disable_jit: bool = False):
         super().__init__(rules, disable_jit=disable_jit, _qarray_module=_QARRAY)
         self._fallbacks = _Fallbacks(type(self).__name__)
-
-    def dot_general(
-        self,
-        lhs: jax.Array,
-        rhs,
-        dimension_numbers,
-        precision=None,
-        preferred_element_type: DTypeLike | None = None,
-        *,
-        out_sharding=None,
-    ) -> jax.Array:
-        """``jax.lax.dot_general`` in the model: ours where covered, else ``qwix.PtqProvider``'s."""
-        out = self._ours("dot_general", lhs, rhs, dimension_numbers, preferred_element_type, out_sharding)
-        if out is not None:
-            return out
-        return super().dot_general(
-            lhs, rhs, dimension_numbers, precision, preferred_element_type, out_sharding=out_sharding
-        )
-
-    def einsum(
-        self,
-        einsum_str: str,
-        *operands,
-        precision=None,
-        preferred_element_type: DTypeLike | None = None,
-        _dot_general=jax.lax.dot_general,
-        out_sharding=None,
-    ) -> jax.Array:
-        """``jnp.einsum`` in the model: ours for a covered two-operand product, else qwix's."""
-        if len(operands) == 2:
-            lhs, rhs = operands
-            prepared = _prepared(rhs)
-            dims = _einsum_dimension_numbers(einsum_str, lhs.ndim, len(prepared.shape if prepared else rhs.shape))
-            out = self._ours("einsum", lhs, rhs, dims, preferred_element_type, out_sharding)
-            if out is not None:
-                return out
-        return super().einsum(
-            einsum_str,
-            *operands,
-            precision=precision,
-            preferred_element_type=preferred_element_type,
-            _dot_general=_dot_general,
-            out_sharding=out_sharding,
-        )
 
     def _ours(self, op, lhs, rhs, dims, preferred_element_type, out_sharding) -> jax.Array | None:
         """The product on our kernels, or None where qwix's path takes it (warned once if quantized)."""
@@ -415,7 +422,7 @@ def _quantized_forward_bwd(params, residuals, g):
 _quantized_forward.defvjp(_quantized_forward_fwd, _quantized_forward_bwd)
 
 
-class QtProvider(qwix.QtProvider):
+class QtProvider(_OursFirst, qwix.QtProvider):
     """qwix's quantized-training provider, its covered products through :func:`~baracuda_jax.fp8_matmul`
     and our W8A8 kernels.
 
@@ -434,49 +441,6 @@ class QtProvider(qwix.QtProvider):
     def __init__(self, rules: Sequence[qwix.QuantizationRule], *, disable_jit: bool = False):
         super().__init__(rules, disable_jit=disable_jit)
         self._fallbacks = _Fallbacks(type(self).__name__)
-
-    def dot_general(
-        self,
-        lhs: jax.Array,
-        rhs: jax.Array,
-        dimension_numbers,
-        precision=None,
-        preferred_element_type: DTypeLike | None = None,
-        *,
-        out_sharding=None,
-    ) -> jax.Array:
-        """``jax.lax.dot_general`` in the model: ours where covered, else ``qwix.QtProvider``'s."""
-        out = self._ours("dot_general", lhs, rhs, dimension_numbers, preferred_element_type, out_sharding)
-        if out is not None:
-            return out
-        return super().dot_general(
-            lhs, rhs, dimension_numbers, precision, preferred_element_type, out_sharding=out_sharding
-        )
-
-    def einsum(
-        self,
-        einsum_str: str,
-        *operands,
-        precision=None,
-        preferred_element_type: DTypeLike | None = None,
-        _dot_general=jax.lax.dot_general,
-        out_sharding=None,
-    ) -> jax.Array:
-        """``jnp.einsum`` in the model: ours for a covered two-operand product, else qwix's."""
-        if len(operands) == 2:
-            lhs, rhs = operands
-            dims = _einsum_dimension_numbers(einsum_str, lhs.ndim, rhs.ndim)
-            out = self._ours("einsum", lhs, rhs, dims, preferred_element_type, out_sharding)
-            if out is not None:
-                return out
-        return super().einsum(
-            einsum_str,
-            *operands,
-            precision=precision,
-            preferred_element_type=preferred_element_type,
-            _dot_general=_dot_general,
-            out_sharding=out_sharding,
-        )
 
     def _ours(self, op, lhs, rhs, dims, preferred_element_type, out_sharding) -> jax.Array | None:
         """The product through our ops, or None where qwix's path takes it (warned once if quantized)."""
