@@ -3,7 +3,7 @@
 // through mma.sync. At a few tokens the product is bound by reading the weight once from HBM;
 // this kernel streams it at that bound where cuBLASLt's 128-row tiles would be mostly empty.
 //
-// Swap-AB: the weight is mma's 16-row A operand (16 output channels a warp), the tokens its
+// Swap-AB: the weight is mma's 16-row A operand (16 output channels a row tile), the tokens its
 // 8-column B operand (8 tokens a column tile), so M = 1..8 fills one column tile instead of one
 // row of a 128-row tile. A lane reads 16 contiguous bytes of a weight row (the 4 lanes of a quad
 // cover 64 bytes) and hands them to mma as they are: the k order inside a step is permuted, the
@@ -14,15 +14,21 @@
 //   float8:  each e4m3 value converted exactly to f16, mma.m16n8k16 f16 -> f32: the products are
 //            exact and the sums float32 (Hopper's float8 mma keeps about 13 bits in its sums).
 //
-// A CTA is 4 warps over 64 weight rows and a tile of up to 64 tokens; the tokens' bytes of each
-// group of steps are staged in shared memory once for the 4 warps (float8: converted there once).
-// K is split over the CTAs of a cluster (up to 8) so that small N still fills the GPU; the
-// cluster adds its partial sums through distributed shared memory in rank order, each CTA
-// finishing a share of the outputs: one kernel, no workspace, the same bits every run.
+// A CTA is 8 warps over the same 16 weight rows, each warp over its eighth of K, with a tile of up
+// to 64 tokens; at the end the CTA adds its warps' sums in warp order. Where the grid would still
+// not fill the GPU (small N), K is also split over the CTAs of a cluster (up to 8), which add
+// their sums through distributed shared memory in rank order, each CTA finishing a share of the
+// outputs: one kernel, no workspace, the same bits every run.
+//
+// The weight stream is what bounds the kernel, so each thread keeps its share of it in flight
+// without holding registers: cp.async copies its 16-byte pieces of the weight rows into its own
+// slots of a ring of kDepth groups in shared memory, kDepth groups ahead of their use (no other
+// thread reads them, so the ring needs no barrier). A lane loads its tokens' bytes straight into
+// mma's layout a group ahead, so the loop has no barrier at all.
 //
 // Chained after the row kernel of a fused W8A8 op (programmatic dependent launch, cuda/pdl.cuh),
-// the CTAs start while the rows are being quantized: each prefetches the start of its weight rows
-// into L2, then waits for the rows, so that the weight stream overlaps the row kernel.
+// the CTAs start while the rows are being quantized: each fills its ring with the first groups of
+// its weight rows, then waits for the rows, so that the weight stream overlaps the row kernel.
 #pragma once
 
 #include <cooperative_groups.h>
@@ -38,9 +44,8 @@
 
 namespace baracuda::small_m {
 
-constexpr int kWarps = 4;
+constexpr int kWarps = 8;
 constexpr int kThreads = 32 * kWarps;
-constexpr int kRows = 16 * kWarps;  // weight rows (output channels) per CTA
 constexpr int kStepK = 64;          // k per step: a quad's 4 lanes x 16 bytes of a row
 constexpr int kMaxSplits = 8;       // the portable cluster size
 
@@ -53,7 +58,6 @@ struct Problem {
   void* out;            // [M][N]
   int64_t m, n, k;
   int splits;           // CTAs along K per cluster
-  int64_t prefetch = 0; // chained: bytes of each of a CTA's weight rows prefetched into L2
 };
 
 // ---- the two formats: the B words a lane keeps per step, and the mma ---------------------------
@@ -131,187 +135,195 @@ struct E4M3Mma {
 
 // ---- the kernel ---------------------------------------------------------------------------------
 
-// The weight stream: read once, so kept out of L1, and fetched into L2 256 bytes at a time.
-// Volatile, so that the compiler keeps a group's loads where they are issued, a group ahead of
-// their use, instead of sinking them to it (and likewise for the tokens, which go through L1:
-// every CTA over the same rows of K reads them).
-__device__ __forceinline__ uint4 weight_load(const void* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
+// The weight stream: read once, so copied past L1 (.cg), fetched into L2 256 bytes at a time;
+// zeros where `in` is false (a source size of 0 reads nothing).
+__device__ __forceinline__ void weight_copy(uint4* dst, const void* src, bool in) {
+  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;" ::"r"(
+                   static_cast<uint32_t>(__cvta_generic_to_shared(dst))),
+               "l"(src), "r"(in ? 16 : 0)
+               : "memory");
 }
-// Starts the copy of `bytes` (a multiple of 16, 16-byte aligned) into L2, with no registers.
-__device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
-#endif
+__device__ __forceinline__ void commit_copies() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+// Waits until at most kPending of this thread's committed groups of copies are still in flight.
+template <int kPending>
+__device__ __forceinline__ void wait_copies() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
 }
+// Volatile, so that the compiler keeps a group's token loads where they are issued, a group ahead
+// of their use, instead of sinking them to it. Through L1: every CTA over the same rows of K
+// reads them.
 __device__ __forceinline__ uint4 token_load(const void* p) {
   uint4 v;
   asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
   return v;
 }
 
-// kTiles column tiles of 8 tokens; a group of kUnroll steps is loaded a group ahead of its use.
-template <class Mma, class Out, int kTiles, int kUnroll>
+// A CTA: kWarps warps over the same 16 weight rows, each warp over its share of the
+// CTA's steps along K, with kTiles column tiles of 8 tokens. The weight of a group of kUnroll
+// steps is copied kDepth groups ahead of its use, a lane's tokens one group ahead (into registers,
+// straight in mma's layout: no staging, no barrier in the loop). At the end the warps' sums are
+// added in warp order, then a cluster's CTAs' in rank order.
+template <class Mma, class Out, int kTiles, int kUnroll, int kDepth>
 struct Kernel {
   using Sum = typename Mma::Sum;
   static constexpr int kTokens = 8 * kTiles;
-  static constexpr int kBVecs = Mma::kBWords / 4;
-  // The staged tokens of a group: [step][tile][vec][lane], 16 bytes each, so that a warp's read
-  // of one vec is 512 contiguous bytes (no bank conflict).
-  static constexpr int kStaged = kUnroll * kTiles * kBVecs * 32;
-  static constexpr int kChunks = (kUnroll * kTiles * 32 + kThreads - 1) / kThreads;  // token loads a thread
-  static constexpr int kPartials = kTiles * 4 * kThreads;  // the sums at the end, [tile][c][thread]
-  static constexpr int kSharedWords = kStaged * 4 > kPartials ? kStaged * 4 : kPartials;
+  static constexpr int kRows = 16;
+  static constexpr int kSums = kTiles * 4 * 32;  // a CTA's sums, [tile][c][lane]
+  // The weight ring, [group][step][row g, g + 8][thread], 16 bytes each; after the loop the same
+  // dynamic shared memory holds the warps' sums, [warp][kSums].
+  static constexpr int kRingBytes = kDepth * kUnroll * 2 * kThreads * 16;
+  static constexpr int kWarpSumBytes = kWarps * kSums * static_cast<int>(sizeof(Sum));
+  static constexpr int kDynamicBytes = kRingBytes > kWarpSumBytes ? kRingBytes : kWarpSumBytes;
 
   __device__ static void run(const Problem& p) {
-    __shared__ alignas(16) uint32_t shared[kSharedWords];
-    auto* partials = reinterpret_cast<Sum*>(shared);
+    extern __shared__ uint4 ring[];
+    __shared__ Sum cta_sums[kSums];
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     namespace cg = cooperative_groups;
     cg::cluster_group cluster = cg::this_cluster();
     const int rank = static_cast<int>(cluster.block_rank());
     const auto sync_cluster = [&] { cluster.sync(); };
-    const auto partials_of = [&](int r) { return cluster.map_shared_rank(partials, r); };
+    const auto sums_of = [&](int r) { return cluster.map_shared_rank(cta_sums, r); };
 #else
-    const int rank = 0;  // no clusters before sm_90: the launcher splits K there only
+    const int rank = 0;  // no clusters before sm_90: the launcher does not split K across CTAs there
     const auto sync_cluster = [] { __syncthreads(); };
-    const auto partials_of = [&](int) { return partials; };
+    const auto sums_of = [&](int) { return cta_sums; };
 #endif
     const int splits = p.splits;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
-    const int64_t n0 = int64_t{blockIdx.x} * kRows, m0 = int64_t{blockIdx.z} * kTokens;
+    // x: the row tile by the token tile, token tiles fastest, so that the CTAs over the same weight
+    // rows run together and read them once from HBM, then from L2.
+    const int64_t token_tiles = (p.m + kTokens - 1) / kTokens;
+    const int64_t n0 = blockIdx.x / token_tiles * kRows, m0 = blockIdx.x % token_tiles * kTokens;
 
-    // This CTA's steps along K.
+    // This warp's steps along K: its share of its CTA's (the cluster rank's) share.
     const int64_t steps = (p.k + kStepK - 1) / kStepK;
-    const int64_t begin = steps * rank / splits, end = steps * (rank + 1) / splits;
+    const int64_t cta_begin = steps * rank / splits, cta_steps = steps * (rank + 1) / splits - cta_begin;
+    const int64_t begin = cta_begin + cta_steps * warp / kWarps, end = cta_begin + cta_steps * (warp + 1) / kWarps;
 
-    // The lane's two weight rows; rows past N read row N - 1, and their sums are dropped.
+    // The lane's weight rows, g and g + 8; rows past N read row N - 1, and their sums are dropped.
     const auto* b = static_cast<const uint8_t*>(p.b);
-    const int64_t row = n0 + warp * 16 + g;
-    const uint8_t* w_g = b + (row < p.n ? row : p.n - 1) * p.k + 16 * t;
-    const uint8_t* w_g8 = b + (row + 8 < p.n ? row + 8 : p.n - 1) * p.k + 16 * t;
-    const auto load_weights = [&](int64_t step, uint4(&w)[kUnroll][2]) {
+    const auto row_of = [&](int r) {
+      const int64_t row = n0 + 8 * r + g;
+      return b + (row < p.n ? row : p.n - 1) * p.k + 16 * t;
+    };
+    const auto slot = [&](int group, int u, int r) -> uint4& {
+      return ring[((group * kUnroll + u) * 2 + r) * kThreads + tid];
+    };
+    const auto copy_weights = [&](int64_t step, int group) {
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const bool in = step + u < end && (step + u) * kStepK + 16 * t < p.k;
-        w[u][0] = in ? weight_load(w_g + (step + u) * kStepK) : uint4{};
-        w[u][1] = in ? weight_load(w_g8 + (step + u) * kStepK) : uint4{};
+      for (int u = 0; u < kUnroll; ++u) {  // zeros past the warp's steps too: mma reads every slot
+        const int64_t k = (step + u) * kStepK;
+        const bool in = step + u < end && k + 16 * t < p.k;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) weight_copy(&slot(group, u, r), row_of(r) + (in ? k : 0), in);
       }
+      commit_copies();
     };
 
-    // The tokens' 16 bytes per (step, tile, lane), zeros past M and K: loaded a group ahead into
-    // registers, then staged (float8: converted) in shared memory for the 4 warps.
+    // The lane's tokens: token 8 * tile + g's 16 bytes at the lane's offset of each step (mma's B
+    // fragment in the k order of the weight's bytes), zeros past M and K.
     const auto* a = static_cast<const uint8_t*>(p.a);
-    auto* staged = reinterpret_cast<uint4*>(shared);
-    const auto load_tokens = [&](int64_t step, uint4(&tokens)[kChunks]) {
+    const auto load_tokens = [&](int64_t step, uint4(&tokens)[kUnroll][kTiles]) {
 #pragma unroll
-      for (int c = 0; c < kChunks; ++c) {
-        const int i = tid + c * kThreads, l = i % 32, tile = i / 32 % kTiles, u = i / (32 * kTiles);
-        const int64_t m = m0 + 8 * tile + l / 4, k = (step + u) * kStepK + 16 * (l % 4);
-        const bool in = i < kUnroll * kTiles * 32 && step + u < end && m < p.m && k < p.k;
-        tokens[c] = in ? token_load(a + m * p.k + k) : uint4{};
-      }
-    };
-    const auto stage_tokens = [&](const uint4(&tokens)[kChunks]) {
+      for (int u = 0; u < kUnroll; ++u)
 #pragma unroll
-      for (int c = 0; c < kChunks; ++c) {
-        const int i = tid + c * kThreads, l = i % 32, tile = i / 32 % kTiles, u = i / (32 * kTiles);
-        if (i >= kUnroll * kTiles * 32) break;
-        uint32_t words[Mma::kBWords];
-        Mma::stage(tokens[c], words);
-#pragma unroll
-        for (int v = 0; v < kBVecs; ++v)
-          staged[((u * kTiles + tile) * kBVecs + v) * 32 + l] =
-              uint4{words[4 * v], words[4 * v + 1], words[4 * v + 2], words[4 * v + 3]};
-      }
+        for (int tile = 0; tile < kTiles; ++tile) {
+          const int64_t m = m0 + 8 * tile + g, k = (step + u) * kStepK + 16 * t;
+          tokens[u][tile] = step + u < end && m < p.m && k < p.k ? token_load(a + m * p.k + k) : uint4{};
+        }
     };
 
     Sum sums[kTiles][4] = {};
-    uint4 current[kUnroll][2], next[kUnroll][2], tokens[kChunks];
-    load_weights(begin, current);
-    if (p.prefetch > 0 && tid < kRows && n0 + tid < p.n) {  // chained: the weight before the tokens
-      const int64_t first = begin * kStepK, last = end * kStepK < p.k ? end * kStepK : p.k;
-      const int64_t bytes = (p.prefetch < last - first ? p.prefetch : last - first) / 16 * 16;
-      if (bytes > 0) prefetch_l2(b + (n0 + tid) * p.k + first, static_cast<uint32_t>(bytes));
-    }
+    uint4 tokens[kUnroll][kTiles];
+#pragma unroll
+    for (int group = 0; group < kDepth; ++group) copy_weights(begin + group * kUnroll, group);
     wait_for_producers();  // the tokens and their scales may be a chained row kernel's results
     load_tokens(begin, tokens);
-    for (int64_t step = begin; step < end; step += kUnroll) {
-      stage_tokens(tokens);
-      __syncthreads();
-      if (step + kUnroll < end) {
-        load_weights(step + kUnroll, next);
-        load_tokens(step + kUnroll, tokens);
-      }
+    for (int64_t step = begin, group = 0; step < end; step += kUnroll, group = group + 1 < kDepth ? group + 1 : 0) {
+      uint32_t words[kUnroll][kTiles][Mma::kBWords];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+        for (int tile = 0; tile < kTiles; ++tile) Mma::stage(tokens[u][tile], words[u][tile]);
+      if (step + kUnroll < end) load_tokens(step + kUnroll, tokens);
+      wait_copies<kDepth - 1>();  // this group's weight
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
-        const typename Mma::A frag = Mma::a_fragment(current[u][0], current[u][1]);
+        const typename Mma::A frag = Mma::a_fragment(slot(group, u, 0), slot(group, u, 1));
 #pragma unroll
-        for (int tile = 0; tile < kTiles; ++tile) {
-          uint32_t words[Mma::kBWords];
-#pragma unroll
-          for (int v = 0; v < kBVecs; ++v) {
-            const uint4 s = staged[((u * kTiles + tile) * kBVecs + v) * 32 + lane];
-            words[4 * v] = s.x, words[4 * v + 1] = s.y, words[4 * v + 2] = s.z, words[4 * v + 3] = s.w;
-          }
-          Mma::mma(sums[tile], frag, words);
-        }
+        for (int tile = 0; tile < kTiles; ++tile) Mma::mma(sums[tile], frag, words[u][tile]);
       }
-      __syncthreads();
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) current[u][0] = next[u][0], current[u][1] = next[u][1];
+      copy_weights(step + kDepth * kUnroll, group);  // the thread's own slots, read above
     }
 
-    // The cluster's sums: each CTA's in its shared memory, then each CTA adds a share of the
-    // outputs over the ranks in order and writes them.
+    // The warps' sums, in the ring's memory once no copy is in flight.
+    wait_copies<0>();
+    __syncthreads();
+    auto* warp_sums = reinterpret_cast<Sum*>(ring);
 #pragma unroll
     for (int tile = 0; tile < kTiles; ++tile)
 #pragma unroll
-      for (int c = 0; c < 4; ++c) partials[(tile * 4 + c) * kThreads + tid] = sums[tile][c];
-    sync_cluster();
-    const int share = (kPartials + splits - 1) / splits;
-    const int last = (rank + 1) * share < kPartials ? (rank + 1) * share : kPartials;
+      for (int c = 0; c < 4; ++c) warp_sums[warp * kSums + (tile * 4 + c) * 32 + lane] = sums[tile][c];
+    __syncthreads();
+    const auto cta_sum = [&](int e) {
+      Sum sum = warp_sums[e];
+      for (int w = 1; w < kWarps; ++w) sum = sum + warp_sums[w * kSums + e];
+      return sum;
+    };
     const auto* residual = static_cast<const Out*>(p.residual);
     auto* out = static_cast<Out*>(p.out);
-    for (int e = rank * share + tid; e < last; e += kThreads) {
-      Sum sum = partials_of(0)[e];
-      for (int r = 1; r < splits; ++r) sum = sum + partials_of(r)[e];
-      // e = (tile * 4 + c) * kThreads + thread: c is mma's accumulator index, rows g and g + 8
-      // (channels) by columns 2t and 2t + 1 (tokens)
-      const int thread = e % kThreads, tc = e / kThreads, tile = tc / 4, c = tc % 4;
-      const int tl = thread % 32, tw = thread / 32;
-      const int64_t n = n0 + tw * 16 + tl / 4 + 8 * (c / 2), m = m0 + 8 * tile + 2 * (tl % 4) + c % 2;
+    // e = (tile * 4 + c) * 32 + lane: c is mma's accumulator index, rows g and g + 8 (channels)
+    // by columns 2t and 2t + 1 (tokens)
+    const auto write = [&](int e, Sum sum) {
+      const int l = e % 32, c = e / 32 % 4, tile = e / 128;
+      const int64_t n = n0 + 8 * (c / 2) + l / 4, m = m0 + 8 * tile + 2 * (l % 4) + c % 2;
       if (n < p.n && m < p.m)
         out[m * p.n + n] =
             scaled_output<Out>(sum, p.a_scale[m], p.b_scale[n], residual != nullptr ? residual + m * p.n + n : nullptr);
+    };
+    if (splits == 1) {
+      for (int e = tid; e < kSums; e += kThreads) write(e, cta_sum(e));
+      return;
+    }
+    // A cluster: each CTA's sums in its shared memory, then each CTA adds a share of the outputs
+    // over the ranks in order and writes them.
+    for (int e = tid; e < kSums; e += kThreads) cta_sums[e] = cta_sum(e);
+    sync_cluster();
+    const int share = (kSums + splits - 1) / splits;
+    const int last = (rank + 1) * share < kSums ? (rank + 1) * share : kSums;
+    for (int e = rank * share + tid; e < last; e += kThreads) {
+      Sum sum = sums_of(0)[e];
+      for (int r = 1; r < splits; ++r) sum = sum + sums_of(r)[e];
+      write(e, sum);
     }
     sync_cluster();  // the other ranks' shared memory stays until all have read it
   }
 };
 
-template <class Mma, class Out, int kTiles, int kUnroll>
+template <class Mma, class Out, int kTiles, int kUnroll, int kDepth>
 __global__ void __launch_bounds__(kThreads) small_m_kernel(Problem p) {
-  Kernel<Mma, Out, kTiles, kUnroll>::run(p);
+  Kernel<Mma, Out, kTiles, kUnroll, kDepth>::run(p);
 }
 
 // ---- the launch --------------------------------------------------------------------------------
 
-// The fixed rule, from (M, N, K) and the device's SM count: the token tile is the fewest column
-// tiles that hold M (up to 8; more tokens run as more CTAs over the same weight rows, which meet
-// in L2); K is split over a cluster so that the grid fills the GPU about four CTAs an SM, each
-// split at least a group of steps long. Two steps a group up to 16 tokens, one past that (the
-// registers of more tiles), as measured on an H200.
+// The fixed rule, from (M, N, K) and the device's SM count, as measured on an H200:
+// - the token tile is the fewest column tiles that hold M (up to 8; more tokens run as more CTAs
+//   over the same weight rows, which meet in L2);
+// - K is split over a cluster only where the grid would not give every other SM a CTA: a
+//   cluster's launch and its exchange of sums cost more than the extra CTAs gain above that
+//   (at N = 1024, 64 CTAs, one is faster than two or four).
 struct Shape {
   int tiles;   // column tiles of 8 tokens a CTA
   int splits;  // CTAs along K
   dim3 grid;
 };
 
-constexpr int unroll_of(int tiles) { return tiles <= 2 ? 2 : 1; }  // steps a group
+// Steps a group and groups in flight, per tile count (measured: at 2 tiles the tokens' registers
+// and a second group in flight cost more than the deeper ring gains).
+constexpr int unroll_of(int tiles) { return tiles <= 2 ? 2 : 1; }
+constexpr int depth_of(int tiles) { return tiles == 2 ? 1 : 2; }
 
 // The device: its SMs, and whether it has clusters (sm_90 and newer), which the split along K needs.
 struct Device {
@@ -319,28 +331,26 @@ struct Device {
   bool clusters;
 };
 
-constexpr int kCtasPerSm = 4;
-// Chained: the weight bytes prefetched into L2 before the rows are ready, over all CTAs; well
-// inside an H100's or H200's L2 (50, 60 MB), so that no prefetched line is evicted before its use.
-constexpr int64_t kPrefetchBytes = 24 << 20;
-
 inline Shape shape_of(int64_t m, int64_t n, int64_t k, Device device) {
   Shape s;
   s.tiles = m <= 8 ? 1 : m <= 16 ? 2 : m <= 32 ? 4 : 8;
-  const int64_t row_tiles = (n + kRows - 1) / kRows, token_tiles = (m + 8 * s.tiles - 1) / (8 * s.tiles);
-  const int64_t group_k = int64_t{kStepK} * unroll_of(s.tiles), groups = (k + group_k - 1) / group_k;
-  const int64_t fill = int64_t{kCtasPerSm} * device.sms / (row_tiles * token_tiles);
-  s.splits =
-      static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({fill, groups, device.clusters ? kMaxSplits : 1})));
-  s.grid = dim3(static_cast<unsigned>(row_tiles), static_cast<unsigned>(s.splits), static_cast<unsigned>(token_tiles));
+  const int64_t token_tiles = (m + 8 * s.tiles - 1) / (8 * s.tiles), ctas = (n + 15) / 16 * token_tiles;
+  const int64_t group_k = int64_t{kStepK} * unroll_of(s.tiles) * kWarps, groups = (k + group_k - 1) / group_k;
+  s.splits = static_cast<int>(
+      std::max<int64_t>(1, std::min<int64_t>({device.sms / 2 / ctas, groups, device.clusters ? kMaxSplits : 1})));
+  s.grid = dim3(static_cast<unsigned>(ctas), static_cast<unsigned>(s.splits), 1);
   return s;
 }
 
-template <class Mma, class Out, int kTiles>
+template <class Mma, class Out, int kTiles, int kUnroll = unroll_of(kTiles), int kDepth = depth_of(kTiles)>
 cudaError_t launch_shape(Problem p, const Shape& s, bool chained, cudaStream_t stream) {
+  using K = Kernel<Mma, Out, kTiles, kUnroll, kDepth>;
+  static_assert(K::kDynamicBytes + K::kSums * sizeof(typename K::Sum) <= 48 << 10,
+                "within the shared memory a CTA gets without opting in");
   cudaLaunchConfig_t config = {};
   config.gridDim = s.grid;
   config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = K::kDynamicBytes;
   config.stream = stream;
   cudaLaunchAttribute attrs[2];
   unsigned n_attrs = 0;
@@ -351,13 +361,11 @@ cudaError_t launch_shape(Problem p, const Shape& s, bool chained, cudaStream_t s
   if (chained) {
     attrs[n_attrs].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attrs[n_attrs++].val.programmaticStreamSerializationAllowed = 1;
-    const int64_t ctas = int64_t{s.grid.x} * s.grid.y * s.grid.z;
-    p.prefetch = kPrefetchBytes / (ctas * kRows);
   }
   config.attrs = attrs;
   config.numAttrs = n_attrs;
   p.splits = s.splits;
-  return cudaLaunchKernelEx(&config, small_m_kernel<Mma, Out, kTiles, unroll_of(kTiles)>, p);
+  return cudaLaunchKernelEx(&config, small_m_kernel<Mma, Out, kTiles, kUnroll, kDepth>, p);
 }
 
 // Enqueues the product on `stream`; `chained` (sm_90 and newer): as the dependent of the kernel
